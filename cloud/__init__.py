@@ -1,0 +1,1 @@
+"""ECOS cloud trainer."""

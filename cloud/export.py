@@ -1,0 +1,47 @@
+"""Export PyTorch models to self-describing ONNX artifacts (one file, metadata inside)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from typing import Tuple
+
+import onnx
+import torch
+from torch import nn
+
+from device_sdk.artifact import META_KEY, ArtifactMeta
+from device_sdk.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+
+OPSET = 17
+
+
+def export_onnx(model: nn.Module, meta: ArtifactMeta, path: str, output_name: str = "output") -> str:
+    """Write ``model`` to ``path`` as ONNX (dynamic batch) with ``meta`` embedded; returns sha256.
+
+    Uses the TorchScript exporter (one self-contained file, stable on small CNNs); the
+    metadata and a ``.json`` sidecar with the file's sha256 are written atomically.
+    """
+    model = model.eval()
+    c, h, w = meta.input_shape
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.zeros(1, c, h, w),), buf, input_names=["image"], output_names=[output_name],
+                          dynamic_axes={"image": {0: "batch"}, output_name: {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    meta = ArtifactMeta(**{**meta.__dict__, "opset": OPSET})
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta.to_json()
+    proto.producer_name = "ecos"
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    digest = sha256_file(path)
+    write_sidecar(path, meta, digest)
+    return digest
+
+
+def write_sidecar(path: str, meta: ArtifactMeta, digest: str) -> None:
+    doc = {"file": os.path.basename(path), "sha256": digest, "size": os.path.getsize(path), "meta": json.loads(meta.to_json())}
+    atomic_write_text(path + ".json", json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,87 @@
+"""The pool index: the pool's images, their features, the k-means clusters and the probe.
+
+Stored as one ``.npz`` (no object arrays, read with ``allow_pickle=False``) written atomically.
+The probe id is fixed when the index is built, so every scores file can be matched to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from device_sdk.errors import InputError, MessageError
+from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.imagefolder import scan_image_folder
+from device_sdk.messages import Probe, new_id, utc_now
+from device_sdk.runtime import load_model
+
+from .features import encode_pool
+from .kmeans import spherical_kmeans
+from .log import LOG
+
+INDEX_FORMAT = 1
+
+
+@dataclass
+class PoolIndex:
+    paths: np.ndarray  # str, as given on the command line
+    labels: np.ndarray  # str
+    domains: np.ndarray  # str
+    features: np.ndarray  # N x d float32, unit norm
+    assign: np.ndarray  # N int32
+    centroids: np.ndarray  # K x d float32, unit norm
+    encoder_sha256: str
+    probe_id: str
+    created: str
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def probe(self, codec: str = "float16", max_distance: Optional[float] = None) -> Probe:
+        return Probe(self.probe_id, self.encoder_sha256, self.centroids, codec, max_distance, self.created)
+
+    def save(self, path: str) -> None:
+        meta = {"format": INDEX_FORMAT, "encoder_sha256": self.encoder_sha256, "probe_id": self.probe_id, "created": self.created}
+        buf = io.BytesIO()
+        np.savez(buf, paths=self.paths, labels=self.labels, domains=self.domains, features=self.features,
+                 assign=self.assign, centroids=self.centroids, meta=np.array(json.dumps(meta)))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> "PoolIndex":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("paths", "labels", "domains", "features", "assign", "centroids", "meta")}
+        except FileNotFoundError:
+            raise InputError(f"index not found: {path}") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise MessageError(f"{path}: not a readable pool index ({exc.__class__.__name__}: {exc})") from None
+        meta = json.loads(str(arrays.pop("meta")))
+        if meta.get("format") != INDEX_FORMAT:
+            raise MessageError(f"{path}: index format {meta.get('format')} is not supported")
+        return cls(**arrays, encoder_sha256=meta["encoder_sha256"], probe_id=meta["probe_id"], created=meta["created"])
+
+
+def build_index(pool_root: str, encoder_path: str, k: int, iters: int = 20, seed: int = 0,
+                cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512) -> PoolIndex:
+    """Scan, encode (cached) and cluster the pool; the result carries a fresh probe id."""
+    items = scan_image_folder(pool_root)
+    model = load_model(encoder_path, threads=threads)
+    LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), pool_root, model.sha256[:12], model.meta.feature_dim)
+    features = encode_pool(model, items, cache_dir, batch)
+    LOG.info("clustering %d features into k=%d", len(features), k)
+    km = spherical_kmeans(features, k, iters=iters, seed=seed,
+                          progress=lambda it, total, change: LOG.info("k-means iteration %d/%d: %.2f%% reassigned", it, total, 100 * change))
+    return PoolIndex(
+        paths=np.array([it.path for it in items], dtype=str),
+        labels=np.array([it.label for it in items], dtype=str),
+        domains=np.array([it.domain for it in items], dtype=str),
+        features=features, assign=km.assign.astype(np.int32), centroids=km.centroids.astype(np.float32),
+        encoder_sha256=model.sha256, probe_id=new_id(), created=utc_now(),
+    )

@@ -1,0 +1,39 @@
+"""What every ``ecos-*`` command shares: typed errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from .errors import EcosError
+
+INTERRUPTED = 130
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], setup: Callable[[argparse.Namespace], None]) -> int:
+    """Parse ``argv``, run ``args.func(args)``; ``EcosError`` -> ``error[code]: message``."""
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    setup(args)
+    try:
+        return int(args.func(args) or 0)
+    except EcosError as err:
+        print(f"error[{err.code}]: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -1,0 +1,55 @@
+"""The device's side of an ECOS round, independent of how messages travel.
+
+``answer_probe`` turns a probe and the device's local features into a scores message, spending
+privacy budget through the ledger (the only way to spend): the noise is drawn inside the
+ledger's ``release`` call, after the budget check, and a repeated probe id replays the stored
+answer for free. Used by the ``ecos-device score`` command and by the MQTT agent alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .errors import UsageError
+from .messages import Probe, Scores
+from .privacy import PrivacyLedger, ReleaseResult, calibrate_sigma, epsilon as compose_epsilon, gaussian_noise
+from .runtime import Model
+from .scoring import check_compatible, coverage_counts
+
+
+def resolve_sigma(ledger: PrivacyLedger, epsilon: Optional[float], sigma: Optional[float]) -> float:
+    """The noise scale of one release: given directly, or calibrated to ``epsilon`` at the ledger's delta."""
+    if (epsilon is None) == (sigma is None):
+        raise UsageError("give exactly one of epsilon (per release) or sigma (noise scale)")
+    if sigma is not None:
+        if not sigma > 0:
+            raise UsageError(f"sigma must be > 0 (got {sigma}); a device never releases exact counts")
+        return float(sigma)
+    _, delta = ledger.budget
+    return calibrate_sigma(float(epsilon), delta, 1.0, ledger.accountant)
+
+
+def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: PrivacyLedger, *,
+                 epsilon: Optional[float] = None, sigma: Optional[float] = None,
+                 commit: Callable[[bytes], None] = lambda payload: None,
+                 rng: Optional[np.random.Generator] = None) -> Tuple[Scores, ReleaseResult]:
+    """Score ``features`` against ``probe``, add calibrated Gaussian noise, charge the ledger.
+
+    ``commit(payload)`` delivers the message (writes the file, publishes it); if it raises, the
+    ledger is rolled back. ``rng`` is for tests only: a device's noise must be unpredictable.
+    """
+    check_compatible(probe, model)
+    noise_sigma = resolve_sigma(ledger, epsilon, sigma)
+    _, delta = ledger.budget
+    release_eps = compose_epsilon([(noise_sigma, 1.0)], delta, ledger.accountant)
+
+    def produce() -> bytes:
+        counts = coverage_counts(features, probe.centroids, probe.max_distance)
+        noisy = counts + gaussian_noise(len(counts), noise_sigma, rng)
+        return Scores(probe.probe_id, ledger.device_id, probe.encoder_sha256, noisy, noise_sigma, 1.0,
+                      release_eps, delta, ledger.accountant).to_bytes()
+
+    result = ledger.release(probe.probe_id, noise_sigma, 1.0, probe.k, produce, commit)
+    return Scores.from_bytes(result.payload, "released scores"), result

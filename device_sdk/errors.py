@@ -1,0 +1,71 @@
+"""Typed errors with stable codes, shared by the device SDK and the cloud.
+
+Every error the user can cause (bad input, bad files, exhausted budget) is an ``EcosError``
+subclass carrying a stable string ``code`` and a process ``exit_code``; the command-line tools
+print ``error[<code>]: <message>`` on one line and exit with that code.
+"""
+
+from __future__ import annotations
+
+
+class EcosError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    code = "ecos_error"
+    exit_code = 1
+
+
+class UsageError(EcosError):
+    """A command-line argument or configuration value is invalid."""
+
+    code = "usage"
+    exit_code = 2
+
+
+class InputError(EcosError):
+    """Input data (an image folder, an image, a CSV) is missing or unreadable."""
+
+    code = "input"
+    exit_code = 3
+
+
+class MessageError(EcosError):
+    """A wire message or file is truncated, corrupt, of the wrong kind or version."""
+
+    code = "message"
+    exit_code = 4
+
+
+class MismatchError(EcosError):
+    """Two artifacts that must agree do not (encoder hash, feature dimension, ...)."""
+
+    code = "mismatch"
+    exit_code = 5
+
+
+class PrivacyBudgetExceeded(EcosError):
+    """A release would take the device past its total privacy budget."""
+
+    code = "privacy_budget"
+    exit_code = 6
+
+
+class ArtifactError(EcosError):
+    """A model/encoder artifact is missing metadata, has a wrong hash or cannot be loaded."""
+
+    code = "artifact"
+    exit_code = 7
+
+
+class RuntimeUnavailable(EcosError):
+    """The requested inference runtime is not installed on this machine."""
+
+    code = "runtime_unavailable"
+    exit_code = 8
+
+
+class BudgetError(EcosError):
+    """A sampling budget that cannot be met (larger than the pool, not positive)."""
+
+    code = "budget"
+    exit_code = 9

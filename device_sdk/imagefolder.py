@@ -1,0 +1,97 @@
+"""Read any image folder: the class label is the name of an image's parent folder.
+
+Layout understood (any depth)::
+
+    root/<meta levels...>/<label>/<image>
+
+Folder levels between ``root`` and the label folder are kept as ``domain`` metadata (joined
+with ``/``). Images directly inside ``root`` are unlabelled (label ``""``). Files whose
+extension is not an image extension are ignored; a file with an image extension that cannot be
+decoded is an ``InputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of a folder: its path as given, its label and the folder levels above it."""
+
+    path: str
+    label: str
+    domain: str
+
+
+def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
+    """List the images under ``root`` in a stable (sorted) order."""
+    root_s = os.fspath(root)
+    if not os.path.isdir(root_s):
+        raise InputError(f"image folder not found: {root_s}")
+    items: List[ImageItem] = []
+    for dirpath, dirnames, filenames in os.walk(root_s):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root_s)
+        parts = [] if rel == "." else Path(rel).parts
+        label = parts[-1] if parts else ""
+        domain = "/".join(parts[:-1])
+        for name in sorted(filenames):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            items.append(ImageItem(os.path.join(dirpath, name), label, domain))
+    if not items:
+        raise InputError(f"no images found in {root_s} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return items
+
+
+def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.ndarray:
+    """Decode one image to an ``H x W x 3`` uint8 RGB array of the given ``(height, width)``.
+
+    With ``strict`` an image of another size is an error instead of being resized.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if strict and (im.height, im.width) != tuple(size):
+                raise InputError(f"{path}: image is {im.width}x{im.height}, model expects {size[1]}x{size[0]}")
+            rgb = im.convert("RGB")
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    if (rgb.height, rgb.width) != tuple(size):
+        rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_images(paths: Sequence[str], size: Tuple[int, int], strict: bool = False) -> np.ndarray:
+    """Decode many images into one ``N x H x W x 3`` uint8 array."""
+    out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = load_image(p, size, strict=strict)
+    return out
+
+
+def batched(seq: Sequence, batch_size: int) -> Iterator[Tuple[int, Sequence]]:
+    """Yield ``(start, chunk)`` pairs over ``seq``."""
+    for start in range(0, len(seq), batch_size):
+        yield start, seq[start : start + batch_size]
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, scaled to [0, 1] then standardised per channel."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,0 +1,167 @@
+"""The two messages of an ECOS round: the cloud's probe and the device's scores.
+
+Both travel as ``device_sdk.wire`` envelopes, in files (offline mode) or MQTT payloads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional
+
+import numpy as np
+
+from . import wire
+from .errors import MessageError
+
+PROBE = "probe"
+SCORES = "scores"
+CENTROID_CODECS = ("float16", "int8", "float32")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """K centroids in the encoder's feature space, and which encoder made them.
+
+    ``max_distance`` (cosine distance, optional) limits votes to samples that close to their
+    nearest centroid; it does not change the sensitivity (still one vote per sample at most).
+    """
+
+    probe_id: str
+    encoder_sha256: str
+    centroids: np.ndarray
+    codec: str = "float16"
+    max_distance: Optional[float] = None
+    created: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    def to_bytes(self) -> bytes:
+        arrays = _compress(np.asarray(self.centroids, dtype=np.float32), self.codec)
+        fields = {
+            "id": self.probe_id,
+            "encoder_sha256": self.encoder_sha256,
+            "k": self.k,
+            "feature_dim": self.feature_dim,
+            "codec": self.codec,
+            "max_distance": self.max_distance,
+            "created": self.created or utc_now(),
+        }
+        return wire.encode(PROBE, fields, arrays)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "probe") -> "Probe":
+        return cls.from_envelope(wire.decode(data, PROBE, source), source)
+
+    @classmethod
+    def from_envelope(cls, env: wire.Envelope, source: str = "probe") -> "Probe":
+        wire.require(env, {"id": str, "encoder_sha256": str, "k": int, "feature_dim": int, "codec": str}, source)
+        f = env.fields
+        centroids = _decompress(env.arrays, f["codec"], source)
+        if centroids.shape != (f["k"], f["feature_dim"]) or f["k"] < 1:
+            raise MessageError(f"{source}: centroids have shape {centroids.shape}, header says ({f['k']}, {f['feature_dim']})")
+        if not np.all(np.isfinite(centroids)):
+            raise MessageError(f"{source}: centroids contain NaN or infinity")
+        max_distance = f.get("max_distance")
+        if max_distance is not None and not isinstance(max_distance, (int, float)):
+            raise MessageError(f"{source}: max_distance must be a number or null")
+        return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, str(f.get("created", "")))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One device's noisy centroid-coverage counts for one probe: the only data it sends."""
+
+    probe_id: str
+    device_id: str
+    encoder_sha256: str
+    scores: np.ndarray
+    sigma: float
+    sensitivity: float = 1.0
+    epsilon: float = 0.0
+    delta: float = 0.0
+    accountant: str = "gaussian"
+    message_id: str = ""
+    created: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_bytes(self) -> bytes:
+        fields = {
+            "id": self.message_id or new_id(),
+            "probe_id": self.probe_id,
+            "device_id": self.device_id,
+            "encoder_sha256": self.encoder_sha256,
+            "k": self.k,
+            "noise": {"mechanism": "gaussian", "sigma": float(self.sigma), "sensitivity": float(self.sensitivity)},
+            "privacy": {"epsilon": float(self.epsilon), "delta": float(self.delta), "accountant": self.accountant},
+            "created": self.created or utc_now(),
+        }
+        return wire.encode(SCORES, fields, {"scores": np.asarray(self.scores, dtype=np.float32)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "scores") -> "Scores":
+        return cls.from_envelope(wire.decode(data, SCORES, source), source)
+
+    @classmethod
+    def from_envelope(cls, env: wire.Envelope, source: str = "scores") -> "Scores":
+        wire.require(env, {"id": str, "probe_id": str, "device_id": str, "encoder_sha256": str, "k": int, "noise": dict, "privacy": dict}, source)
+        f = env.fields
+        scores = env.arrays.get("scores")
+        if scores is None or scores.shape != (f["k"],):
+            raise MessageError(f"{source}: scores array missing or not of length k={f['k']}")
+        if not np.all(np.isfinite(scores)):
+            raise MessageError(f"{source}: scores contain NaN or infinity")
+        noise, privacy = f["noise"], f["privacy"]
+        try:
+            sigma, sens = float(noise["sigma"]), float(noise["sensitivity"])
+            eps, delta = float(privacy["epsilon"]), float(privacy["delta"])
+        except (KeyError, TypeError, ValueError):
+            raise MessageError(f"{source}: malformed noise/privacy fields") from None
+        if sigma < 0 or sens <= 0:
+            raise MessageError(f"{source}: invalid noise parameters sigma={sigma}, sensitivity={sens}")
+        return cls(f["probe_id"], f["device_id"], f["encoder_sha256"], scores.astype(np.float64), sigma, sens,
+                   eps, delta, str(privacy.get("accountant", "")), f["id"], str(f.get("created", "")))
+
+
+def _compress(c: np.ndarray, codec: str) -> dict:
+    if codec == "float16":
+        return {"centroids": c.astype(np.float16)}
+    if codec == "float32":
+        return {"centroids": c}
+    if codec == "int8":
+        scale = np.maximum(np.abs(c).max(axis=1), 1e-12).astype(np.float32) / 127.0
+        q = np.clip(np.rint(c / scale[:, None]), -127, 127).astype(np.int8)
+        return {"centroids": q, "scale": scale}
+    raise MessageError(f"unknown centroid codec {codec!r} (use one of {', '.join(CENTROID_CODECS)})")
+
+
+def _decompress(arrays: dict, codec: str, source: str) -> np.ndarray:
+    c = arrays.get("centroids")
+    if c is None or c.ndim != 2:
+        raise MessageError(f"{source}: centroids array missing or not 2-D")
+    if codec in ("float16", "float32"):
+        return c.astype(np.float32)
+    if codec == "int8":
+        scale = arrays.get("scale")
+        if scale is None or scale.shape != (c.shape[0],):
+            raise MessageError(f"{source}: int8 centroids need one scale per row")
+        return c.astype(np.float32) * scale.astype(np.float32)[:, None]
+    raise MessageError(f"{source}: unknown centroid codec {codec!r}")

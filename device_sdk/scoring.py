@@ -1,0 +1,56 @@
+"""Centroid coverage (CC) scores: what the device computes from its private images.
+
+Each local sample votes once, for its nearest centroid (cosine similarity on unit-norm
+features), optionally only if it lies within ``max_distance`` of it. Adding or removing one
+sample therefore changes exactly one count by one: L2 sensitivity 1, whatever K is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import MismatchError
+from .imagefolder import ImageItem, load_images
+from .messages import Probe
+from .runtime import Model
+
+
+def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: Optional[float] = None, chunk: int = 8192) -> np.ndarray:
+    """Votes per centroid: ``counts[k]`` = local samples whose nearest centroid is ``k``."""
+    if features.ndim != 2 or centroids.ndim != 2 or features.shape[1] != centroids.shape[1]:
+        raise MismatchError(f"features {features.shape} and centroids {centroids.shape} have different dimensions")
+    c = _unit(centroids.astype(np.float32))
+    counts = np.zeros(len(c), dtype=np.int64)
+    for start in range(0, len(features), chunk):
+        sims = _unit(features[start : start + chunk].astype(np.float32)) @ c.T
+        nearest = sims.argmax(axis=1)
+        if max_distance is not None:
+            nearest = nearest[1.0 - sims[np.arange(len(nearest)), nearest] <= max_distance]
+        counts += np.bincount(nearest, minlength=len(c))
+    return counts
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def check_compatible(probe: Probe, model: Model) -> None:
+    """The probe's centroids live in the feature space of one encoder: it must be ours."""
+    if probe.encoder_sha256 != model.sha256:
+        raise MismatchError(f"probe was made for encoder {probe.encoder_sha256[:12]}..., this device runs {model.sha256[:12]}...")
+    if model.meta.feature_dim is not None and probe.feature_dim != model.meta.feature_dim:
+        raise MismatchError(f"probe has {probe.feature_dim}-d centroids, the encoder outputs {model.meta.feature_dim}-d features")
+
+
+def encode_items(model: Model, items: Sequence[ImageItem], batch: int = 256,
+                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """Decode and encode images in batches (bounded memory); ``progress(done, total)``."""
+    outs: List[np.ndarray] = []
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        outs.append(model.run(load_images([it.path for it in chunk], model.meta.image_size)))
+        if progress is not None:
+            progress(start + len(chunk), len(items))
+    return np.concatenate(outs) if outs else np.zeros((0, model.meta.feature_dim or 0), np.float32)
