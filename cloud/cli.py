@@ -26,11 +26,10 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from device_sdk.artifact import ArtifactMeta
-
     from .dataset import load_folder
     from .encoder_train import EncoderConfig, train_encoder
     from .export import export_onnx
+    from .pipeline import encoder_meta
 
     _threads(args)
     cfg = EncoderConfig(feature_dim=args.feature_dim, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
@@ -38,10 +37,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     data = load_folder(args.pool)
     LOG.info("training encoder on %d images: %d labels, %d domains", len(data.images), len(data.label_names), len(data.domain_names))
     encoder, report = train_encoder(data, cfg)
-    meta = ArtifactMeta(kind="encoder", arch=cfg.arch, input_shape=(3, 32, 32), mean=report["mean"], std=report["std"],
-                        feature_dim=cfg.feature_dim, labels=data.label_names, domains=data.domain_names,
-                        extra={"config": cfg.__dict__, "val_label_acc": report["val_label_acc"], "val_domain_acc": report["val_domain_acc"]})
-    digest = export_onnx(encoder, meta, args.out, output_name="features")
+    digest = export_onnx(encoder, encoder_meta(cfg, data, report), args.out, output_name="features")
     print(f"encoder -> {args.out} (sha256 {digest[:16]}..., {os.path.getsize(args.out)} bytes); held-out 1-NN accuracy: "
           f"label {report['val_label_acc']:.3f}, domain {report['val_domain_acc']:.3f}")
     return 0

@@ -94,7 +94,7 @@ def train_encoder(data: ImageSet, cfg: EncoderConfig = EncoderConfig()) -> Tuple
     params = list(encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(steps, 1)))
     t0 = time.monotonic()
     for epoch in range(cfg.epochs):
         encoder.train()
@@ -108,13 +108,25 @@ def train_encoder(data: ImageSet, cfg: EncoderConfig = EncoderConfig()) -> Tuple
             loss.backward()
             opt.step()
             sched.step()
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + float(loss.detach()), batches + 1
         report = evaluate_features(encoder, x_all, data, train_idx, val_idx)
         LOG.info("encoder epoch %d/%d: loss %.3f, held-out 1-NN label acc %.3f, domain acc %.3f (%.0fs)",
                  epoch + 1, cfg.epochs, total / max(batches, 1), report["val_label_acc"], report["val_domain_acc"], time.monotonic() - t0)
     encoder.eval()
     report.update({"mean": mean, "std": std, "train_seconds": time.monotonic() - t0})
     return encoder, report
+
+
+def warmup_cosine(total: int, warmup: float = 0.1):
+    """LR multiplier: linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+    n_warm = max(1, int(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - n_warm) / max(1, total - n_warm))))
+
+    return factor
 
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

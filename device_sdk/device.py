@@ -8,6 +8,7 @@ answer for free. Used by the ``ecos-device score`` command and by the MQTT agent
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -31,6 +32,17 @@ def resolve_sigma(ledger: PrivacyLedger, epsilon: Optional[float], sigma: Option
     return calibrate_sigma(float(epsilon), delta, 1.0, ledger.accountant)
 
 
+def release_key(probe: Probe) -> str:
+    """Ledger key of a probe: its id plus a digest of its content.
+
+    A repeat of the same probe replays the stored answer for free; a different probe that
+    reuses an id is a new question and is charged as one (never answered with old counts).
+    """
+    h = hashlib.sha256(np.ascontiguousarray(probe.centroids, dtype=np.float32).tobytes())
+    h.update(f"{probe.encoder_sha256}|{probe.max_distance}".encode())
+    return f"{probe.probe_id}:{h.hexdigest()[:16]}"
+
+
 def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: PrivacyLedger, *,
                  epsilon: Optional[float] = None, sigma: Optional[float] = None,
                  commit: Callable[[bytes], None] = lambda payload: None,
@@ -51,5 +63,5 @@ def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: Priva
         return Scores(probe.probe_id, ledger.device_id, probe.encoder_sha256, noisy, noise_sigma, 1.0,
                       release_eps, delta, ledger.accountant).to_bytes()
 
-    result = ledger.release(probe.probe_id, noise_sigma, 1.0, probe.k, produce, commit)
+    result = ledger.release(release_key(probe), noise_sigma, 1.0, probe.k, produce, commit)
     return Scores.from_bytes(result.payload, "released scores"), result

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each writes JSON under benchmarks/results and a table under docs/results."""

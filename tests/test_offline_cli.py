@@ -1,0 +1,145 @@
+"""The offline pipeline through the real console scripts: the happy path and every bad input.
+
+Each failure must print one line ``error[<code>]: ...``, exit non-zero, write nothing, and
+never charge the device's ledger.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_sdk.messages import Probe
+from device_sdk.privacy import PrivacyLedger
+
+BIN = Path(sys.executable).parent
+
+
+def run(tool: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def assert_fails(proc: subprocess.CompletedProcess, code: str, exit_code: int, *absent: Path) -> None:
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error[")]
+    assert proc.returncode == exit_code, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error[{code}]:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for path in absent:
+        assert not path.exists(), f"{path} was written by a failed command"
+
+
+@pytest.fixture(scope="module")
+def round_files(pool_index, encoder_path, digits_root, tmp_path_factory):
+    """A probe written by the CLI, and one scores file from the 'street' device.
+
+    Epsilon 2 (sigma 2.0): this device has only 40 images, so at epsilon 0.58 (sigma 6.1) its
+    counts of 5-10 per cluster would drown in the noise; the full benchmark uses 300.
+    """
+    work = tmp_path_factory.mktemp("round")
+    _, index_path = pool_index
+    probe = work / "round.probe"
+    assert run("ecos-cloud", "probe", "--index", index_path, "--out", probe).returncode == 0
+    scores = work / "street.scores"
+    proc = run("ecos-device", "score", digits_root / "devices" / "street" / "local", "--encoder", encoder_path,
+               "--probe", probe, "--out", scores, "--ledger", work / "ledger.json", "--epsilon", "2", "--device-id", "street")
+    assert proc.returncode == 0, proc.stderr
+    assert "charged epsilon 2.0000" in proc.stdout
+    return work, index_path, probe, scores
+
+
+def test_sampling_methods_write_exact_budget(round_files, pool_index):
+    work, index_path, _, scores = round_files
+    index, _ = pool_index
+    shares = {}
+    for method in ("ecos", "random", "kcenter"):
+        out = work / f"{method}.csv"
+        proc = run("ecos-cloud", "sample", "--index", index_path, "--scores", scores, "--method", method, "--budget", 60, "--out", out)
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.DictReader(out.open()))
+        assert len(rows) == 60 and len({r["path"] for r in rows}) == 60
+        assert set(rows[0]) == {"path", "label", "domain", "cluster", "rank"}
+        assert all(os.path.exists(r["path"]) for r in rows)
+        shares[method] = np.mean([r["domain"] == "street" for r in rows])
+    assert shares["ecos"] >= 0.8 and shares["ecos"] > shares["random"] + 0.3
+
+
+def test_repeated_probe_costs_nothing(round_files, encoder_path, digits_root):
+    work, _, probe, scores = round_files
+    before = scores.read_bytes()
+    proc = run("ecos-device", "score", digits_root / "devices" / "street" / "local", "--encoder", encoder_path,
+               "--probe", probe, "--out", scores, "--ledger", work / "ledger.json", "--epsilon", "2")
+    assert proc.returncode == 0 and "replayed" in proc.stdout and "charged epsilon 0.0000" in proc.stdout
+    assert scores.read_bytes() == before
+
+
+def _score(folder, encoder, probe, out, ledger, eps="0.58"):
+    return run("ecos-device", "score", folder, "--encoder", encoder, "--probe", probe, "--out", out, "--ledger", ledger, "--epsilon", eps)
+
+
+def test_bad_device_inputs(round_files, encoder_path, digits_root, tmp_path):
+    _, _, probe, _ = round_files
+    local = digits_root / "devices" / "street" / "local"
+    out, ledger = tmp_path / "out.scores", tmp_path / "ledger.json"
+    data = probe.read_bytes()
+    corrupt = tmp_path / "corrupt.probe"
+    corrupt.write_bytes(data[:-5] + bytes(5))
+    assert_fails(_score(local, encoder_path, corrupt, out, ledger), "message", 4, out)
+    truncated = tmp_path / "trunc.probe"
+    truncated.write_bytes(data[: len(data) // 2])
+    assert_fails(_score(local, encoder_path, truncated, out, ledger), "message", 4, out)
+    p = Probe.from_bytes(data)
+    other = tmp_path / "other.probe"
+    other.write_bytes(Probe(p.probe_id, "0" * 64, p.centroids).to_bytes())
+    assert_fails(_score(local, encoder_path, other, out, ledger), "mismatch", 5, out)
+    wrong_dim = tmp_path / "dim.probe"
+    wrong_dim.write_bytes(Probe(p.probe_id, p.encoder_sha256, p.centroids[:, :8].copy()).to_bytes())
+    assert_fails(_score(local, encoder_path, wrong_dim, out, ledger), "mismatch", 5, out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_fails(_score(empty, encoder_path, probe, out, ledger), "input", 3, out)
+    broken = tmp_path / "broken"
+    shutil.copytree(local, broken)
+    (broken / "3" / "zz.png").write_bytes(b"definitely not a png")
+    assert_fails(_score(broken, encoder_path, probe, out, ledger), "input", 3, out)
+    assert_fails(_score(local, encoder_path, probe, out, ledger, eps="5"), "privacy_budget", 6, out)
+    assert not ledger.exists() or PrivacyLedger(ledger).releases() == []
+
+
+def test_bad_cloud_inputs(round_files, tmp_path):
+    _, index_path, _, scores = round_files
+    out = tmp_path / "sel.csv"
+    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 10**6, "--out", out), "budget", 9, out)
+    bad_scores = tmp_path / "bad.scores"
+    bad_scores.write_bytes(scores.read_bytes()[:-7])
+    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--scores", bad_scores, "--budget", 10, "--out", out), "message", 4, out)
+    broken_index = tmp_path / "broken.npz"
+    broken_index.write_bytes(index_path.read_bytes()[:1000])
+    assert_fails(run("ecos-cloud", "sample", "--index", broken_index, "--method", "random", "--budget", 10, "--out", out), "message", 4, out)
+    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--budget", 10, "--out", out), "usage", 2, out)
+
+
+def test_scores_for_another_probe_are_refused(round_files, pool_index, tmp_path, encoder_path, digits_root):
+    work, index_path, probe, _ = round_files
+    p = Probe.from_bytes(probe.read_bytes())
+    other_probe = tmp_path / "p2.probe"
+    other_probe.write_bytes(Probe("another-round", p.encoder_sha256, p.centroids).to_bytes())
+    s2 = tmp_path / "p2.scores"
+    assert _score(digits_root / "devices" / "lcd" / "local", encoder_path, other_probe, s2, tmp_path / "l2.json").returncode == 0
+    out = tmp_path / "sel.csv"
+    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--scores", s2, "--budget", 10, "--out", out), "mismatch", 5, out)
+
+
+def test_help_lists_every_command():
+    cloud = run("ecos-cloud", "--help").stdout
+    device = run("ecos-device", "--help").stdout
+    for cmd in ("train-encoder", "index", "probe", "sample"):
+        assert cmd in cloud
+    for cmd in ("score", "ledger"):
+        assert cmd in device
