@@ -1,0 +1,133 @@
+"""The sampler interface, its inputs, and the registry that names the implementations.
+
+Every sampler (ECOS and the baselines) picks ``budget`` distinct pool indices from the same
+inputs, so the pipeline, the CLI and one shared contract test suite treat them alike. Budget,
+score and shape checks live here, once, in :meth:`Sampler.select`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Type, TypeVar
+
+import numpy as np
+
+from device_sdk.errors import BudgetError, MismatchError, UsageError
+
+
+@dataclass(frozen=True, eq=False)
+class PoolView:
+    """What a sampler sees of the pool: unit-norm features (N x d float32), the cluster of
+    every point (N int32) and the cluster centroids (K x d float32)."""
+
+    features: np.ndarray
+    assign: np.ndarray
+    centroids: np.ndarray
+
+    def __post_init__(self) -> None:
+        n, k = len(self.features), len(self.centroids)
+        if self.features.ndim != 2 or self.centroids.ndim != 2 or self.assign.shape != (n,):
+            raise MismatchError(
+                f"pool shapes disagree: features {self.features.shape}, assign {self.assign.shape}, "
+                f"centroids {self.centroids.shape}; expected N x d, N and K x d"
+            )
+        if self.features.shape[1] != self.centroids.shape[1]:
+            raise MismatchError(
+                f"features have dimension {self.features.shape[1]} but centroids {self.centroids.shape[1]}: "
+                "cluster the features these centroids came from"
+            )
+        if n and (self.assign.min() < 0 or self.assign.max() >= k):
+            raise MismatchError(f"cluster ids must lie in 0..{k - 1} for {k} centroids")
+
+    @property
+    def size(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.centroids)
+
+    def cluster_sizes(self) -> np.ndarray:
+        """Number of pool points in each cluster (K int64)."""
+        return np.bincount(self.assign, minlength=self.n_clusters).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreSet:
+    """Noisy coverage counts per cluster, summed over one or more devices, and the standard
+    deviation of the noise in that sum (sqrt of the sum of the devices' variances; 0: exact)."""
+
+    scores: np.ndarray
+    sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.scores, dtype=np.float64)
+        if scores.ndim != 1 or not np.isfinite(scores).all():
+            raise UsageError(f"scores must be a 1-D array of finite numbers; got shape {scores.shape}")
+        if not (np.isfinite(self.sigma) and self.sigma >= 0.0):
+            raise UsageError(f"sigma must be a finite number >= 0; got {self.sigma!r}")
+        object.__setattr__(self, "scores", scores)
+        object.__setattr__(self, "sigma", float(self.sigma))
+
+
+class Sampler(ABC):
+    """Picks ``budget`` distinct pool points. Subclasses set ``name`` (the registry key) and
+    ``needs_scores``, and implement :meth:`_select` on inputs :meth:`select` has checked."""
+
+    name: ClassVar[str]
+    needs_scores: ClassVar[bool] = False
+
+    def select(self, pool: PoolView, budget: int, scores: Optional[ScoreSet], rng: np.random.Generator) -> np.ndarray:
+        """Indices (int64, unique, exactly ``budget`` of them) into the pool."""
+        self.check(pool, budget, scores)
+        return self._select(pool, int(budget), scores, rng)
+
+    def check(self, pool: PoolView, budget: int, scores: Optional[ScoreSet]) -> None:
+        """Raise the typed error a caller can act on if this call cannot be served."""
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+            raise BudgetError(f"budget must be a whole number of points; got {budget!r}")
+        if not 1 <= budget <= pool.size:
+            raise BudgetError(f"budget {budget} does not fit a pool of {pool.size} points: choose 1..{pool.size}")
+        if scores is None and self.needs_scores:
+            raise UsageError(f"sampler {self.name!r} needs the devices' coverage scores; pass a ScoreSet")
+        if scores is not None and len(scores.scores) != pool.n_clusters:
+            raise MismatchError(
+                f"scores cover {len(scores.scores)} clusters but the pool has {pool.n_clusters}: "
+                "score against the centroids of this clustering"
+            )
+
+    @abstractmethod
+    def _select(self, pool: PoolView, budget: int, scores: Optional[ScoreSet], rng: np.random.Generator) -> np.ndarray:
+        """The sampler's own logic; ``budget`` is already known to lie in 1..N."""
+
+
+_REGISTRY: Dict[str, Type[Sampler]] = {}
+SamplerType = TypeVar("SamplerType", bound=Type[Sampler])
+
+
+def register_sampler(cls: SamplerType) -> SamplerType:
+    """Class decorator: make ``cls`` available to :func:`get_sampler` under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not name or name in _REGISTRY:
+        raise ValueError(f"sampler class {cls.__name__} needs a unique name; got {name!r}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def list_samplers() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_sampler(name: str, **config: object) -> Sampler:
+    """A sampler by registry name, built with ``config`` (e.g. ``threshold_sigmas=3.0``)."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(list_samplers())}")
+    try:
+        inspect.signature(cls).bind(**config)
+    except TypeError as exc:
+        raise UsageError(f"sampler {name!r} does not take this configuration: {exc}") from None
+    return cls(**config)
+

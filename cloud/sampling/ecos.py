@@ -1,0 +1,191 @@
+"""ECOS sampling: "compress -> filter -> diversely decompress" (docs: ECOS.md, "Cloud, sample").
+
+The pool is already compressed into K clusters; the devices sent one noisy coverage count per
+cluster. This module (a) filters out clusters whose score is not clearly above the noise,
+(b) splits the budget over the kept clusters in proportion to their scores, and (c) inside
+each cluster picks points near the centroid that are not redundant with each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from device_sdk.errors import UsageError
+
+from .base import PoolView, Sampler, ScoreSet, register_sampler
+from .farthest import farthest_first
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """How ECOS splits a budget, for reports: ``quotas`` (K int64, points drawn from each
+    cluster, summing to the budget), ``kept`` (K bool, clusters that passed the filter, or the
+    fallback's top clusters), the ``threshold`` the scores were held to, and ``fallback``
+    (True when no cluster passed it)."""
+
+    quotas: np.ndarray
+    kept: np.ndarray
+    threshold: float
+    fallback: bool
+
+
+@register_sampler
+@dataclass(frozen=True)
+class EcosSampler(Sampler):
+    """ECOS sampler. With noise (sigma > 0) a cluster is kept when its score exceeds
+    ``threshold_sigmas * sigma``, so pure noise rarely passes (2 sigma: ~2.3% of empty
+    clusters); without noise when it reaches ``min_count``. Each cluster contributes up to
+    ``ceil(oversample * quota)`` candidates nearest its centroid to the diversity pass."""
+
+    name = "ecos"
+    needs_scores = True
+
+    threshold_sigmas: float = 2.0
+    min_count: float = 1.0
+    oversample: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
+            raise UsageError(f"threshold_sigmas must be a finite number >= 0; got {self.threshold_sigmas!r}")
+        if not (math.isfinite(self.min_count) and self.min_count > 0):
+            raise UsageError(f"min_count must be a finite number > 0; got {self.min_count!r}")
+        if not (math.isfinite(self.oversample) and self.oversample >= 1):
+            raise UsageError(f"oversample must be a finite number >= 1; got {self.oversample!r}")
+
+    def plan(self, pool: PoolView, budget: int, scores: Optional[ScoreSet]) -> SamplingPlan:
+        """The per-cluster quotas :meth:`select` would draw, without drawing them."""
+        self.check(pool, budget, scores)
+        return self._plan(pool, int(budget), scores)
+
+    def _select(self, pool: PoolView, budget: int, scores: Optional[ScoreSet], rng: np.random.Generator) -> np.ndarray:
+        """Picks grouped by cluster, best-scored cluster first (so a rank reads as priority)."""
+        quotas = self._plan(pool, budget, scores).quotas
+        members = _members_by_cluster(pool.assign, pool.n_clusters)
+        parts = [
+            self._pick_in_cluster(pool.features, members[j], pool.centroids[j], int(quotas[j]))
+            for j in np.argsort(-scores.scores, kind="stable")
+            if quotas[j]
+        ]
+        return np.concatenate(parts)
+
+    def _plan(self, pool: PoolView, budget: int, scores: ScoreSet) -> SamplingPlan:
+        sizes = pool.cluster_sizes()
+        kept, threshold, fallback = self._filter(scores, sizes, budget)
+        quotas = _allocate(scores.scores, kept, sizes, budget, pool.centroids)
+        return SamplingPlan(quotas=quotas, kept=kept, threshold=threshold, fallback=fallback)
+
+    def _filter(self, scores: ScoreSet, sizes: np.ndarray, budget: int) -> Tuple[np.ndarray, float, bool]:
+        """Clusters clearly covered by the devices; the top-scored ones if none is."""
+        if scores.sigma > 0:
+            threshold = self.threshold_sigmas * scores.sigma
+            kept = scores.scores > threshold
+        else:
+            threshold = self.min_count
+            kept = scores.scores >= threshold
+        if kept.any():
+            return kept, threshold, False
+        kept = _top_clusters(scores.scores, sizes, budget)
+        logger.warning(
+            "no cluster score passed the threshold %.3g (max score %.3g); falling back to the %d top-scored clusters",
+            threshold, scores.scores.max(), int(kept.sum()),
+        )
+        return kept, threshold, True
+
+    def _pick_in_cluster(
+        self, features: np.ndarray, members: np.ndarray, centroid: np.ndarray, quota: int
+    ) -> np.ndarray:
+        """``quota`` members: candidates are the members nearest the centroid, then a
+        farthest-first pass from the nearest one spreads the picks over the candidates."""
+        if quota >= len(members):
+            return members
+        similarity = features[members] @ centroid
+        n_candidates = min(len(members), math.ceil(self.oversample * quota))
+        nearest = np.argpartition(-similarity, n_candidates - 1)[:n_candidates]
+        first = int(np.argmax(similarity[nearest]))
+        candidates = members[nearest]
+        return candidates[farthest_first(features[candidates], quota, first=first)]
+
+
+def proportional_quotas(weights: np.ndarray, caps: np.ndarray, total: int) -> np.ndarray:
+    """Integer quotas (int64) proportional to ``weights``, each at most its cap, summing to
+    ``min(total, caps.sum())``. Shares above their cap are fixed at the cap and the excess is
+    split again over the others until none overflows; integers by largest remainder. When the
+    positively weighted entries are all full, the rest is split evenly over the others."""
+    caps = np.asarray(caps, dtype=np.int64)
+    target = int(min(total, caps.sum()))
+    share = _capped_shares(np.asarray(weights, dtype=np.float64), caps, target)
+    quotas = np.floor(share).astype(np.int64)
+    short = target - int(quotas.sum())
+    if short > 0:
+        open_ = np.flatnonzero(quotas < caps)
+        remainders = share[open_] - quotas[open_]
+        quotas[open_[np.argsort(-remainders, kind="stable")[:short]]] += 1
+    return quotas
+
+
+def _capped_shares(weights: np.ndarray, caps: np.ndarray, target: int) -> np.ndarray:
+    """Real-valued water-filling behind :func:`proportional_quotas`."""
+    share = np.zeros(len(weights), dtype=np.float64)
+    full = caps <= 0
+    remaining = float(target)
+    while remaining > 0 and not full.all():
+        open_ = np.flatnonzero(~full)
+        w = weights[open_]
+        w = w / w.sum() if w.sum() > 0 else np.full(len(open_), 1.0 / len(open_))
+        trial = remaining * w
+        over = trial >= caps[open_]
+        if not over.any():
+            share[open_] = trial
+            break
+        capped = open_[over]
+        share[capped] = caps[capped]
+        full[capped] = True
+        remaining -= float(caps[capped].sum())
+    return share
+
+
+def _allocate(
+    scores: np.ndarray, kept: np.ndarray, sizes: np.ndarray, budget: int, centroids: np.ndarray
+) -> np.ndarray:
+    """Budget over the kept clusters by score; what they cannot hold goes to the other
+    clusters, best score first (ties and non-positive scores: centroid nearest the kept)."""
+    quotas = np.zeros(len(scores), dtype=np.int64)
+    chosen = np.flatnonzero(kept)
+    quotas[chosen] = proportional_quotas(np.clip(scores[chosen], 0.0, None), sizes[chosen], budget)
+    rest = budget - int(quotas.sum())
+    if rest > 0:
+        order = _overflow_order(scores, kept, centroids)
+        room = sizes[order]
+        before = np.cumsum(room) - room
+        quotas[order] = np.clip(rest - before, 0, room)
+    return quotas
+
+
+def _overflow_order(scores: np.ndarray, kept: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Clusters not kept, by positive score, then by cosine of their centroid to the nearest
+    kept centroid: with no usable score, the closest region is the best guess."""
+    others = np.flatnonzero(~kept)
+    proximity = (centroids[others] @ centroids[kept].T).max(axis=1)
+    return others[np.lexsort((-proximity, -np.clip(scores[others], 0.0, None)))]
+
+
+def _top_clusters(scores: np.ndarray, sizes: np.ndarray, budget: int) -> np.ndarray:
+    """Mask of the highest-scored clusters that together hold at least ``budget`` points."""
+    order = np.argsort(-scores, kind="stable")
+    count = int(np.searchsorted(np.cumsum(sizes[order]), budget)) + 1
+    kept = np.zeros(len(scores), dtype=bool)
+    kept[order[:count]] = True
+    return kept
+
+
+def _members_by_cluster(assign: np.ndarray, k: int) -> List[np.ndarray]:
+    """Pool indices of each cluster's points, from one stable sort (not K scans of the pool)."""
+    order = np.argsort(assign, kind="stable").astype(np.int64)
+    return np.split(order, np.cumsum(np.bincount(assign, minlength=k))[:-1])
