@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", type=int, default=1000, help="points ECOS selects")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/kmeans_sampling.json")
+    parser.add_argument("--docs", default="docs/results/kmeans_sampling.md", help="markdown table")
     return parser.parse_args()
 
 
@@ -141,26 +142,31 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     }
 
 
-def print_table(report: Dict[str, object]) -> None:
-    config = report["config"]
-    print(f"N={config['points']} d={config['dim']} K={config['k']} iters={config['iters']} budget={config['budget']}")
+def table(report: Dict[str, object]) -> str:
+    """The short markdown table that goes to docs/results."""
+    config, m = report["config"], report["machine"]
     wall, cpu = report["seconds"]["wall"], report["seconds"]["cpu"]
-    print(f"{'stage':<20}{'wall s':>10}{'cpu s':>10}")
-    for stage in wall:
-        print(f"{stage:<20}{wall[stage]:>10.2f}{cpu[stage]:>10.2f}")
     ecos = report["ecos"]
-    print(
-        f"kept {ecos['clusters_kept']} clusters; {ecos['fraction_from_device_blobs']:.1%} of picks from the device's "
-        f"blobs (pool: {ecos['fraction_of_pool_from_device_blobs']:.1%})"
-    )
+    lines = [
+        "# k-means + ECOS sampling at scale", "",
+        f"N={config['points']} d={config['dim']} K={config['k']} iters={config['iters']} budget={config['budget']}; "
+        f"{m['cpu_count']} CPUs, load average {m['load_average_1m_at_start']} at start. "
+        "Command: `python benchmarks/bench_kmeans_sampling.py`.", "",
+        "| stage | wall s | cpu s |", "|---|---|---|",
+    ]
+    lines += [f"| {stage} | {wall[stage]:.2f} | {cpu[stage]:.2f} |" for stage in wall]
+    lines += ["", f"ecos kept {ecos['clusters_kept']} clusters; {ecos['fraction_from_device_blobs']:.1%} of picks from the "
+              f"device's blobs (pool: {ecos['fraction_of_pool_from_device_blobs']:.1%})."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = parse_args()
     report = run(args)
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"wrote {args.out}")
+    atomic_write_text(args.docs, table(report))
+    print(table(report))
+    print(f"wrote {args.out} and {args.docs}")
 
 
 if __name__ == "__main__":

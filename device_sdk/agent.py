@@ -1,0 +1,282 @@
+"""The device agent: the SDK an app embeds, and what ``ecos-device run`` runs.
+
+    agent = DeviceAgent(load_device_config("device.toml"), on_event=print)
+    agent.start()
+    labels = agent.predict(images)   # uint8 N x H x W x 3, with the installed classifier
+    agent.stop()
+
+It subscribes to its own inbox only and handles one message at a time on a worker thread (the
+MQTT network thread only queues payloads, so a long encoding never stalls keepalives):
+
+* a probe is answered through the privacy ledger (``answer_probe``): a repeat replays the same
+  bytes for free; a probe it will not answer (budget exhausted, wrong encoder, deadline passed,
+  no local images) gets a ``refusal`` with the error's code, a normal reply;
+* manifests and chunks go to the ``DeliveryReceiver``; after an install the classifier is
+  evaluated on the labelled ``[data] eval`` folder, if any, and the ``installed`` reply carries
+  the accuracy; the retained status is republished with what now runs;
+* anything malformed, oversized or not for this device is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .config import DeviceConfig
+from .delivery import DeliveryReceiver, InstalledModel, ModelStore
+from .device import answer_probe
+from .errors import ArtifactError, DeadlinePassed, EcosError, MessageError
+from .imagefolder import scan_image_folder
+from .messages import Probe
+from .predict import Predictor, evaluate
+from .privacy import PrivacyLedger
+from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, Refusal, Status,
+                       decode_for_device, device_status, inbox, outbox)
+from .runtime import Model, load_model
+from .scoring import check_compatible, encode_items
+from .signing import load_public_key
+from .transport import MqttTransport, TlsConfig
+
+LOG = logging.getLogger("ecos.agent")
+ENCODER, CLASSIFIER = "encoder", "classifier"
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """What the agent did, for the app: ``kind`` is one of the ``on_event`` kinds listed in DeviceAgent."""
+
+    kind: str
+    detail: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AgentStats:
+    """Traffic of this agent, payload bytes: what a device pays on its uplink and downlink."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    rejected: int = 0
+
+
+def supported_formats() -> Tuple[str, ...]:
+    """Artifact formats this device can run, from the runtimes installed."""
+    formats = ["onnx"] if importlib.util.find_spec("onnxruntime") else []
+    if importlib.util.find_spec("ai_edge_litert") or importlib.util.find_spec("tflite_runtime"):
+        formats.append("tflite")
+    return tuple(formats)
+
+
+class DeviceAgent:
+    """Connects, answers probes within the ledger, installs signed models, predicts.
+
+    ``on_event(AgentEvent)`` is called on the worker thread with kinds ``probe_answered``,
+    ``probe_refused``, ``installed``, ``install_failed``, ``rolled_back`` and ``rejected``.
+    """
+
+    def __init__(self, config: DeviceConfig, on_event: Optional[Callable[[AgentEvent], None]] = None):
+        self.config, self.device_id, self.on_event = config, config.device_id, on_event
+        privacy = config.privacy
+        self.ledger = PrivacyLedger.open(privacy.ledger, device_id=self.device_id, budget_epsilon=privacy.budget_epsilon,
+                                         budget_delta=privacy.budget_delta, accountant=privacy.accountant)
+        self.store = ModelStore(config.models.store)
+        self.receiver = DeliveryReceiver(
+            self.store, load_public_key(config.models.cloud_public_key), self.device_id,
+            max_bytes=int(config.models.max_artifact_mb * (1 << 20)), formats=supported_formats(),
+            allow_downgrade=config.models.allow_downgrade, validate=self._validate, evaluate=self._evaluate)
+        self.stats = AgentStats()
+        self._models: Dict[str, Model] = {}
+        self._models_lock = threading.Lock()
+        self._features: Dict[Any, np.ndarray] = {}
+        self._queue: "queue.Queue[Optional[Tuple[str, bytes]]]" = queue.Queue(maxsize=1024)
+        self._worker: Optional[threading.Thread] = None
+        self.transport = self._make_transport()
+
+    def _make_transport(self) -> MqttTransport:
+        b = self.config.broker
+        offline = Status(self.device_id, "offline").to_bytes()
+        return MqttTransport(
+            f"ecos-device-{self.device_id}", b.host, b.port, protocol=b.protocol, subscriptions=[inbox(self.device_id)],
+            on_message=self._enqueue, will=(device_status(self.device_id), offline, True),
+            online=(device_status(self.device_id), self._status_payload(), True), keepalive=b.keepalive,
+            session_expiry=b.session_expiry, username=b.username, password=b.password,
+            tls=TlsConfig(b.ca_file, b.cert_file, b.key_file) if b.ca_file else None)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> "DeviceAgent":
+        self._worker = threading.Thread(target=self._work, name=f"ecos-agent-{self.device_id}", daemon=True)
+        self._worker.start()
+        self.transport.start()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.transport.wait_connected(timeout)
+
+    def stop(self) -> None:
+        """Handle what is already queued (its replies still go out), then publish ``offline`` and disconnect."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        self.transport.stop()
+
+    # ---- what an app calls -----------------------------------------------------------------------
+
+    def predict(self, images: np.ndarray) -> List[str]:
+        """Labels for uint8 ``N x H x W x 3`` images from the installed classifier."""
+        predictor = self.predictor()
+        if predictor is None:
+            raise ArtifactError("no classifier is installed yet: the cloud delivers one after a round")
+        return [predictor.labels[k] for k in predictor.probabilities(images).argmax(axis=1)]
+
+    def predictor(self) -> Optional[Predictor]:
+        """The installed classifier (probabilities, file prediction), or None before the first install."""
+        model = self.model(CLASSIFIER)
+        return None if model is None else Predictor(model)
+
+    def model(self, kind: str) -> Optional[Model]:
+        """The loaded current model of ``kind`` (an encoder may also come from the config)."""
+        installed = self.store.current(kind)
+        path = installed.path if installed is not None else (self.config.models.encoder if kind == ENCODER else None)
+        if path is None:
+            return None
+        with self._models_lock:
+            cached = self._models.get(kind)
+            if cached is None or cached.path != path:
+                cached = self._models[kind] = load_model(path, self.config.models.runtime, self.config.models.threads)
+            return cached
+
+    def rollback(self, kind: str = CLASSIFIER) -> InstalledModel:
+        """Make the previous model of ``kind`` current again and tell the cloud."""
+        restored = self.store.rollback(kind)
+        self.transport.set_online((device_status(self.device_id), self._status_payload(), True))
+        self._emit("rolled_back", kind=kind, artifact_id=restored.artifact_id, version=restored.version)
+        return restored
+
+    # ---- message handling (worker thread) ----------------------------------------------------------
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:  # the cloud resends what matters (manifests, chunks) on its timeout
+            LOG.warning("inbox queue full: dropped a %d-byte message", len(payload))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.handle(*item)
+            except Exception:  # one bad message must not stop the agent
+                LOG.exception("unexpected failure handling a message on %s", item[0])
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one inbox message (public for tests and for apps that bring their own transport)."""
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(payload)
+        try:
+            msg = decode_for_device(self.device_id, topic, payload)
+        except MessageError as err:
+            self.stats.rejected += 1
+            LOG.warning("dropped a message: %s", err)
+            self._emit("rejected", topic=topic, reason=str(err))
+            return
+        if isinstance(msg, Probe):
+            self._on_probe(msg)
+        elif isinstance(msg, (ArtifactManifest, ArtifactChunk)):
+            self._on_delivery(msg)
+
+    def _on_probe(self, probe: Probe) -> None:
+        try:
+            if probe.deadline is not None and time.time() > probe.deadline:
+                raise DeadlinePassed(f"probe {probe.probe_id} arrived {time.time() - probe.deadline:.0f}s after its deadline")
+            encoder = self.model(ENCODER)
+            if encoder is None:
+                raise ArtifactError("no encoder on this device: set [models] encoder or deliver one")
+            check_compatible(probe, encoder)  # before touching a single private image
+            _, result = answer_probe(probe, encoder, self._local_features(encoder), self.ledger,
+                                     epsilon=self.config.privacy.epsilon, sigma=self.config.privacy.sigma,
+                                     commit=self._publish_out)
+        except EcosError as err:
+            LOG.info("refused probe %s: %s", probe.probe_id, err)
+            self._send(Refusal(probe.probe_id, self.device_id, err.code, str(err)))
+            self._emit("probe_refused", probe_id=probe.probe_id, code=err.code, reason=str(err))
+            return
+        self._emit("probe_answered", probe_id=probe.probe_id, repeated=result.repeated,
+                   charged_epsilon=result.charged_epsilon, spent_epsilon=result.spent_epsilon)
+
+    def _local_features(self, encoder: Model) -> np.ndarray:
+        """Features of the local folder, cached per encoder and folder content."""
+        items = scan_image_folder(self.config.data.local)
+        key = (encoder.sha256, tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items))
+        if key not in self._features:
+            self._features = {key: encode_items(encoder, items, self.config.data.batch_size)}
+        return self._features[key]
+
+    def _on_delivery(self, msg: Message) -> None:
+        for reply in self.receiver.handle(msg):
+            self._send(reply)
+            if isinstance(reply, Installed):
+                self.transport.set_online((device_status(self.device_id), self._status_payload(), True))
+                self._emit("installed", artifact_id=reply.artifact_id, version=reply.version,
+                           accuracy=reply.accuracy, n_eval=reply.n_eval)
+            elif isinstance(reply, InstallFailed):
+                self._emit("install_failed", artifact_id=reply.artifact_id, code=reply.code, reason=reply.reason)
+
+    # ---- delivery hooks --------------------------------------------------------------------------
+
+    def _validate(self, path: str, manifest: ArtifactManifest) -> None:
+        """Refuse a verified file the runtime cannot load, or whose metadata is not the manifest's."""
+        model = load_model(path, self.config.models.runtime, self.config.models.threads)
+        expected = manifest.artifact_meta
+        if (model.meta.kind, model.meta.input_shape) != (expected.kind, expected.input_shape):
+            raise ArtifactError(f"model metadata ({model.meta.kind}, {model.meta.input_shape}) differs from the "
+                                f"manifest's ({expected.kind}, {expected.input_shape})")
+
+    def _evaluate(self, installed: InstalledModel) -> Tuple[Optional[float], int]:
+        """Accuracy of an installed classifier on the labelled eval folder, or (None, 0)."""
+        folder = self.config.data.eval
+        if installed.kind != CLASSIFIER or folder is None:
+            return None, 0
+        try:
+            predictor = self.predictor()
+            result = evaluate(predictor.predict_items(scan_image_folder(folder), batch=self.config.data.batch_size),
+                              predictor.labels)
+        except (EcosError, OSError) as err:
+            LOG.warning("could not evaluate %s on %s: %s", installed.artifact_id, folder, err)
+            return None, 0
+        return (result.accuracy if result.labelled else None), result.labelled
+
+    # ---- sending -----------------------------------------------------------------------------------
+
+    def _publish_out(self, payload: bytes) -> None:
+        self.transport.publish(outbox(self.device_id), payload, qos=1)
+        self.stats.messages_out += 1
+        self.stats.bytes_out += len(payload)
+
+    def _send(self, msg: Message) -> None:
+        self._publish_out(msg.to_bytes())
+
+    def _status_payload(self) -> bytes:
+        refs = {kind: (m.ref() if m is not None else None) for kind, m in
+                ((CLASSIFIER, self.store.current(CLASSIFIER)), (ENCODER, self.store.current(ENCODER)))}
+        return Status(self.device_id, "online", refs[CLASSIFIER], refs[ENCODER]).to_bytes()
+
+    def _emit(self, kind: str, **detail: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(AgentEvent(kind, detail))
+        except Exception:  # an app's callback bug must not break the protocol
+            LOG.exception("on_event callback failed on %s", kind)

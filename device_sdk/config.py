@@ -1,0 +1,231 @@
+"""The device agent's configuration: typed sections read from TOML, then the environment.
+
+    ecos-device run --config device.toml
+
+``device_id`` at the top, then one table per section below (``[broker]``, ``[privacy]``,
+``[data]``, ``[models]``). Any scalar key can be overridden by ``ECOS_DEVICE_<TABLE>_<KEY>``
+(``ECOS_DEVICE_BROKER_PASSWORD``, ``ECOS_DEVICE_DEVICE_ID``), so a secret need not sit in the
+file. Relative paths are taken relative to the file's folder. Every value is checked once, at
+load, and a bad one is a ``UsageError`` that names the key and what would be accepted.
+
+``from_mapping`` and ``apply_env`` are generic (any dataclass with dataclass-typed sections).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from .errors import UsageError
+from .privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
+from .protocol import is_valid_id
+from .transport import PROTOCOLS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib
+
+ENV_PREFIX = "ECOS_DEVICE_"
+DEFAULT_EPSILON_PER_PROBE = 0.58  # the paper's cost of one sampling, at delta 1e-5
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the MQTT broker is and how to log in (TLS when ``ca_file`` is set)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "5"
+    keepalive: int = 30
+    session_expiry: int = 3600
+    username: Optional[str] = None
+    password: Optional[str] = None
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The ledger and what one answer costs: ``epsilon_per_probe`` or a fixed ``sigma`` (not both)."""
+
+    ledger: str = "state/ledger.json"
+    budget_epsilon: float = DEFAULT_BUDGET_EPSILON
+    budget_delta: float = DEFAULT_BUDGET_DELTA
+    accountant: str = DEFAULT_ACCOUNTANT
+    epsilon_per_probe: Optional[float] = None
+    sigma: Optional[float] = None
+
+    @property
+    def epsilon(self) -> Optional[float]:
+        if self.sigma is not None:
+            return None
+        return DEFAULT_EPSILON_PER_PROBE if self.epsilon_per_probe is None else self.epsilon_per_probe
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Local images scored against probes, and an optional labelled set to evaluate installed models."""
+
+    local: str = "data/local"
+    eval: Optional[str] = None
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model store, the cloud key the device trusts, and an optional provisioned encoder."""
+
+    store: str = "state/models"
+    cloud_public_key: str = ""
+    encoder: Optional[str] = None
+    runtime: str = "auto"
+    threads: int = 1
+    max_artifact_mb: float = 256.0
+    allow_downgrade: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+
+
+_PATH_KEYS = {("privacy", "ledger"), ("data", "local"), ("data", "eval"), ("models", "store"),
+              ("models", "cloud_public_key"), ("models", "encoder"), ("broker", "ca_file"),
+              ("broker", "cert_file"), ("broker", "key_file")}
+
+
+def load_device_config(path: str, env: Optional[Mapping[str, str]] = None) -> DeviceConfig:
+    """Read, override from the environment, resolve paths, validate."""
+    raw = read_toml(path)
+    apply_env(raw, DeviceConfig, ENV_PREFIX, os.environ if env is None else env, path)
+    cfg = _resolve_paths(from_mapping(DeviceConfig, raw, path), os.path.dirname(os.path.abspath(path)))
+    validate(cfg, path)
+    return cfg
+
+
+def _resolve_paths(cfg: DeviceConfig, base: str) -> DeviceConfig:
+    """Relative paths (given or default) are relative to the config file's folder."""
+    sections = {}
+    for section in {s for s, _ in _PATH_KEYS}:
+        table = getattr(cfg, section)
+        changes = {key: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(table, key))))
+                   for s, key in _PATH_KEYS if s == section and getattr(table, key)}
+        sections[section] = dataclasses.replace(table, **changes)
+    return dataclasses.replace(cfg, **sections)
+
+
+def read_toml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+
+
+def from_mapping(cls: Any, raw: Any, source: str, section: str = "") -> Any:
+    """Build dataclass ``cls`` from a parsed TOML table, checking every key and type."""
+    where = f"[{section}]" if section else "top level"
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: {where} must be a table")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)} at {where}; valid: {', '.join(hints)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"{source}: {where} needs {', '.join(missing)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = from_mapping(hint, value, source, key)
+        else:
+            values[key] = _check_type(f"{where} {key}", value, hint, source)
+    return cls(**values)
+
+
+def _base_type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return _base_type(args[0])
+    return typing.get_origin(hint) or hint
+
+
+def _check_type(what: str, value: Any, hint: Any, source: str) -> Any:
+    kind = _base_type(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise UsageError(f"{source}: {what} must be {kind.__name__}, got {value!r}")
+    if kind is list and not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{source}: {what} must be a list of strings, got {value!r}")
+    return value
+
+
+def apply_env(raw: Dict[str, Any], cls: Any, prefix: str, env: Mapping[str, str], source: str) -> None:
+    """Override scalar keys from ``<prefix><KEY>`` (top level) and ``<prefix><TABLE>_<KEY>``."""
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            table = raw.setdefault(name, {})
+            if isinstance(table, dict):
+                for key, sub in typing.get_type_hints(hint).items():
+                    _env_value(table, key, sub, f"{prefix}{name.upper()}_{key.upper()}", env)
+        else:
+            _env_value(raw, name, hint, f"{prefix}{name.upper()}", env)
+
+
+def _env_value(table: Dict[str, Any], key: str, hint: Any, var: str, env: Mapping[str, str]) -> None:
+    if var not in env:
+        return
+    text, kind = env[var], _base_type(hint)
+    if type(None) in typing.get_args(hint) and text.strip().lower() in ("", "none", "null"):
+        table[key] = None
+    elif kind is bool:
+        if text.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise UsageError(f"environment variable {var}={text!r}: expected true or false")
+        table[key] = text.strip().lower() in ("1", "true", "yes")
+    else:
+        try:
+            table[key] = kind(text) if kind in (int, float, str) else text
+        except ValueError:
+            raise UsageError(f"environment variable {var}={text!r}: expected {kind.__name__}") from None
+
+
+def validate(cfg: DeviceConfig, source: str) -> None:
+    """Range checks; each message says which key to change and to what."""
+    b, p, d, m = cfg.broker, cfg.privacy, cfg.data, cfg.models
+    _need(is_valid_id(cfg.device_id), f"{source}: device_id {cfg.device_id!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+    _need(1 <= b.port <= 65535, f"{source}: [broker] port must be 1..65535, got {b.port}")
+    _need(b.protocol in PROTOCOLS, f"{source}: [broker] protocol must be one of {sorted(PROTOCOLS)} (a string), got {b.protocol!r}")
+    _need(b.keepalive >= 5 and b.session_expiry >= 0, f"{source}: [broker] keepalive must be >= 5 s and session_expiry >= 0")
+    _need(b.ca_file is not None or (b.cert_file is None and b.key_file is None),
+          f"{source}: [broker] cert_file/key_file need ca_file (TLS) too")
+    _need(p.accountant in ACCOUNTANTS, f"{source}: [privacy] accountant must be one of {ACCOUNTANTS}, got {p.accountant!r}")
+    _need(p.budget_epsilon > 0 and 0 < p.budget_delta < 1, f"{source}: [privacy] need budget_epsilon > 0 and 0 < budget_delta < 1")
+    _need(p.epsilon_per_probe is None or p.sigma is None, f"{source}: [privacy] set epsilon_per_probe or sigma, not both")
+    _need((p.epsilon or 1.0) > 0 and (p.sigma is None or p.sigma > 0), f"{source}: [privacy] epsilon_per_probe and sigma must be > 0")
+    _need(d.batch_size >= 1, f"{source}: [data] batch_size must be >= 1, got {d.batch_size}")
+    _need(bool(m.cloud_public_key), f"{source}: [models] cloud_public_key is required: the cloud's Ed25519 public key "
+                                    "(PEM, or 64 hex digits) this device verifies every model with")
+    _need(os.path.isfile(m.cloud_public_key), f"{source}: [models] cloud_public_key {m.cloud_public_key} does not exist")
+    _need(m.threads >= 1 and m.max_artifact_mb > 0, f"{source}: [models] need threads >= 1 and max_artifact_mb > 0")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
