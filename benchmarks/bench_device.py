@@ -63,8 +63,12 @@ def scoring_run(encoder: str, folder: str, probe_path: str, workdir: str) -> dic
     return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024}
 
 
-def in_process_scoring(encoder: str, items, probe: Probe) -> float:
-    """The same work as the CLI minus interpreter start-up: decode, encode, count, noise, ledger."""
+def in_process_scoring(encoder: str, items, probe: Probe, images: np.ndarray = None) -> float:
+    """The same work as the CLI minus interpreter start-up: decode, encode, count, noise, ledger.
+
+    With ``images`` (already decoded, as an app holding camera frames would have them) the
+    decoding step is skipped.
+    """
     from device_sdk.device import answer_probe
     from device_sdk.privacy import PrivacyLedger
     from device_sdk.scoring import encode_items
@@ -72,9 +76,10 @@ def in_process_scoring(encoder: str, items, probe: Probe) -> float:
     model = load_model(encoder, threads=1)
 
     def once():
+        feats = encode_items(model, items) if images is None else model.run(images)
         with tempfile.TemporaryDirectory() as tmp:
             ledger = PrivacyLedger.open(os.path.join(tmp, "l.json"), budget_epsilon=1000)
-            answer_probe(probe, model, encode_items(model, items), ledger, sigma=6.0)
+            answer_probe(probe, model, feats, ledger, sigma=6.0)
 
     return best_of(once)
 
@@ -107,9 +112,11 @@ def main(argv=None) -> int:
             "bare_inference_1thread_s": bare_inference(encoder, images, 1),
             "decode_only_s": best_of(lambda: load_images([it.path for it in items], (32, 32))),
             "scoring_in_process_1thread_s": in_process_scoring(encoder, items, probe),
+            "scoring_decoded_images_1thread_s": in_process_scoring(encoder, items, probe, images),
             "scoring_cli_1thread": scoring_run(encoder, folder, probe_path, tmp),
         }
     res["ratio_scoring_to_bare"] = res["scoring_in_process_1thread_s"] / res["bare_inference_1thread_s"]
+    res["ratio_decoded_scoring_to_bare"] = res["scoring_decoded_images_1thread_s"] / res["bare_inference_1thread_s"]
     threads = os.cpu_count() or 1
     pool_items = scan_image_folder(os.path.join(args.workdir, "data", "pool"))[:4000]
     pool_images = load_images([it.path for it in pool_items], (32, 32))
@@ -153,6 +160,8 @@ def write_markdown(res: dict, args) -> None:
         f"| PNG decoding of the same images | {res['decode_only_s']:.3f} s |",
         f"| device scoring in process (decode, encode, count, noise, ledger), 1 thread | {res['scoring_in_process_1thread_s']:.3f} s |",
         f"| ratio scoring / bare inference | {res['ratio_scoring_to_bare']:.2f}x |",
+        f"| device scoring of already-decoded images (an app's frames), 1 thread | {res['scoring_decoded_images_1thread_s']:.3f} s |",
+        f"| ratio decoded-image scoring / bare inference | {res['ratio_decoded_scoring_to_bare']:.2f}x |",
         f"| `ecos-device score` process, wall (incl. interpreter start-up) | {cli['wall_s']:.2f} s |",
         f"| `ecos-device score` peak RSS | {cli['peak_rss_mb']:.0f} MB |",
         f"| pool indexing (decode + encode), {res['index_threads']} threads | {res['index_encode_images_per_s']:.0f} images/s |",

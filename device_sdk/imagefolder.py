@@ -57,7 +57,7 @@ def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
 def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.ndarray:
     """Decode one image to an ``H x W x 3`` uint8 RGB array of the given ``(height, width)``.
 
-    With ``strict`` an image of another size is an error instead of being resized.
+    With ``strict`` an image of another size or mode is an error instead of being resized or converted.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -66,7 +66,9 @@ def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.nda
             im.load()
             if strict and (im.height, im.width) != tuple(size):
                 raise InputError(f"{path}: image is {im.width}x{im.height}, model expects {size[1]}x{size[0]}")
-            rgb = im.convert("RGB")
+            if strict and im.mode != "RGB":
+                raise InputError(f"{path}: image mode is {im.mode}, model expects RGB")
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
