@@ -45,3 +45,40 @@ def export_onnx(model: nn.Module, meta: ArtifactMeta, path: str, output_name: st
 def write_sidecar(path: str, meta: ArtifactMeta, digest: str) -> None:
     doc = {"file": os.path.basename(path), "sha256": digest, "size": os.path.getsize(path), "meta": json.loads(meta.to_json())}
     atomic_write_text(path + ".json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def export_tflite(model: nn.Module, meta: ArtifactMeta, path: str, quant_config=None) -> str:
+    """Write ``model`` to ``path`` as a batch-1 TFLite flatbuffer with ``meta`` inside; returns sha256.
+
+    litert-torch cannot convert a dynamic batch dimension, so the artifact takes one image at a
+    time (the device runtime loops). ``quant_config`` is litert-torch's, for a PT2E-quantised
+    ``model`` (see ``cloud.quantize``). The metadata goes into the flatbuffer's own metadata
+    table under ``ecos`` (read on the device by ``device_sdk.tflite_meta``) and into the sidecar.
+    """
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")  # its progress lines would drown the log
+    import litert_torch
+
+    c, h, w = meta.input_shape
+    with torch.no_grad():
+        edge = litert_torch.convert(model, (torch.zeros(1, c, h, w),), quant_config=quant_config)
+    atomic_write_bytes(path, tflite_with_metadata(edge.model_content(), meta))
+    digest = sha256_file(path)
+    write_sidecar(path, meta, digest)
+    return digest
+
+
+def tflite_with_metadata(flatbuffer: bytes, meta: ArtifactMeta) -> bytes:
+    """Return ``flatbuffer`` with ``meta`` JSON added as the model metadata entry ``ecos``."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
+    buffer = schema.BufferT()
+    buffer.data = list(meta.to_json().encode("utf-8"))
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = META_KEY, len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (META_KEY, META_KEY.encode())] + [entry]
+    builder = flatbuffers.Builder(len(flatbuffer) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())

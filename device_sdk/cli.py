@@ -3,6 +3,8 @@
     ecos-device score FOLDER --encoder encoder.onnx --probe round.probe --out round.scores \\
         --ledger ledger.json --epsilon 0.58
     ecos-device ledger ledger.json
+    ecos-device run --config device.toml
+    ecos-device predict student.int8.tflite (IMAGE... | --folder DIR) [--runtime auto|onnxruntime|litert|tflite-runtime]
 """
 
 from __future__ import annotations
@@ -64,6 +66,29 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the device agent until SIGTERM or Ctrl-C (what the systemd unit starts)."""
+    import signal
+    import threading
+
+    from .agent import DeviceAgent
+    from .config import load_device_config
+
+    config = load_device_config(args.config)
+    agent = DeviceAgent(config, on_event=lambda event: LOG.info("%s %s", event.kind, event.detail)).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if not agent.wait_connected(args.connect_timeout):
+        LOG.warning("broker %s:%d not reachable yet; retrying in the background", config.broker.host, config.broker.port)
+    LOG.info("device %s running (inbox %s); Ctrl-C to stop", config.device_id, agent.transport.subscriptions[0])
+    stop.wait()
+    agent.stop()
+    print(f"stopped; {agent.stats.messages_in} messages in ({agent.stats.bytes_in} bytes), "
+          f"{agent.stats.messages_out} out ({agent.stats.bytes_out} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecos-device", description="ECOS device side: score a local image folder against a cloud probe, privately.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -93,7 +118,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("run", help="run the device agent: answer probes over MQTT, receive and install models",
+                       description="Connect to the broker in device.toml, answer probes within the privacy ledger, "
+                                   "verify and install signed models, until SIGTERM or Ctrl-C.")
+    p.add_argument("--config", required=True, help="device configuration (TOML; see examples/raspberry_pi/device.toml)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait before warning that the broker is unreachable")
+    add_common(p)
+    p.set_defaults(func=cmd_run)
+    _add_predict_command(sub)
     return parser
+
+
+# ---- predict: run a shipped classifier (docs/models.md) ---------------------------------------
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+    from .imagefolder import ImageItem
+    from .predict import Predictor, evaluate
+
+    if bool(args.images) == bool(args.folder):
+        raise UsageError("give image files or --folder DIR, not both and not neither")
+    predictor = Predictor.open(args.model, runtime=args.runtime, threads=args.threads, expected_sha256=args.sha256)
+    items = scan_image_folder(args.folder) if args.folder else [ImageItem(p, "", "") for p in args.images]
+    predictions = predictor.predict_items(items, strict=args.strict, batch=args.batch_size)
+    result = evaluate(predictions, predictor.labels)
+    if args.json:
+        print(json.dumps({"model": args.model, "runtime": predictor.model.runtime, "sha256": predictor.model.sha256,
+                          "predictions": [p.__dict__ for p in predictions],
+                          "accuracy": result.accuracy if result.labelled else None, "labelled": result.labelled}, indent=2))
+        return 0
+    if not result.labelled or args.show:
+        for p in predictions:
+            print(f"{p.path}\t{p.label}\t{p.probability:.4f}")
+    if result.labelled:
+        print(f"accuracy {result.accuracy:.4f} ({result.correct}/{result.labelled} labelled images; "
+              f"{predictor.model.meta.arch} {predictor.model.meta.precision} on {predictor.model.runtime})")
+    return 0
+
+
+def _add_predict_command(sub) -> None:
+    from .runtime import RUNTIMES
+
+    p = sub.add_parser("predict", help="classify images with a shipped model (ONNX or TFLite, fp32 or int8)",
+                       description="Run a classifier artifact on IMAGE files or on every image under --folder. Prints "
+                                   "path, label and probability per image; on a folder whose subfolders are the "
+                                   "model's labels, prints the accuracy instead (add --show for both).")
+    p.add_argument("model", help="classifier artifact (.onnx or .tflite) exported by ecos-cloud")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
+    p.add_argument("--folder", help="image folder (labels = parent folder names)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="inference runtime (default auto: onnxruntime for .onnx; ai-edge-litert, else tflite-runtime, for .tflite)")
+    p.add_argument("--strict", action="store_true", help="refuse images whose size is not the model's input size (default: resize)")
+    p.add_argument("--sha256", help="refuse the model unless its sha256 is this")
+    p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
+    p.add_argument("--batch-size", type=int, default=256, help="images decoded per batch (default 256)")
+    p.add_argument("--show", action="store_true", help="print every prediction on a labelled folder too")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_predict)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

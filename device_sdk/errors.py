@@ -69,3 +69,62 @@ class BudgetError(EcosError):
 
     code = "budget"
     exit_code = 9
+
+
+class DeliveryError(EcosError):
+    """A delivered artifact failed verification; the device keeps its installed model."""
+
+    code = "delivery"
+    exit_code = 10
+
+
+class SignatureError(DeliveryError):
+    """An artifact manifest is not signed by the cloud key the device was provisioned with."""
+
+    code = "bad_signature"
+
+
+class HashMismatch(DeliveryError):
+    """The reassembled artifact's size or sha256 differs from its (signed) manifest."""
+
+    code = "bad_hash"
+
+
+class ChunkError(DeliveryError):
+    """A chunk's bytes do not match the sha256 the signed manifest lists for it."""
+
+    code = "bad_chunk"
+
+
+class TransportError(EcosError):
+    """The MQTT broker cannot be reached or refused the connection."""
+
+    code = "transport"
+    exit_code = 11
+
+
+class StoreError(EcosError):
+    """The cloud's state database cannot be opened or was asked for something inconsistent."""
+
+    code = "store"
+    exit_code = 14
+
+
+class ArtifactRejected(DeliveryError):
+    """The device's policy refuses an artifact: too large, unsupported format, or a downgrade."""
+
+    code = "rejected"
+
+
+class QualityGateError(EcosError):
+    """A compressed model failed its acceptance gate (agreement or accuracy vs fp32); not shipped."""
+
+    code = "quality_gate"
+    exit_code = 13
+
+
+class DeadlinePassed(EcosError):
+    """A probe arrived after its deadline: answering would spend privacy budget for nothing."""
+
+    code = "deadline"
+    exit_code = 12

@@ -34,6 +34,8 @@ class Probe:
 
     ``max_distance`` (cosine distance, optional) limits votes to samples that close to their
     nearest centroid; it does not change the sensitivity (still one vote per sample at most).
+    ``deadline`` (unix seconds, optional) is when the cloud stops collecting answers: a device
+    does not spend budget on a probe whose answer would arrive too late.
     """
 
     probe_id: str
@@ -42,6 +44,7 @@ class Probe:
     codec: str = "float16"
     max_distance: Optional[float] = None
     created: str = ""
+    deadline: Optional[float] = None
 
     @property
     def k(self) -> int:
@@ -62,6 +65,8 @@ class Probe:
             "max_distance": self.max_distance,
             "created": self.created or utc_now(),
         }
+        if self.deadline is not None:
+            fields["deadline"] = float(self.deadline)
         return wire.encode(PROBE, fields, arrays)
 
     @classmethod
@@ -80,7 +85,11 @@ class Probe:
         max_distance = f.get("max_distance")
         if max_distance is not None and not isinstance(max_distance, (int, float)):
             raise MessageError(f"{source}: max_distance must be a number or null")
-        return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, str(f.get("created", "")))
+        deadline = f.get("deadline")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
+            raise MessageError(f"{source}: deadline must be unix seconds or absent")
+        return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, str(f.get("created", "")),
+                   None if deadline is None else float(deadline))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,6 @@ one; ``list_models(kind)`` lists them. Only the cloud imports this package (it n
 from __future__ import annotations
 
 from .registry import get_model, list_models, model_info, register_model  # noqa: F401
-from . import encoder  # noqa: F401  (fills the registry)
+from . import encoder, student, teacher  # noqa: F401  (fills the registry)
 
 __all__ = ["get_model", "list_models", "model_info", "register_model"]

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${ECOS_EXTRAS:-cloud,test}
+EXTRAS=${ECOS_EXTRAS:-cloud,broker,test}
 stamp=.venv/.ecos-setup
 want="$(sha256sum pyproject.toml | cut -c1-16) $EXTRAS"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

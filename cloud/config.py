@@ -1,0 +1,163 @@
+"""The cloud daemon's configuration: typed sections read from TOML, then the environment.
+
+    ecos-cloud serve --config cloud.toml
+
+Each TOML table is one dataclass below (``[broker]``, ``[store]``, ``[rounds]``, ...). Any
+scalar key can be overridden by an environment variable ``ECOS_CLOUD_<TABLE>_<KEY>`` (for
+example ``ECOS_CLOUD_BROKER_PORT=1884``; ``ECOS_CLOUD_LOG_FORMAT`` at the top level), which is
+how containers and systemd units usually set secrets and ports. Everything is checked once, at load, and a bad value is a
+``UsageError`` that names the key, the value and what would be accepted. Relative paths in a
+file are taken relative to that file's folder, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from device_sdk.config import apply_env, from_mapping, read_toml
+from device_sdk.errors import UsageError
+from device_sdk.messages import CENTROID_CODECS
+from device_sdk.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from device_sdk.transport import PROTOCOLS
+
+ENV_PREFIX = "ECOS_CLOUD_"
+LOG_FORMATS = ("kv", "json")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where the MQTT broker is, and how the daemon connects to it."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "5"
+    client_id: str = "ecos-cloud"
+    username: Optional[str] = None
+    password: Optional[str] = None
+    keepalive: int = 30
+    max_message_bytes: int = 1 << 20  # device -> cloud messages above this are dropped unread
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where state lives: the SQLite database, artifacts and per-round work folders."""
+
+    state_dir: str = "ecos-state"
+    index: str = ""  # pool index (.npz) from 'ecos-cloud index'; required
+    keys_dir: str = ""  # Ed25519 key pair (cloud_ed25519.pem + .pub.pem); default <state_dir>/keys, made on first start
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.state_dir, "ecos.db")
+
+    @property
+    def key_dir(self) -> str:
+        return self.keys_dir or os.path.join(self.state_dir, "keys")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Defaults of a round (probe -> scores -> sampling -> training -> delivery)."""
+
+    method: str = "ecos"
+    budget: int = 1000
+    collect_seconds: float = 120.0  # deadline for the devices' answers, from the probe
+    min_responses: int = 1  # scores needed to go on at the deadline
+    codec: str = "float16"
+    max_distance: Optional[float] = None
+    threshold_sigmas: float = 2.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """How artifacts travel: chunk size, send window, resend timeout, overall deadline."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    window: int = 8
+    ack_timeout: float = 10.0
+    deadline_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``port = 0`` turns it off)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Which trainer runs a round's training stage, and its options (see cloud/trainers.py)."""
+
+    name: str = "distill"
+    threads: int = 2
+    cache_dir: str = ""  # trained teachers etc.; default <state_dir>/cache (share it between daemons of one pool)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    log_format: str = "kv"
+
+
+_PATH_KEYS = {("store", "state_dir"), ("store", "index"), ("store", "keys_dir"), ("trainer", "cache_dir")}
+
+
+def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> CloudConfig:
+    """Read ``path`` (optional: defaults only), apply ``ECOS_CLOUD_*`` variables, validate."""
+    raw: Dict[str, Any] = read_toml(path) if path else {}
+    source = path or "defaults"
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    for section, key in _PATH_KEYS:
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            table[key] = os.path.normpath(os.path.join(base, os.path.expanduser(table[key])))
+    apply_env(raw, CloudConfig, ENV_PREFIX, os.environ if env is None else env, source)
+    cfg = from_mapping(CloudConfig, raw, source)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CloudConfig) -> None:
+    """Range checks; each message says which key to change and to what."""
+    b, s, r, d, m = cfg.broker, cfg.store, cfg.rounds, cfg.delivery, cfg.metrics
+    _need(1 <= b.port <= 65535, f"[broker] port must be 1..65535, got {b.port}")
+    _need(b.protocol in PROTOCOLS, f"[broker] protocol must be one of {', '.join(sorted(PROTOCOLS))} (a string), got {b.protocol!r}")
+    _need(b.keepalive >= 5, f"[broker] keepalive must be >= 5 seconds, got {b.keepalive}")
+    _need(b.max_message_bytes >= 4096, f"[broker] max_message_bytes must be >= 4096, got {b.max_message_bytes}")
+    _need(bool(s.state_dir), "[store] state_dir must name a folder for the database and artifacts")
+    _need(r.budget >= 1, f"[rounds] budget must be >= 1 images, got {r.budget}")
+    _need(r.collect_seconds > 0, f"[rounds] collect_seconds must be > 0, got {r.collect_seconds}")
+    _need(r.min_responses >= 1, f"[rounds] min_responses must be >= 1, got {r.min_responses}")
+    _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
+    _need(MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,
+          f"[delivery] chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (under a 256 KB broker packet limit), got {d.chunk_size}")
+    _need(d.window >= 1, f"[delivery] window must be >= 1 chunks, got {d.window}")
+    _need(d.ack_timeout > 0 and d.deadline_seconds > d.ack_timeout,
+          f"[delivery] need 0 < ack_timeout < deadline_seconds, got {d.ack_timeout} and {d.deadline_seconds}")
+    _need(0 <= m.port <= 65535, f"[metrics] port must be 0 (off) or 1..65535, got {m.port}")
+    _need(cfg.trainer.threads >= 1, f"[trainer] threads must be >= 1, got {cfg.trainer.threads}")
+    _need(cfg.log_format in LOG_FORMATS, f"log_format must be one of {', '.join(LOG_FORMATS)}, got {cfg.log_format!r}")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def require_index(cfg: CloudConfig) -> str:
+    """The daemon cannot run rounds without a pool index; say how to make one."""
+    if not cfg.store.index or not os.path.isfile(cfg.store.index):
+        raise UsageError(f"[store] index must point to a pool index file (got {cfg.store.index!r}); "
+                         "build one with 'ecos-cloud index POOL --encoder ENCODER --out pool.index.npz --probe round.probe'")
+    return cfg.store.index

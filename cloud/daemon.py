@@ -1,0 +1,516 @@
+"""The cloud daemon: rounds as persisted state machines, driven by MQTT messages and a clock.
+
+    ecos-cloud serve --config cloud.toml
+
+One round (``device``: one device, its own model; ``fleet``: several devices, summed scores,
+one model for all) walks ``probing -> collecting -> sampling -> training -> signing ->
+delivering -> done`` (or ``failed``). Every transition is one compare-and-set in the store
+(cloud/store.py), made only after the stage's outputs are safely written, and every stage can
+run again after a crash without effect beyond its first run:
+
+* probing/collecting: the probe (id = round id) is re-sent to devices that have not answered;
+  a device answers a repeated probe from its ledger (same bytes, no new privacy cost), and the
+  store keeps one response per (round, device);
+* sampling: deterministic (seeded) from the stored responses; the CSV is written atomically;
+* training: a job in a worker thread; its result is stored; a job found "running" after a
+  restart was interrupted and starts again;
+* signing: one artifact per round (the store refuses a second);
+* delivering: the device's acknowledged chunk is stored; a restarted daemon re-sends the
+  manifest and the device answers with where to resume.
+
+Messages are decoded and checked on the MQTT thread's behalf by one loop thread (the network
+thread only queues them), so state changes happen in one place, in order. Malformed, oversized,
+misaddressed and late messages are logged and dropped; nothing a device sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from device_sdk.errors import BudgetError, EcosError, MessageError, MismatchError, UsageError
+from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.messages import SCORES, Probe, Scores, new_id
+from device_sdk.protocol import (CLOUD_STATUS, CLOUD_SUBSCRIPTIONS, Ack, ArtifactManifest, InstallFailed, Installed,
+                                 Refusal, Status, check_device_id, decode_from_device, inbox)
+from device_sdk.signing import ensure_keypair
+from device_sdk.transport import MqttTransport
+from device_sdk.wire import decode
+
+from .config import CloudConfig, require_index
+from .delivery import ArtifactSender, build_manifest
+from .eventlog import log_event
+from .index import PoolIndex
+from .metrics import DaemonMetrics, MetricsServer
+from .sampling import get_sampler
+from .selection import combine_scores, composition, select, write_selection_csv
+from .store import ArtifactRecord, DeliveryRecord, NewRound, ResponseRecord, RoundRecord, RoundState, Store
+from .trainers import Trainer
+
+LOG = logging.getLogger("ecos.daemon")
+ACTIVE = tuple(s for s in RoundState if not s.terminal)
+MAX_TRAIN_ATTEMPTS = 3
+TICK_SECONDS = 0.1
+
+
+def round_params(cfg: CloudConfig, **overrides: Any) -> Dict[str, Any]:
+    """A round's settings, frozen at creation so a restart with another config finishes it unchanged."""
+    params = {**dataclasses.asdict(cfg.rounds), **{k: v for k, v in overrides.items() if v is not None}}
+    params["ask_devices"] = get_sampler(params["method"]).needs_scores
+    return params
+
+
+def create_round(store: Store, cfg: CloudConfig, index: PoolIndex, devices: Sequence[str], fleet: bool = False,
+                 round_id: Optional[str] = None, **overrides: Any) -> RoundRecord:
+    """Validate and persist a new round; the daemon (this process or another) picks it up."""
+    devices = list(dict.fromkeys(check_device_id(d) for d in devices))
+    if not devices or (not fleet and len(devices) != 1):
+        raise UsageError("a device round targets exactly one device; use a fleet round for several")
+    params = round_params(cfg, **overrides)
+    params["min_responses"] = min(params["min_responses"], len(devices))  # a fleet default must not doom a small round
+    params["index"] = index.probe_id  # the pool index's identity: its centroids are what the devices score
+    if not 1 <= params["budget"] <= len(index.paths):
+        raise BudgetError(f"budget {params['budget']} does not fit the pool of {len(index.paths)} images")
+    spec = NewRound(round_id or new_id(), "fleet" if fleet else "device", devices, params)
+    return store.create_round(spec)
+
+
+class _CountingPublisher:
+    """What an ArtifactSender publishes through: counts every manifest and chunk per device and round."""
+
+    def __init__(self, daemon: "Daemon", round_id: str, device_id: str):
+        self.daemon, self.round_id, self.device_id = daemon, round_id, device_id
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
+        return self.daemon.publish(topic, payload, self.device_id, self.round_id, decode(payload).type)
+
+
+class Daemon:
+    """Owns the transport, the loop thread and the training worker; see the module docstring."""
+
+    def __init__(self, cfg: CloudConfig, store: Store, index: PoolIndex, trainer: Trainer,
+                 transport_factory: Callable[..., Any] = MqttTransport):
+        self.cfg, self.store, self.index, self.trainer = cfg, store, index, trainer
+        self.state_dir = Path(cfg.store.state_dir)
+        self.key_path, self.public_key_path = ensure_keypair(cfg.store.key_dir)
+        self.metrics = DaemonMetrics(store.round_counts, self._devices_by_state)
+        b = cfg.broker
+        self.transport = transport_factory(
+            b.client_id, b.host, b.port, protocol=b.protocol, subscriptions=list(CLOUD_SUBSCRIPTIONS),
+            on_message=self._enqueue, will=(CLOUD_STATUS, b"offline", True), online=(CLOUD_STATUS, b"online", True),
+            keepalive=b.keepalive, username=b.username, password=b.password)
+        self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._jobs: Dict[str, threading.Thread] = {}
+        self._training = threading.Lock()  # one training at a time: it uses every core it is given
+        self._probed: Set[str] = set()
+        self._senders: Dict[Tuple[str, str], ArtifactSender] = {}
+        self._artifact_rounds: Dict[str, str] = {}
+        self._metrics_server: Optional[MetricsServer] = None
+        self._last_tick = 0.0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, background: bool = True) -> "Daemon":
+        """Connect, serve metrics, and run the loop (in a thread unless ``background`` is False)."""
+        m = self.cfg.metrics
+        if m.port:
+            self._metrics_server = MetricsServer(self.metrics.render, m.host, m.port).start()
+            log_event(LOG, "metrics", url=f"http://{m.host}:{self._metrics_server.address[1]}/metrics")
+        self.transport.start()
+        unfinished = self.store.list_rounds(ACTIVE)
+        log_event(LOG, "daemon_start", broker=f"{self.cfg.broker.host}:{self.cfg.broker.port}", state_dir=str(self.state_dir),
+                  unfinished_rounds=len(unfinished), public_key=str(self.public_key_path))
+        if background:
+            self._thread = threading.Thread(target=self.run, name="ecos-daemon", daemon=True)
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """``ecos-cloud serve``: run the loop in this thread until ``request_stop`` (SIGTERM), then stop."""
+        self.start(background=False)
+        try:
+            self.run()
+        finally:
+            self.stop()
+
+    def run(self) -> None:
+        """The loop: handle queued messages, advance rounds, until ``stop``."""
+        while not self._stop.is_set():
+            self.step()
+
+    def step(self, timeout: float = TICK_SECONDS) -> None:
+        """Handle the messages queued within ``timeout``, then advance rounds if a tick is due."""
+        self.drain(timeout)
+        if time.monotonic() - self._last_tick >= TICK_SECONDS:
+            self._last_tick = time.monotonic()
+            self.tick()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop the loop and disconnect (publishing ``offline``).
+
+        A training job still running is not waited for: its thread dies with the process and
+        the job, still "running" in the store, starts again on the next start.
+        """
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.transport.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        log_event(LOG, "daemon_stop")
+
+    # ---- rounds --------------------------------------------------------------------------------
+
+    def submit_round(self, devices: Sequence[str], fleet: bool = False, **overrides: Any) -> RoundRecord:
+        r = create_round(self.store, self.cfg, self.index, devices, fleet, **overrides)
+        log_event(LOG, "round_created", round=r.round_id, kind=r.kind, devices=list(r.devices), method=r.params["method"],
+                  budget=r.params["budget"])
+        return r
+
+    def wait_round(self, round_id: str, timeout: float, poll: float = 0.2) -> RoundRecord:
+        """Block until the round is done or failed (or ``timeout``); returns its last record."""
+        end = time.monotonic() + timeout
+        while True:
+            r = self.store.get_round(round_id)
+            if r is None or r.state.terminal or time.monotonic() > end:
+                return r
+            time.sleep(poll)
+
+    def tick(self) -> None:
+        """Advance every unfinished round by at most one stage."""
+        for r in self.store.list_rounds(ACTIVE):
+            self._advance(r)
+
+    def _advance(self, r: RoundRecord) -> None:
+        stage = getattr(self, f"_stage_{r.state.value}")
+        try:
+            if r.params["index"] != self.index.probe_id:
+                raise MismatchError(f"the pool index changed since this round started ({r.params['index'][:12]}... -> "
+                                    f"{self.index.probe_id[:12]}...); start a new round")
+            stage(r)
+        except EcosError as err:
+            self._fail(r, f"{r.state.value}: {err} [{err.code}]")
+        except Exception as exc:  # a bug in one round must not take the daemon (and other rounds) down
+            LOG.exception("round %s: unexpected failure in stage %s", r.round_id, r.state.value)
+            self._fail(r, f"{r.state.value}: internal error {exc!r}")
+
+    def _transition(self, r: RoundRecord, target: RoundState, *, result: Optional[Dict[str, Any]] = None,
+                    deadline: Optional[float] = None, error: str = "") -> None:
+        seconds = max(0.0, time.time() - r.updated)
+        timings = {**r.result.get("timings", {}), r.state.value: round(seconds, 3)}
+        if self.store.transition(r.round_id, r.state, target, result={**(result or {}), "timings": timings},
+                                 deadline=deadline, error=error):
+            self.metrics.transitions.inc(state=target.value)
+            self.metrics.stage_seconds.inc(seconds, stage=r.state.value)
+            level = logging.WARNING if target is RoundState.FAILED else logging.INFO
+            log_event(LOG, "round_state", level, round=r.round_id, state=target.value, previous=r.state.value,
+                      seconds=round(seconds, 3), **({"error": error} if error else {}))
+
+    def _fail(self, r: RoundRecord, error: str, result: Optional[Dict[str, Any]] = None) -> None:
+        self.metrics.errors.inc(reason=f"round_{r.state.value}")
+        self._transition(r, RoundState.FAILED, result=result, error=error)
+
+    def _round_dir(self, r: RoundRecord) -> Path:
+        return self.state_dir / "rounds" / r.round_id
+
+    # ---- stages (each may run again after a crash) ----------------------------------------------
+
+    def _stage_probing(self, r: RoundRecord) -> None:
+        self._transition(r, RoundState.COLLECTING, deadline=time.time() + r.params["collect_seconds"])
+
+    def _stage_collecting(self, r: RoundRecord) -> None:
+        if not r.params["ask_devices"]:  # random / kcenter baselines: the devices are not asked (epsilon 0)
+            self._transition(r, RoundState.SAMPLING, result={"answered": [], "refused": {}, "missing": []})
+            return
+        responses = self.store.responses(r.round_id)
+        answered = {x.device_id for x in responses}
+        if r.round_id not in self._probed:
+            self._send_probe(r, [d for d in r.devices if d not in answered])
+            self._probed.add(r.round_id)
+        if len(answered) < len(r.devices) and time.time() < r.deadline:
+            return
+        refused = {x.device_id: Refusal.from_bytes(x.payload).code for x in responses if x.kind == "refusal"}
+        summary = {"answered": sorted(answered - set(refused)), "refused": refused,
+                   "missing": sorted(set(r.devices) - answered)}
+        n_scores = len(summary["answered"])
+        if n_scores < r.params["min_responses"]:
+            self._fail(r, f"{n_scores} of {len(r.devices)} devices sent scores by the deadline (need "
+                          f"{r.params['min_responses']}); refused: {refused or 'none'}; missing: {summary['missing'] or 'none'}",
+                       result=summary)
+            return
+        self._transition(r, RoundState.SAMPLING, result=summary)
+
+    def _send_probe(self, r: RoundRecord, devices: List[str]) -> None:
+        p = r.params
+        probe = Probe(r.round_id, self.index.encoder_sha256, self.index.centroids, p["codec"], p["max_distance"],
+                      time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline)
+        payload = probe.to_bytes()
+        for device in devices:
+            self.publish(inbox(device), payload, device, r.round_id, "probe")
+        log_event(LOG, "probe_sent", round=r.round_id, devices=devices, bytes=len(payload), k=probe.k)
+
+    def _stage_sampling(self, r: RoundRecord) -> None:
+        index = dataclasses.replace(self.index, probe_id=r.round_id)
+        answers = [Scores.from_bytes(x.payload) for x in self.store.responses(r.round_id) if x.kind == "scores"]
+        scores = combine_scores(index, answers) if r.params["ask_devices"] else None
+        p = r.params
+        config = {"threshold_sigmas": p["threshold_sigmas"]} if p["method"] == "ecos" else {}
+        picks = select(index, p["method"], p["budget"], scores, seed=p["seed"], **config)
+        path = self._round_dir(r) / "selection.csv"
+        write_selection_csv(index, picks, str(path))
+        self._transition(r, RoundState.TRAINING, result={
+            "selection": str(path), "selected": int(len(picks)), "composition": composition(index, picks),
+            "epsilon": {s.device_id: s.epsilon for s in answers}, "noise_sigma": None if scores is None else scores.sigma})
+
+    def _stage_training(self, r: RoundRecord) -> None:
+        job_id = f"{r.round_id}:train"
+        worker = self._jobs.get(job_id)
+        if worker is not None and worker.is_alive():
+            return
+        self._jobs.pop(job_id, None)
+        job = self.store.get_job(job_id)
+        if job is not None and job.state == "done":
+            self._transition(r, RoundState.SIGNING, result={"model_path": job.result["artifact_path"],
+                                                             "train_report": job.result["report"]})
+        elif job is not None and job.state == "failed":
+            self._fail(r, f"training failed: {job.error}")
+        elif job is not None and job.attempt >= MAX_TRAIN_ATTEMPTS:
+            self._fail(r, f"training was interrupted {job.attempt} times; giving up")
+        else:  # not started yet, or interrupted by a crash ("running" in the store, not here)
+            job = self.store.start_job(job_id, r.round_id, "train")
+            log_event(LOG, "job_start", round=r.round_id, job=job_id, attempt=job.attempt)
+            worker = self._jobs[job_id] = threading.Thread(target=self._train, args=(r, job_id), name=f"ecos-train-{r.round_id[:8]}",
+                                                           daemon=True)
+            worker.start()
+
+    def _train(self, r: RoundRecord, job_id: str) -> None:
+        """Worker thread: run the trainer; its outcome goes to the store, which the loop reads."""
+        target = r.devices[0] if r.kind == "device" else "fleet"
+
+        def progress(done: int, total: int, note: str) -> None:
+            self.store.job_progress(job_id, done, total, note)
+            self.metrics.training_progress.set(done / max(total, 1))
+            log_event(LOG, "job_progress", round=r.round_id, job=job_id, done=done, total=total, step=note)
+
+        with self._training:
+            started = time.monotonic()
+            try:
+                result = self.trainer.train(r.result["selection"], target, str(self._round_dir(r) / "train"), progress)
+            except Exception as exc:  # the round fails with the reason; the daemon goes on
+                LOG.exception("round %s: training failed", r.round_id)
+                self.store.finish_job(job_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
+                return
+            finally:
+                self.metrics.training_progress.set(1.0)
+        self.store.finish_job(job_id, "done", result={"artifact_path": result.artifact_path, "report": result.report})
+        log_event(LOG, "job_done", round=r.round_id, job=job_id, seconds=round(time.monotonic() - started, 1))
+
+    def _stage_signing(self, r: RoundRecord) -> None:
+        art = self.store.artifact_of_round(r.round_id)
+        if art is None:
+            art = self._sign(r)
+        manifest = ArtifactManifest.from_bytes(art.manifest)
+        for device in r.devices:
+            self.store.add_delivery(art.artifact_id, device, r.round_id, manifest.n_chunks)
+        self._transition(r, RoundState.DELIVERING, result={
+            "artifact_id": art.artifact_id, "artifact_version": art.version, "sha256": art.sha256, "size": art.size,
+            "chunks": manifest.n_chunks})
+
+    def _sign(self, r: RoundRecord) -> ArtifactRecord:
+        """Copy the trained file into the artifact store and sign its manifest."""
+        source = r.result["model_path"]
+        name = f"classifier-{r.devices[0] if r.kind == 'device' else 'fleet'}"
+        version = self.store.next_version(name)
+        manifest = build_manifest(source, self.key_path, name=name, version=version, chunk_size=self.cfg.delivery.chunk_size)
+        dest = self.state_dir / "artifacts" / f"{manifest.artifact_id}{Path(source).suffix}"
+        atomic_write_bytes(dest, Path(source).read_bytes())
+        log_event(LOG, "artifact_signed", round=r.round_id, artifact=manifest.artifact_id, size=manifest.size,
+                  chunks=manifest.n_chunks, precision=manifest.precision)
+        return self.store.add_artifact(ArtifactRecord(manifest.artifact_id, r.round_id, name, version, manifest.sha256,
+                                                      manifest.size, str(dest), manifest.to_bytes()))
+
+    def _stage_delivering(self, r: RoundRecord) -> None:
+        art = self.store.artifact_of_round(r.round_id)
+        pending = [d for d in self.store.deliveries(r.round_id) if d.state == "sending"]
+        expired = time.time() - r.updated > self.cfg.delivery.deadline_seconds
+        for d in pending:
+            if expired:
+                self.store.update_delivery(art.artifact_id, d.device_id, state="failed", result={"code": "timeout"})
+            else:
+                self._pump(r, art, d)
+        if pending and not expired:
+            return
+        final = {d.device_id: {"state": d.state, **d.result} for d in self.store.deliveries(r.round_id)}
+        for device in final:
+            self._senders.pop((art.artifact_id, device), None)
+        if any(x["state"] == "installed" for x in final.values()):
+            self._transition(r, RoundState.DONE, result={"deliveries": final})
+        else:
+            self._fail(r, f"no device installed the model: {final}", result={"deliveries": final})
+
+    def _pump(self, r: RoundRecord, art: ArtifactRecord, d: DeliveryRecord) -> None:
+        """Send what a delivery needs now: everything from the stored ack on the first tick
+        (also the first after a restart: the manifest makes the device say where to resume),
+        resends after a timeout on later ones."""
+        key = (art.artifact_id, d.device_id)
+        sender = self._senders.get(key)
+        if sender is not None:
+            sender.tick()
+            return
+        self._artifact_rounds[art.artifact_id] = r.round_id
+        sender = self._senders[key] = ArtifactSender(
+            _CountingPublisher(self, r.round_id, d.device_id), d.device_id, art.path, ArtifactManifest.from_bytes(art.manifest),
+            window=self.cfg.delivery.window, timeout=self.cfg.delivery.ack_timeout, max_attempts=None, acked=d.next_chunk)
+        sender.start()
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, device_id: str, round_id: str, msg_type: str) -> Any:
+        """Publish (QoS 1) and count the bytes, per device and round, in the store and the metrics."""
+        info = self.transport.publish(topic, payload, qos=1)
+        self.metrics.messages.inc(direction="out", type=msg_type)
+        self.metrics.bytes.inc(len(payload), direction="out", type=msg_type)
+        if msg_type == "artifact_chunk":
+            self.metrics.chunks.inc()
+        self.store.add_traffic(device_id, round_id, "down", msg_type, len(payload))
+        return info
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self._queue.put((topic, payload))
+
+    def drain(self, timeout: float) -> None:
+        """Handle queued device messages: wait up to ``timeout`` for the first, then take all queued."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self.handle_message(*item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        """Check and dispatch one device message; anything wrong is logged, counted and dropped."""
+        if len(payload) > self.cfg.broker.max_message_bytes:
+            self._reject(topic, "oversized", f"{len(payload)} bytes is over max_message_bytes={self.cfg.broker.max_message_bytes}")
+            return
+        try:
+            device_id, msg = decode_from_device(topic, payload)
+        except MessageError as err:
+            self._reject(topic, "malformed", str(err))
+            return
+        msg_type = SCORES if isinstance(msg, Scores) else msg.TYPE
+        self.metrics.messages.inc(direction="in", type=msg_type)
+        self.metrics.bytes.inc(len(payload), direction="in", type=msg_type)
+        handler = {Scores: self._on_scores, Refusal: self._on_refusal, Ack: self._on_ack, Installed: self._on_result,
+                   InstallFailed: self._on_result, Status: self._on_status}[type(msg)]
+        try:
+            handler(device_id, msg, payload)
+        except EcosError as err:
+            self._reject(topic, err.code, str(err))
+
+    def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self.metrics.errors.inc(reason=reason)
+        log_event(LOG, "message_rejected", logging.WARNING, topic=topic[:120], reason=reason, detail=detail[:300])
+
+    def _on_status(self, device_id: str, msg: Status, payload: bytes) -> None:
+        self.store.record_status(device_id, msg.state, msg.model, time.time())
+        self.store.add_traffic(device_id, "", "up", "status", len(payload))
+        log_event(LOG, "device_status", device=device_id, state=msg.state, model=msg.model)
+
+    def _on_scores(self, device_id: str, msg: Scores, payload: bytes) -> None:
+        if msg.encoder_sha256 != self.index.encoder_sha256 or msg.k != self.index.k:
+            raise MessageError(f"scores from {device_id} were made with encoder {msg.encoder_sha256[:12]}... and k={msg.k}; "
+                               f"this pool's are {self.index.encoder_sha256[:12]}... and k={self.index.k}")
+        self._record_answer(device_id, msg.probe_id, "scores", msg.message_id, payload)
+
+    def _on_refusal(self, device_id: str, msg: Refusal, payload: bytes) -> None:
+        log_event(LOG, "probe_refused", round=msg.probe_id, device=device_id, code=msg.code, reason=msg.reason[:200])
+        self._record_answer(device_id, msg.probe_id, "refusal", msg.id, payload)
+
+    def _record_answer(self, device_id: str, round_id: str, kind: str, message_id: str, payload: bytes) -> None:
+        r = self.store.get_round(round_id)
+        if r is None or device_id not in r.devices:
+            raise MessageError(f"{kind} from {device_id} for round {round_id[:40]!r}, which did not ask it")
+        self.store.add_traffic(device_id, round_id, "up", SCORES if kind == "scores" else "refusal", len(payload))
+        if r.state not in (RoundState.PROBING, RoundState.COLLECTING):
+            self.metrics.responses.inc(kind=kind, outcome="late")
+            log_event(LOG, "response_late", round=round_id, device=device_id, state=r.state.value)
+            return
+        new = self.store.add_response(ResponseRecord(round_id, device_id, kind, message_id, payload, time.time()))
+        self.metrics.responses.inc(kind=kind, outcome="new" if new else "duplicate")
+        log_event(LOG, "response", round=round_id, device=device_id, kind=kind, duplicate=not new, bytes=len(payload))
+
+    def _on_ack(self, device_id: str, msg: Ack, payload: bytes) -> None:
+        round_id = self._delivery_round(msg.artifact_id)
+        self.store.add_traffic(device_id, round_id, "up", "ack", len(payload))
+        self.store.update_delivery(msg.artifact_id, device_id, next_chunk=msg.next_chunk)
+        sender = self._senders.get((msg.artifact_id, device_id))
+        if sender is not None:
+            sender.on_ack(msg)
+
+    def _on_result(self, device_id: str, msg: Any, payload: bytes) -> None:
+        round_id = self._delivery_round(msg.artifact_id)
+        self.store.add_traffic(device_id, round_id, "up", msg.TYPE, len(payload))
+        if isinstance(msg, Installed):
+            state, result = "installed", {"accuracy": msg.accuracy, "n_eval": msg.n_eval, "version": msg.version}
+            self.store.set_device_model(device_id, {"artifact_id": msg.artifact_id, "version": msg.version,
+                                                    "sha256": msg.sha256}, time.time())
+        else:
+            state, result = "failed", {"code": msg.code, "reason": msg.reason}
+        if self.store.update_delivery(msg.artifact_id, device_id, state=state, result=result):
+            self.metrics.deliveries.inc(outcome=state)
+            log_event(LOG, "delivery_" + state, round=round_id, device=device_id, artifact=msg.artifact_id, **result)
+        sender = self._senders.get((msg.artifact_id, device_id))
+        if sender is not None:
+            sender.on_result(msg)
+
+    def _delivery_round(self, artifact_id: str) -> str:
+        """The round an artifact belongs to (cached: acks arrive once per chunk)."""
+        if artifact_id not in self._artifact_rounds:
+            art = self.store.get_artifact(artifact_id)
+            if art is None:
+                raise MessageError(f"delivery message about unknown artifact {artifact_id!r}")
+            self._artifact_rounds[artifact_id] = art.round_id
+        return self._artifact_rounds[artifact_id]
+
+    def _devices_by_state(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {"online": 0, "offline": 0}
+        for d in self.store.list_devices():
+            counts[d.state] = counts.get(d.state, 0) + 1
+        return counts
+
+
+def build_daemon(cfg: CloudConfig, transport_factory: Callable[..., Any] = MqttTransport) -> Daemon:
+    """Open the store, the pool index and the trainer named in ``cfg``."""
+    from .store import open_store
+    from .trainers import TrainerContext, get_trainer
+
+    os.makedirs(cfg.store.state_dir, exist_ok=True)
+    index_path = require_index(cfg)
+    index = PoolIndex.load(index_path)
+    cache_dir = cfg.trainer.cache_dir or os.path.join(cfg.store.state_dir, "cache")
+    trainer = get_trainer(cfg.trainer.name, TrainerContext(index_path, cache_dir, cfg.trainer.threads), cfg.trainer.options)
+    _set_torch_threads(cfg.trainer.threads)
+    return Daemon(cfg, open_store(cfg.store.database), index, trainer, transport_factory)
+
+
+def _set_torch_threads(threads: int) -> None:
+    try:
+        import torch
+    except ImportError:  # a trainer without torch is possible; nothing to limit then
+        return
+    torch.set_num_threads(threads)
