@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 from device_sdk.clikit import add_common, run_cli, setup_logging
 from device_sdk.fsutil import atomic_write_bytes
 
+from .encoder_config import EncoderConfig
 from .log import LOG
 
 
@@ -37,7 +38,7 @@ def _threads(args: argparse.Namespace) -> None:
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
     from .dataset import load_folder
-    from .encoder_train import EncoderConfig, train_encoder
+    from .encoder_train import train_encoder
     from .export import export_onnx
     from .pipeline import encoder_meta
 
@@ -90,7 +91,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecos-cloud", description="ECOS cloud side: encoder, pool index and probe, proxy-set sampling.")
+    parser = argparse.ArgumentParser(prog="ecos-cloud", description="ECOS cloud side: encoder, pool index and probe, proxy-set sampling, teacher/student training and export, and the MQTT daemon.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     p = sub.add_parser("train-encoder", help="train the feature encoder on the labelled pool and export it to ONNX",
@@ -98,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it as one ONNX file with its metadata, plus a .json sidecar with its sha256.")
     p.add_argument("pool", help="open-source pool image folder")
     p.add_argument("--out", required=True, help="output .onnx path")
-    p.add_argument("--feature-dim", type=int, default=64, help="feature dimension d (default 64)")
-    p.add_argument("--width", type=int, default=32, help="channels of the first conv stage (default 32)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--domain-weight", type=float, default=1.0, help="weight of the domain head's loss (default 1.0)")
+    enc = EncoderConfig()
+    p.add_argument("--feature-dim", type=int, default=enc.feature_dim, help=f"feature dimension d (default {enc.feature_dim})")
+    p.add_argument("--width", type=int, default=enc.width, help=f"channels of the first conv stage (default {enc.width})")
+    p.add_argument("--epochs", type=int, default=enc.epochs, help=f"training epochs (default {enc.epochs})")
+    p.add_argument("--batch-size", type=int, default=enc.batch_size)
+    p.add_argument("--lr", type=float, default=enc.lr)
+    p.add_argument("--domain-weight", type=float, default=enc.domain_weight,
+                   help=f"weight of the domain head's loss (default {enc.domain_weight}; 0 = label head only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     add_common(p)

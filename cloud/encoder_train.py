@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -23,22 +22,8 @@ from device_sdk.errors import InputError
 from models import get_model
 
 from .dataset import ImageSet
+from .encoder_config import EncoderConfig
 from .log import LOG
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    arch: str = "conv_encoder"
-    feature_dim: int = 64
-    width: int = 32
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 5e-4
-    domain_weight: float = 1.0
-    scale: float = 16.0  # temperature of the cosine heads
-    val_fraction: float = 0.1
-    seed: int = 0
 
 
 class CosineHead(nn.Module):

@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecos-device", description="ECOS device side: score a local image folder against a cloud probe, privately.")
+    parser = argparse.ArgumentParser(prog="ecos-device", description="ECOS device side: answer cloud probes privately (offline or over MQTT), keep the privacy ledger, run delivered models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
