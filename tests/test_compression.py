@@ -26,7 +26,7 @@ from device_sdk.predict import Predictor, evaluate
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 15
+EPOCHS = 25
 ARTIFACTS = ("student.onnx", "student.int8.onnx", "student.tflite", "student.int8.tflite")
 
 
@@ -70,13 +70,15 @@ def test_distill_writes_every_artifact_and_a_passing_report(shipped):
 
 
 def test_student_learned_from_the_teacher(shipped, evaluation):
-    """A real student: far above chance (0.1) on device images, and mostly agreeing with its teacher."""
+    """A real student: far above chance (0.1) on device images, and mostly agreeing with its teacher.
+
+    Measured here: teacher 0.88, student 0.83, agreement 0.83 on the 320 device images."""
     work, out = shipped
     teacher, student = load_checkpoint(str(work / "teacher.safetensors")), load_checkpoint(str(out / "student.safetensors"))
     t_pred = predict_logits(teacher.model, teacher.inputs(evaluation.images)).argmax(1)
     s_pred = predict_logits(student.model, student.inputs(evaluation.images)).argmax(1)
-    assert np.mean(s_pred == evaluation.labels) > 0.4
-    assert np.mean(s_pred == t_pred) > 0.45  # chance agreement of two 10-class models is ~0.1
+    assert np.mean(s_pred == evaluation.labels) > 0.7
+    assert np.mean(s_pred == t_pred) > 0.7  # chance agreement of two 10-class models is ~0.1
     assert student.role == "student" and teacher.role == "teacher"
 
 
