@@ -566,7 +566,7 @@ class PrivacyLedger:
                     f"release {key!r} refused: spent epsilon {spent_before:.4f}, this release "
                     f"(sigma={sigma:g}, sensitivity={sensitivity:g}) would bring it to "
                     f"{after:.4f} > budget {budget_eps:g} at delta={state['budget']['delta']:g} "
-                    f"({state['accountant']} accountant; ledger {self.path})")
+                    f"({state['accountant']} accountant)")
 
             payload = produce()
             if isinstance(payload, (bytearray, memoryview)):
