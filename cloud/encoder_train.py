@@ -44,9 +44,9 @@ def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, .
     return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-3)) for v in x.std(0))
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 3) -> torch.Tensor:
+def random_shift(x: torch.Tensor, gen: torch.Generator, pad: int = 3) -> torch.Tensor:
     """Random translations up to ``pad`` pixels (reflect padding, then a random crop)."""
-    n, _, h, w = x.shape
+    h, w = x.shape[2:]
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
     return padded[:, :, dy : dy + h, dx : dx + w]
@@ -87,7 +87,7 @@ def train_encoder(data: ImageSet, cfg: EncoderConfig = EncoderConfig()) -> Tuple
         total, batches = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            z = encoder(_augment(x_all[idx], gen))
+            z = encoder(random_shift(x_all[idx], gen))
             loss = sum(weights[k] * _masked_ce(head(z), targets[k][idx]) for k, head in heads.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()

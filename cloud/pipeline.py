@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 from device_sdk.artifact import ArtifactMeta
 
+from .encoder_config import EncoderConfig
+
 from .log import LOG
 
 
@@ -22,9 +24,9 @@ class PipelineConfig:
     device_test: int = 300
     domains: Optional[Sequence[str]] = None
     seed: int = 0
-    feature_dim: int = 64
-    width: int = 16
-    epochs: int = 5
+    feature_dim: int = EncoderConfig.feature_dim
+    width: int = EncoderConfig.width
+    epochs: int = EncoderConfig.epochs
     k: int = 64
 
 
@@ -43,7 +45,7 @@ def ensure_dataset(workdir: str, cfg: PipelineConfig) -> str:
 def ensure_encoder(workdir: str, pool_root: str, cfg: PipelineConfig) -> str:
     """Train and export the encoder to ``workdir/encoder.onnx`` unless present."""
     from .dataset import load_folder
-    from .encoder_train import EncoderConfig, train_encoder
+    from .encoder_train import train_encoder
     from .export import export_onnx
 
     path = os.path.join(workdir, "encoder.onnx")

@@ -37,7 +37,7 @@ from device_sdk.imagefolder import ImageItem, normalize
 from models import get_model
 
 from .dataset import ImageSet, load_image_set
-from .encoder_train import _augment, channel_stats, split_indices, warmup_cosine
+from .encoder_train import channel_stats, random_shift, split_indices, warmup_cosine
 from .log import LOG
 
 CHECKPOINT_FORMAT = 1
@@ -230,7 +230,7 @@ def _fit(model: nn.Module, x: torch.Tensor, train_idx: np.ndarray, loss_fn: Call
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            loss = loss_fn(idx, _augment(x[idx], gen))
+            loss = loss_fn(idx, random_shift(x[idx], gen))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
