@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${ECOS_EXTRAS:-cloud,broker,test}
+EXTRAS=${ECOS_EXTRAS:-cloud,broker,test,bench}
 stamp=.venv/.ecos-setup
 want="$(sha256sum pyproject.toml | cut -c1-16) $EXTRAS"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -16,4 +16,16 @@ echo "setting up .venv (extras: $EXTRAS); the first time this installs PyTorch a
 # torch/torchvision pinned to the versions known to work together here (see docs/install.md).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# Best effort: the real-data digits benchmark (ecos-make-digits --source real) reads two Debian packages.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+  missing=""
+  for pkg in opencv-doc dataset-fashion-mnist; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    echo "the real-data digits benchmark (--source real) needs:$missing; installing with apt-get" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null 2>&1 \
+      || echo "apt-get could not install$missing; ecos-make-digits --source real will say what is missing" >&2
+  fi
+fi
 echo "$want" > "$stamp"
