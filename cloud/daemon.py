@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from device_sdk.errors import BudgetError, EcosError, MessageError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.logsafe import clean
 from device_sdk.messages import SCORES, Probe, Scores, new_id
 from device_sdk.protocol import (CLOUD_STATUS, CLOUD_SUBSCRIPTIONS, Ack, ArtifactManifest, InstallFailed, Installed,
                                  Refusal, Status, check_device_id, decode_from_device, inbox)
@@ -57,6 +58,7 @@ LOG = logging.getLogger("ecos.daemon")
 ACTIVE = tuple(s for s in RoundState if not s.terminal)
 MAX_TRAIN_ATTEMPTS = 3
 TICK_SECONDS = 0.1
+QUEUE_LIMIT = 10_000  # device messages waiting for the loop; more are dropped (and counted), not buffered
 
 
 def round_params(cfg: CloudConfig, **overrides: Any) -> Dict[str, Any]:
@@ -105,7 +107,7 @@ class Daemon:
             b.client_id, b.host, b.port, protocol=b.protocol, subscriptions=list(CLOUD_SUBSCRIPTIONS),
             on_message=self._enqueue, will=(CLOUD_STATUS, b"offline", True), online=(CLOUD_STATUS, b"online", True),
             keepalive=b.keepalive, username=b.username, password=b.password)
-        self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue()
+        self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue(maxsize=QUEUE_LIMIT)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._jobs: Dict[str, threading.Thread] = {}
@@ -387,7 +389,12 @@ class Daemon:
         return info
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
-        self._queue.put((topic, payload))
+        """MQTT network thread: queue for the loop; a flood beyond ``QUEUE_LIMIT`` is counted and dropped."""
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.metrics.dropped.inc(reason="queue_full")
+            self.metrics.errors.inc(reason="queue_full")
 
     def drain(self, timeout: float) -> None:
         """Handle queued device messages: wait up to ``timeout`` for the first, then take all queued."""
@@ -403,7 +410,20 @@ class Daemon:
                 return
 
     def handle_message(self, topic: str, payload: bytes) -> None:
-        """Check and dispatch one device message; anything wrong is logged, counted and dropped."""
+        """Check and dispatch one device message; anything wrong is logged, counted and dropped.
+
+        Never raises: a message that fails a check is rejected (``message_rejected``), and one
+        that makes the handling fail in a way no check foresaw (a bug) is dropped
+        (``message_dropped``, reason ``internal_error``), so one message costs at most itself,
+        never the loop. Both are counted in ``ecos_messages_dropped_total{reason}``.
+        """
+        try:
+            self._handle_message(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - the loop (and every round) must outlive any one message
+            self._drop(topic, "internal_error", f"{exc.__class__.__name__}: {exc}", event="message_dropped")
+            LOG.debug("traceback of the dropped message", exc_info=True)
+
+    def _handle_message(self, topic: str, payload: bytes) -> None:
         if len(payload) > self.cfg.broker.max_message_bytes:
             self._reject(topic, "oversized", f"{len(payload)} bytes is over max_message_bytes={self.cfg.broker.max_message_bytes}")
             return
@@ -423,8 +443,14 @@ class Daemon:
             self._reject(topic, err.code, str(err))
 
     def _reject(self, topic: str, reason: str, detail: str) -> None:
+        self._drop(topic, reason, detail, event="message_rejected")
+
+    def _drop(self, topic: Any, reason: str, detail: str, event: str) -> None:
+        """Count and log a message that is not handled; what came from the message is escaped and cut."""
         self.metrics.errors.inc(reason=reason)
-        log_event(LOG, "message_rejected", logging.WARNING, topic=topic[:120], reason=reason, detail=detail[:300])
+        self.metrics.dropped.inc(reason=reason)
+        log_event(LOG, event, logging.WARNING, topic=clean(topic, 200), reason=clean(reason, 40),
+                  detail=clean(detail, 300))
 
     def _on_status(self, device_id: str, msg: Status, payload: bytes) -> None:
         self.store.record_status(device_id, msg.state, msg.model, time.time())
@@ -438,7 +464,8 @@ class Daemon:
         self._record_answer(device_id, msg.probe_id, "scores", msg.message_id, payload)
 
     def _on_refusal(self, device_id: str, msg: Refusal, payload: bytes) -> None:
-        log_event(LOG, "probe_refused", round=msg.probe_id, device=device_id, code=msg.code, reason=msg.reason[:200])
+        log_event(LOG, "probe_refused", round=clean(msg.probe_id), device=device_id, code=clean(msg.code),
+                  reason=clean(msg.reason))
         self._record_answer(device_id, msg.probe_id, "refusal", msg.id, payload)
 
     def _record_answer(self, device_id: str, round_id: str, kind: str, message_id: str, payload: bytes) -> None:
@@ -457,6 +484,10 @@ class Daemon:
     def _on_ack(self, device_id: str, msg: Ack, payload: bytes) -> None:
         round_id = self._delivery_round(msg.artifact_id)
         self.store.add_traffic(device_id, round_id, "up", "ack", len(payload))
+        delivery = self.store.get_delivery(msg.artifact_id, device_id)
+        if delivery is not None and msg.next_chunk > delivery.total_chunks:
+            raise MessageError(f"ack from {device_id} of chunk {msg.next_chunk} of {msg.artifact_id}, "
+                               f"which has {delivery.total_chunks} chunks")
         self.store.update_delivery(msg.artifact_id, device_id, next_chunk=msg.next_chunk)
         sender = self._senders.get((msg.artifact_id, device_id))
         if sender is not None:

@@ -33,7 +33,8 @@ def _kv(fields: Dict[str, Any]) -> str:
 
 def _kv_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+    # quoted (JSON escapes) whenever it could split the line or fake a field: a space, '"', '=', any control char
+    return json.dumps(text) if (not text or not text.isprintable() or any(c in text for c in ' "=')) else text
 
 
 class StructuredFormatter(logging.Formatter):

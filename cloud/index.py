@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from device_sdk.errors import InputError, MessageError
+from device_sdk.errors import InputError
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.messages import Probe, new_id, utc_now
 from device_sdk.runtime import load_model
 
 from .features import encode_pool
+from .index_file import read_index_file
 from .kmeans import spherical_kmeans
 from .log import LOG
 
@@ -55,17 +55,9 @@ class PoolIndex:
 
     @classmethod
     def load(cls, path: str) -> "PoolIndex":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("paths", "labels", "domains", "features", "assign", "centroids", "meta")}
-        except FileNotFoundError:
-            raise InputError(f"index not found: {path}") from None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-            raise MessageError(f"{path}: not a readable pool index ({exc.__class__.__name__}: {exc})") from None
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != INDEX_FORMAT:
-            raise MessageError(f"{path}: index format {meta.get('format')} is not supported")
-        return cls(**arrays, encoder_sha256=meta["encoder_sha256"], probe_id=meta["probe_id"], created=meta["created"])
+        """Read an index file; a missing one is an ``InputError``, any other defect a ``MessageError``."""
+        arrays, meta = read_index_file(path, INDEX_FORMAT)
+        return cls(**arrays, **meta)
 
 
 def build_index(pool_root: str, encoder_path: str, k: int, iters: int = 20, seed: int = 0,

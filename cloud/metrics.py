@@ -125,6 +125,9 @@ class DaemonMetrics:
         self.chunks = r.counter("ecos_delivery_chunks_total", "Artifact chunks published (first sends and resends).")
         self.deliveries = r.counter("ecos_deliveries_total", "Finished deliveries by outcome (installed/failed).")
         self.errors = r.counter("ecos_errors_total", "Messages dropped and stages failed, by reason.")
+        self.dropped = r.counter("ecos_messages_dropped_total",
+                                 "Incoming messages dropped unhandled, by reason (malformed, oversized, an error code, "
+                                 "internal_error, queue_full).")
         self.stage_seconds = r.counter("ecos_stage_seconds_total", "Seconds spent in each round stage.")
         self.transitions = r.counter("ecos_round_transitions_total", "Round state changes, by target state.")
         self.training_progress = r.gauge("ecos_training_progress_ratio", "Progress of the current training job (0..1).")

@@ -15,6 +15,8 @@ properties of the store, tested once for every backend (tests/test_store.py):
 from __future__ import annotations
 
 import json
+import numbers
+import re
 import sqlite3
 import threading
 import time
@@ -25,6 +27,7 @@ from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from device_sdk.errors import StoreError
+from device_sdk.logsafe import clean
 
 SCHEMA_VERSION = 1
 
@@ -284,7 +287,30 @@ CREATE TABLE IF NOT EXISTS traffic (
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise StoreError(f"cannot store {type(value).__name__} as JSON ({str(exc)[:120]})") from None
+
+
+MAX_SQL_INT = (1 << 63) - 1  # SQLite's INTEGER; Python's sqlite3 raises OverflowError beyond
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What SQLite cannot take, or sqlite3 refuses to bind: a typed StoreError instead.
+_BIND_ERRORS = (OverflowError, UnicodeEncodeError, sqlite3.InterfaceError, sqlite3.DataError)
+
+
+def _int(name: str, value: Any, lo: int = 0, hi: int = MAX_SQL_INT) -> int:
+    """``value`` as an int in ``[lo, hi]`` (not a bool, not a float), else StoreError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise StoreError(f"{name} must be an integer in [{lo}, {hi}], got {clean(value, 60)}")
+    return int(value)
+
+
+def _text(name: str, value: Any) -> str:
+    """``value`` as a str that UTF-8 (and so SQLite) can hold, else StoreError."""
+    if not isinstance(value, str) or _SURROGATE.search(value):
+        raise StoreError(f"{name} must be a UTF-8 string, got {clean(value, 60)}")
+    return value
 
 
 class SqliteStore(Store):
@@ -325,6 +351,10 @@ class SqliteStore(Store):
                 raise StoreError(f"{self.path}: database is busy ({exc})") from None
             try:
                 yield self._db
+            except _BIND_ERRORS as exc:
+                self._db.execute("ROLLBACK")
+                why = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+                raise StoreError(f"{self.path}: a value cannot be stored ({why})") from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -332,16 +362,21 @@ class SqliteStore(Store):
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> List[tuple]:
         with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+            try:
+                return self._db.execute(sql, tuple(args)).fetchall()
+            except _BIND_ERRORS as exc:
+                raise StoreError(f"{self.path}: a value cannot be looked up ({exc.__class__.__name__})") from None
 
     # -- devices
     def record_status(self, device_id: str, state: str, model: Optional[Dict[str, Any]], at: float) -> None:
+        device_id, state = _text("device_id", device_id), _text("state", state)
         with self._tx() as db:
             db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
                        "state=excluded.state, model=COALESCE(excluded.model, devices.model), last_seen=excluded.last_seen",
                        (device_id, state, None if model is None else _dumps(model), at, at))
 
     def set_device_model(self, device_id: str, model: Dict[str, Any], at: float) -> None:
+        device_id = _text("device_id", device_id)
         with self._tx() as db:
             db.execute("INSERT INTO devices VALUES (?, 'unknown', ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
                        "model=excluded.model, last_seen=excluded.last_seen", (device_id, _dumps(model), at, at))
@@ -400,7 +435,9 @@ class SqliteStore(Store):
     # -- responses
     def add_response(self, response: ResponseRecord) -> bool:
         if response.kind not in RESPONSE_KINDS:
-            raise StoreError(f"response kind must be one of {RESPONSE_KINDS}, got {response.kind!r}")
+            raise StoreError(f"response kind must be one of {RESPONSE_KINDS}, got {clean(response.kind, 40)}")
+        for name in ("round_id", "device_id", "message_id"):
+            _text(name, getattr(response, name))
         with self._tx() as db:
             cur = db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
                              (response.round_id, response.device_id, response.kind, response.message_id,
@@ -416,6 +453,8 @@ class SqliteStore(Store):
         return int(self._query("SELECT COALESCE(MAX(version), 0) + 1 FROM artifacts WHERE name=?", (name,))[0][0])
 
     def add_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        _int("version", artifact.version)
+        _int("size", artifact.size)
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (artifact.artifact_id, artifact.round_id, artifact.name, artifact.version, artifact.sha256,
@@ -432,6 +471,7 @@ class SqliteStore(Store):
 
     # -- deliveries
     def add_delivery(self, artifact_id: str, device_id: str, round_id: str, total_chunks: int) -> DeliveryRecord:
+        total_chunks = _int("total_chunks", total_chunks)
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, 'sending', 0, ?, '{}', ?)",
                        (artifact_id, device_id, round_id, total_chunks, time.time()))
@@ -439,6 +479,10 @@ class SqliteStore(Store):
 
     def update_delivery(self, artifact_id: str, device_id: str, *, state: Optional[str] = None,
                         next_chunk: Optional[int] = None, result: Optional[Dict[str, Any]] = None) -> bool:
+        if next_chunk is not None:
+            next_chunk = _int("next_chunk", next_chunk)
+        if state is not None:
+            state = _text("state", state)
         with self._tx() as db:
             row = db.execute("SELECT state, next_chunk, result FROM deliveries WHERE artifact_id=? AND device_id=?",
                              (artifact_id, device_id)).fetchone()
@@ -467,6 +511,7 @@ class SqliteStore(Store):
         return self.get_job(job_id)
 
     def job_progress(self, job_id: str, done: int, total: int, note: str = "") -> None:
+        done, total = _int("done", done), _int("total", total)
         with self._tx() as db:
             db.execute("UPDATE jobs SET done=?, total=?, note=?, updated=? WHERE job_id=?", (done, total, note, time.time(), job_id))
 
@@ -486,6 +531,9 @@ class SqliteStore(Store):
 
     # -- traffic
     def add_traffic(self, device_id: str, round_id: str, direction: str, msg_type: str, nbytes: int) -> None:
+        nbytes = _int("nbytes", nbytes, hi=1 << 40)  # one message; the sum stays far below 2**63
+        for name, value in (("device_id", device_id), ("round_id", round_id), ("msg_type", msg_type)):
+            _text(name, value)
         with self._tx() as db:
             db.execute("INSERT INTO traffic VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(device_id, round_id, direction, msg_type) "
                        "DO UPDATE SET messages=traffic.messages + 1, bytes=traffic.bytes + excluded.bytes",

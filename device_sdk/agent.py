@@ -35,11 +35,12 @@ from .delivery import DeliveryReceiver, InstalledModel, ModelStore
 from .device import answer_probe
 from .errors import ArtifactError, DeadlinePassed, EcosError, MessageError
 from .imagefolder import scan_image_folder
+from .logsafe import clean
 from .messages import Probe
 from .predict import Predictor, evaluate
 from .privacy import PrivacyLedger
 from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, Refusal, Status,
-                       decode_for_device, device_status, inbox, outbox)
+                       clip_reason, decode_for_device, device_status, inbox, outbox)
 from .runtime import Model, load_model
 from .scoring import check_compatible, encode_items
 from .signing import load_public_key
@@ -65,7 +66,8 @@ class AgentStats:
     bytes_in: int = 0
     messages_out: int = 0
     bytes_out: int = 0
-    rejected: int = 0
+    rejected: int = 0  # malformed, oversized or not for this device
+    dropped: int = 0  # every message not handled: the rejected ones and those whose handling failed unexpectedly
 
 
 def supported_formats() -> Tuple[str, ...]:
@@ -178,18 +180,34 @@ class DeviceAgent:
                 return
             try:
                 self.handle(*item)
-            except Exception:  # one bad message must not stop the agent
-                LOG.exception("unexpected failure handling a message on %s", item[0])
+            except Exception:  # handle() does not raise; this is the last line of defence
+                LOG.exception("unexpected failure handling a message on %s", clean(item[0]))
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Handle one inbox message (public for tests and for apps that bring their own transport)."""
+        """Handle one inbox message (public for tests and for apps that bring their own transport).
+
+        Never raises: a message that fails its checks is rejected, one whose handling fails in a
+        way no check foresaw (a bug) is dropped; both are logged (topic and reason escaped and
+        cut) and counted in ``stats.dropped``, and the agent goes on with the next message.
+        """
+        try:
+            self._handle(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - one message must never stop the agent
+            self.stats.dropped += 1
+            LOG.warning("dropped a message on %s: unexpected %s: %s", clean(topic), exc.__class__.__name__,
+                        clean(str(exc), 300))
+            LOG.debug("traceback of the dropped message", exc_info=True)
+            self._emit("rejected", topic=topic, reason=f"internal error ({exc.__class__.__name__})")
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         self.stats.messages_in += 1
         self.stats.bytes_in += len(payload)
         try:
             msg = decode_for_device(self.device_id, topic, payload)
         except MessageError as err:
             self.stats.rejected += 1
-            LOG.warning("dropped a message: %s", err)
+            self.stats.dropped += 1
+            LOG.warning("dropped a message on %s: %s", clean(topic), clean(str(err), 300))
             self._emit("rejected", topic=topic, reason=str(err))
             return
         if isinstance(msg, Probe):
@@ -209,8 +227,8 @@ class DeviceAgent:
                                      epsilon=self.config.privacy.epsilon, sigma=self.config.privacy.sigma,
                                      commit=self._publish_out)
         except EcosError as err:
-            LOG.info("refused probe %s: %s", probe.probe_id, err)
-            self._send(Refusal(probe.probe_id, self.device_id, err.code, str(err)))
+            LOG.info("refused probe %s: %s", clean(probe.probe_id), clean(str(err), 300))
+            self._send(Refusal(probe.probe_id, self.device_id, err.code, clip_reason(str(err))))
             self._emit("probe_refused", probe_id=probe.probe_id, code=err.code, reason=str(err))
             return
         self._emit("probe_answered", probe_id=probe.probe_id, repeated=result.repeated,

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -35,8 +35,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .errors import (ArtifactRejected, ChunkError, DeliveryError, EcosError, HashMismatch, MessageError,
                      UsageError)
 from .fsutil import PathLike, atomic_write_bytes, atomic_write_text
-from .protocol import Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message
+from .logsafe import clean
+from .protocol import Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, clip_reason
 from .signing import verify
+from .wire import parse_json
 
 LOG = logging.getLogger("ecos.delivery")
 DEFAULT_MAX_ARTIFACT_BYTES = 256 << 20
@@ -73,13 +75,18 @@ class ModelStore:
         self.incoming_dir = self.root / "incoming"
 
     def _state(self) -> Dict[str, Any]:
+        """The parsed ``state.json``; a file that is not exactly its schema is a ``MessageError``."""
         if not self.state_path.exists():
             return {"slots": {}}
+        source = f"model store state {self.state_path}"
         try:
-            state = json.loads(self.state_path.read_text("utf-8"))
-            state["slots"].items()
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            raise MessageError(f"model store state {self.state_path} is unreadable ({exc})") from None
+            raw = self.state_path.read_bytes()
+        except OSError as exc:
+            raise MessageError(f"{source} is unreadable ({exc.strerror})") from None
+        state = parse_json(raw, source)
+        problem = _state_problem(state)
+        if problem is not None:
+            raise MessageError(f"{source} is unreadable ({problem})")
         return state
 
     def _slot(self, kind: str, which: str) -> Optional[InstalledModel]:
@@ -130,6 +137,30 @@ class ModelStore:
         for path in self.models_dir.glob("*"):
             if path.name not in keep:
                 path.unlink()
+
+
+_RECORD_FIELDS = frozenset(f.name for f in fields(InstalledModel))
+
+
+def _state_problem(state: Any) -> Optional[str]:
+    """What makes a parsed ``state.json`` unusable, or None."""
+    if not isinstance(state, dict) or not isinstance(state.get("slots"), dict):
+        return "no 'slots' object"
+    for kind, slot in state["slots"].items():
+        if not isinstance(slot, dict) or not set(slot) <= {"current", "previous"}:
+            return f"slot {clean(kind, 40)} is not an object of current/previous"
+        for which, record in slot.items():
+            if record is not None and not _record_ok(record):
+                return f"{clean(kind, 40)}.{which} is not an installed-model record"
+    return None
+
+
+def _record_ok(record: Any) -> bool:
+    if not isinstance(record, dict) or set(record) != _RECORD_FIELDS:
+        return False
+    version = record["version"]
+    return (isinstance(version, int) and not isinstance(version, bool)
+            and all(isinstance(v, str) for k, v in record.items() if k != "version"))
 
 
 @dataclass
@@ -231,7 +262,7 @@ class DeliveryReceiver:
             manifest = ArtifactManifest.from_bytes((folder / "manifest.msg").read_bytes(), str(folder))
             self._admit(manifest)
         except (OSError, EcosError) as exc:
-            LOG.debug("no resumable transfer %s: %s", artifact_id, exc)
+            LOG.debug("no resumable transfer %s: %s", clean(artifact_id), clean(str(exc), 500))
             return None
         have = {i for i, digest in enumerate(manifest.chunk_sha256) if _file_sha256(folder / f"chunk-{i:06d}") == digest}
         LOG.info("resuming %s from disk: %d of %d chunks already here", artifact_id, len(have), manifest.n_chunks)
@@ -286,8 +317,8 @@ class DeliveryReceiver:
         return Installed(self.device_id, installed.artifact_id, installed.version, installed.sha256, accuracy, n_eval)
 
     def _failed(self, artifact_id: str, err: EcosError) -> InstallFailed:
-        LOG.warning("refused artifact %s: %s", artifact_id, err)
-        return InstallFailed(self.device_id, artifact_id, err.code, str(err))
+        LOG.warning("refused artifact %s: %s", clean(artifact_id), clean(str(err), 500))
+        return InstallFailed(self.device_id, artifact_id, err.code, clip_reason(str(err)))
 
 
 def _file_sha256(path: Path) -> Optional[str]:

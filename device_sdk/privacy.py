@@ -51,6 +51,7 @@ import numpy as np
 
 from .errors import MessageError, PrivacyBudgetExceeded, RuntimeUnavailable, UsageError
 from .fsutil import atomic_write_bytes, atomic_write_text
+from .wire import parse_json
 
 __all__ = [
     "ACCOUNTANTS",
@@ -159,7 +160,8 @@ def _mu_squared(releases: Iterable[ReleaseLike]) -> float:
             raise UsageError(f"a release is a (sigma, sensitivity) pair, got {rel!r}") from None
         sigma = _check_positive("sigma", sigma)
         sensitivity = _check_positive("sensitivity", sensitivity)
-        total += (sensitivity / sigma) ** 2
+        ratio = sensitivity / sigma
+        total += ratio * ratio  # inf for an absurd ratio (** 2 would raise OverflowError instead)
     return total
 
 
@@ -616,9 +618,9 @@ def _bad(path: Path, why: str) -> MessageError:
 
 def _parse_state(raw: bytes, path: Path) -> Dict[str, Any]:
     try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(path, f"not JSON: {exc}") from None
+        state = parse_json(raw, "contents")  # bounded: nesting, integer size, finite numbers
+    except MessageError as exc:
+        raise _bad(path, f"not JSON within bounds: {exc}") from None
     if not isinstance(state, dict):
         raise _bad(path, "top level is not an object")
     if state.get("kind") != LEDGER_KIND:

@@ -35,10 +35,22 @@ MIN_CHUNK_SIZE = 1 << 10
 MAX_CHUNK_SIZE = 192 << 10  # a chunk message stays under a 256 KB broker packet limit
 FORMATS = ("onnx", "tflite")
 STATES = ("online", "offline")
+# Bounds of every integer and string a message may carry: checked on receipt, so nothing larger
+# reaches the store (SQLite holds 64-bit integers), a log line or an allocation.
+MAX_CHUNKS = 1 << 31  # chunk index and next_chunk are below this
+MAX_VERSION = (1 << 31) - 1
+MAX_ARTIFACT_BYTES = 1 << 32
+MAX_COUNT = (1 << 31) - 1  # n_eval, k
+MAX_ID_CHARS = 128  # message ids, probe ids, hashes named in a message
+MAX_NAME_CHARS = 128
+MAX_CODE_CHARS = 64
+MAX_REASON_CHARS = 2000
+MAX_REF_KEYS = 8
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_CODE = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_CODE_CHARS)
 _NUMBER = (int, float)
 _NONE = type(None)
 
@@ -147,8 +159,31 @@ def _require(ok: bool, source: str, why: str) -> None:
 
 
 def _model_ref_ok(ref: Any) -> bool:
-    return ref is None or (isinstance(ref, dict) and is_valid_id(ref.get("artifact_id"))
-                           and _is_a(ref.get("version"), (int,)))
+    """None, or ``{"artifact_id": id, "version": int, ...}`` with a few short scalar entries."""
+    if ref is None:
+        return True
+    if not isinstance(ref, dict) or len(ref) > MAX_REF_KEYS or not is_valid_id(ref.get("artifact_id")):
+        return False
+    version = ref.get("version")
+    return _is_a(version, (int,)) and 0 <= version <= MAX_VERSION and all(_short_scalar(v) for v in ref.values())
+
+
+def _short_scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_NAME_CHARS
+    if isinstance(value, (int, float)):
+        return _is_a(value, (int, float)) and abs(value) <= 2 ** 53
+    return value is None
+
+
+def _text_ok(value: str, limit: int) -> bool:
+    return 0 < len(value) <= limit
+
+
+def clip_reason(text: str) -> str:
+    """A refusal or install-failure reason cut to what the protocol carries (``MAX_REASON_CHARS``)."""
+    suffix = "... (truncated)"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - len(suffix)] + suffix
 
 
 @dataclass(frozen=True)
@@ -198,7 +233,10 @@ class ArtifactManifest(Message):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        _require(0 < len(self.name) <= 128 and self.version >= 0, source, "name must be 1-128 characters and version >= 0")
+        _require(_text_ok(self.name, MAX_NAME_CHARS), source, f"name must be 1-{MAX_NAME_CHARS} characters")
+        _require(0 <= self.version <= MAX_VERSION, source, f"version {self.version} is outside [0, {MAX_VERSION}]")
+        _require(_text_ok(self.precision, 32), source, "precision must be 1-32 characters")
+        _require(self.size <= MAX_ARTIFACT_BYTES, source, f"size {self.size} is over {MAX_ARTIFACT_BYTES} bytes")
         _require(self.format in FORMATS, source, f"format {self.format!r:.40} is not one of {FORMATS}")
         _require(bool(_HEX64.fullmatch(self.sha256)), source, "sha256 is not 64 lowercase hex digits")
         _require(MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE, source,
@@ -239,7 +277,7 @@ class ArtifactChunk(Message):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        _require(self.index >= 0, source, f"chunk index {self.index} is negative")
+        _require(0 <= self.index < MAX_CHUNKS, source, f"chunk index {self.index} is outside [0, {MAX_CHUNKS})")
         _require(0 < len(self.data) <= MAX_CHUNK_SIZE, source, f"chunk of {len(self.data)} bytes (limit {MAX_CHUNK_SIZE})")
 
 
@@ -259,6 +297,7 @@ class Ack(Message):
     def _check(self, source: str) -> None:
         super()._check(source)
         _require(self.next_chunk >= 0, source, "next_chunk is negative")
+        _require(self.next_chunk < MAX_CHUNKS, source, f"next_chunk {self.next_chunk} is not below {MAX_CHUNKS}")
 
 
 @dataclass(frozen=True)
@@ -274,6 +313,11 @@ class Refusal(Message):
     code: str
     reason: str
     id: str = field(default_factory=new_id)
+
+    def _check(self, source: str) -> None:
+        super()._check(source)
+        _require(_text_ok(self.probe_id, MAX_ID_CHARS), source, f"probe_id must be 1-{MAX_ID_CHARS} characters")
+        _check_code_and_reason(self.code, self.reason, source)
 
 
 @dataclass(frozen=True)
@@ -296,8 +340,10 @@ class Installed(Message):
 
     def _check(self, source: str) -> None:
         super()._check(source)
-        _require(self.n_eval >= 0 and (self.accuracy is None or 0.0 <= self.accuracy <= 1.0), source,
-                 "accuracy must be null or in [0, 1], n_eval >= 0")
+        _require(self.accuracy is None or 0.0 <= self.accuracy <= 1.0, source, "accuracy must be null or in [0, 1]")
+        _require(0 <= self.n_eval <= MAX_COUNT, source, f"n_eval {self.n_eval} is outside [0, {MAX_COUNT}]")
+        _require(0 <= self.version <= MAX_VERSION, source, f"version {self.version} is outside [0, {MAX_VERSION}]")
+        _require(bool(_HEX64.fullmatch(self.sha256)), source, "sha256 is not 64 lowercase hex digits")
 
 
 @dataclass(frozen=True)
@@ -313,6 +359,15 @@ class InstallFailed(Message):
     code: str
     reason: str
     id: str = field(default_factory=new_id)
+
+    def _check(self, source: str) -> None:
+        super()._check(source)
+        _check_code_and_reason(self.code, self.reason, source)
+
+
+def _check_code_and_reason(code: str, reason: str, source: str) -> None:
+    _require(bool(_CODE.fullmatch(code)), source, f"code {code!r:.80} is not 1-{MAX_CODE_CHARS} of A-Z a-z 0-9 _ . -")
+    _require(len(reason) <= MAX_REASON_CHARS, source, f"reason of {len(reason)} characters (limit {MAX_REASON_CHARS})")
 
 
 @dataclass(frozen=True)
@@ -361,7 +416,32 @@ def decode_message(payload: bytes, source: str = "message", allowed: Mapping[str
     cls = allowed.get(env.type)
     if cls is None:
         raise MessageError(f"{source}: message type {env.type!r:.40} is not accepted here")
-    return cls.from_envelope(env, source)
+    msg = cls.from_envelope(env, source)
+    if isinstance(msg, Probe):
+        check_probe(msg, source)
+    elif isinstance(msg, Scores):
+        check_scores(msg, source)
+    return msg
+
+
+def check_probe(probe: Probe, source: str = "probe") -> Probe:
+    """The protocol's bounds on a decoded probe (its id names a round and a ledger entry)."""
+    _require(_text_ok(probe.probe_id, MAX_ID_CHARS), source, f"probe id must be 1-{MAX_ID_CHARS} characters")
+    _require(_text_ok(probe.encoder_sha256, MAX_ID_CHARS), source,
+             f"encoder_sha256 must be 1-{MAX_ID_CHARS} characters")
+    _require(1 <= probe.k <= MAX_COUNT and probe.feature_dim >= 1, source, "a probe needs k >= 1 and feature_dim >= 1")
+    return probe
+
+
+def check_scores(scores: Scores, source: str = "scores") -> Scores:
+    """The protocol's bounds on decoded scores: short ids, finite noise and privacy numbers."""
+    for name in ("probe_id", "message_id", "encoder_sha256"):
+        _require(_text_ok(getattr(scores, name), MAX_ID_CHARS), source, f"{name} must be 1-{MAX_ID_CHARS} characters")
+    _require(len(scores.accountant) <= MAX_CODE_CHARS, source,
+             f"accountant must be at most {MAX_CODE_CHARS} characters")
+    for name in ("sigma", "sensitivity", "epsilon", "delta"):
+        _require(math.isfinite(getattr(scores, name)), source, f"{name} must be finite")
+    return scores
 
 
 def decode_for_device(device_id: str, topic: str, payload: bytes) -> Any:
