@@ -13,7 +13,6 @@ sender, and may pass the last ``acked`` it stored to skip a round trip.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Protocol, Union
 
 from device_sdk.artifact import META_KEY
-from device_sdk.errors import UsageError
+from device_sdk.errors import ArtifactError, UsageError
 from device_sdk.fsutil import PathLike
 from device_sdk.protocol import (DEFAULT_CHUNK_SIZE, FORMATS, Ack, ArtifactChunk, ArtifactManifest, InstallFailed,
                                  Installed, inbox)
 from device_sdk.signing import sign
+from device_sdk.wire import parse_json
 
 LOG = logging.getLogger("ecos.cloud.delivery")
 
@@ -64,18 +64,27 @@ def build_manifest(artifact_path: PathLike, private_key_path: PathLike, *, name:
 
 
 def _read_meta(path: Path, digest: str) -> Dict[str, Any]:
+    """The artifact's metadata from its sidecar or its ONNX metadata; any defect is a typed error."""
     sidecar = Path(str(path) + ".json")
     if sidecar.exists():
-        doc = json.loads(sidecar.read_text("utf-8"))
+        doc = parse_json(sidecar.read_bytes(), str(sidecar), UsageError)
+        if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
+            raise UsageError(f"{sidecar} is not an artifact sidecar (no 'meta' object); re-export it")
         if doc.get("sha256") != digest:
             raise UsageError(f"{sidecar} describes another file (sha256 {str(doc.get('sha256'))[:12]}...); re-export it")
         return dict(doc["meta"])
     if path.suffix.lower() == ".onnx":
         import onnx
 
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own types for a damaged file
+            raise ArtifactError(f"{path}: not a readable ONNX file ({exc.__class__.__name__})") from None
         if META_KEY in props:
-            return dict(json.loads(props[META_KEY]))
+            meta = parse_json(props[META_KEY], f"{path}: metadata", ArtifactError)
+            if not isinstance(meta, dict):
+                raise ArtifactError(f"{path}: its ECOS metadata is not a JSON object")
+            return meta
     raise UsageError(f"{path}: no metadata (no {sidecar.name} sidecar and none embedded); pass meta=")
 
 

@@ -22,6 +22,7 @@ from .fsutil import atomic_write_bytes
 from .imagefolder import scan_image_folder
 from .messages import Probe
 from .privacy import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, PrivacyLedger
+from .protocol import check_probe
 from .runtime import load_model
 from .scoring import check_compatible, encode_items
 from .wire import read_file
@@ -30,7 +31,7 @@ LOG = logging.getLogger("ecos.device")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    probe = Probe.from_envelope(read_file(args.probe, "probe"), args.probe)
+    probe = check_probe(Probe.from_envelope(read_file(args.probe, "probe"), args.probe), args.probe)
     model = load_model(args.encoder, threads=args.threads)
     check_compatible(probe, model)  # fail before reading a single private image
     ledger = PrivacyLedger.open(args.ledger, device_id=args.device_id, budget_epsilon=args.budget_epsilon,

@@ -184,7 +184,8 @@ class _Refused(ValueError):
     """A JSON value outside the bounds (raised by the parse hooks, reported as the caller's error)."""
 
 
-_STRINGS_AND_TEXT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[^"\[\]{}]+', re.DOTALL)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # a JSON string (or an unterminated one)
+_NOT_BRACKETS = bytes(c for c in range(256) if chr(c) not in "[]{}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -192,19 +193,17 @@ def json_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     """True when ``text`` nests arrays/objects deeper than ``max_depth`` (or its brackets do not balance).
 
     Linear and recursion-free, run before ``json.loads`` (whose C parser recurses once per level):
-    strings are dropped, then innermost ``[]`` pairs are removed ``max_depth`` times; balanced
-    JSON that deep is then gone.
+    strings are dropped, then everything but brackets, and the running depth of what is left
+    (``+1`` per opening, ``-1`` per closing bracket) must stay within ``[0, max_depth]`` and end at 0.
     """
-    brackets = _STRINGS_AND_TEXT.sub("", text)
-    if brackets.count("[") + brackets.count("{") <= max_depth:
+    if text.count("[") + text.count("{") <= max_depth:
         return False
-    brackets = brackets.replace("{", "[").replace("}", "]")
-    for _ in range(max_depth):
-        shorter = brackets.replace("[]", "")
-        if shorter == brackets:
-            break
-        brackets = shorter
-    return bool(brackets)
+    brackets = np.frombuffer(_STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS),
+                             dtype=np.uint8)
+    if brackets.size == 0:
+        return False
+    depth = np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1), dtype=np.int64)
+    return bool(depth.max() > max_depth or depth.min() < 0 or depth[-1] != 0)  # too deep, or unbalanced
 
 
 def _parse_int(text: str) -> int:

@@ -438,3 +438,18 @@ def test_the_agent_survives_hostile_messages_and_its_own_bugs(agent, caplog, mon
     assert agent.stats.dropped == 5
     (line,) = [r.getMessage() for r in caplog.records if "KeyError" in r.getMessage()]
     assert inbox in line and "\n" not in line
+
+
+@pytest.mark.parametrize("sidecar", [b"[1]", b"\xff", b'{"meta": 5}', b'{"meta": {}, "sha256": 7}', b"[" * 5000])
+def test_a_hostile_artifact_sidecar_is_a_usage_error(tmp_path, sidecar):
+    from cloud.delivery import _read_meta
+    from device_sdk.errors import UsageError
+
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"not onnx")
+    Path(str(artifact) + ".json").write_bytes(sidecar)
+    with pytest.raises(UsageError):
+        _read_meta(artifact, "0" * 64)
+    Path(str(artifact) + ".json").unlink()
+    with pytest.raises(ArtifactError):  # no sidecar: the ONNX file itself is read, and is garbage
+        _read_meta(artifact, "0" * 64)
