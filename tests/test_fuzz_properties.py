@@ -452,23 +452,9 @@ def test_store_inputs_give_only_store_errors(number, text):
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    from test_hostile_input import NoTrainer, RecordingTransport
+    from test_hostile_input import small_daemon
 
-    from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig
-    from cloud.daemon import Daemon
-    from cloud.index import PoolIndex
-    from cloud.store import ArtifactRecord, SqliteStore
-
-    tmp = tmp_path_factory.mktemp("fuzz-daemon")
-    index = PoolIndex(paths=np.array(["a", "b"]), labels=np.array(["0", "1"]), domains=np.array(["d", "d"]),
-                      features=np.eye(2, 6, dtype=np.float32), assign=np.array([0, 1], np.int32),
-                      centroids=np.eye(4, 6, dtype=np.float32), encoder_sha256="e" * 64, probe_id="p1", created="")
-    store = SqliteStore(":memory:")
-    store.add_artifact(ArtifactRecord("art-1", "r1", "classifier-x", 1, "a" * 64, 2500, "/nowhere", b"m"))
-    store.add_delivery("art-1", DEV, "r1", 3)
-    cfg = CloudConfig(broker=BrokerConfig(), store=StoreConfig(state_dir=str(tmp / "cloud")),
-                      metrics=MetricsConfig(port=0))
-    return Daemon(cfg, store, index, NoTrainer(), transport_factory=RecordingTransport)
+    return small_daemon(tmp_path_factory.mktemp("fuzz-daemon") / "cloud")
 
 
 def test_the_daemon_handles_every_swept_message_without_an_unexpected_failure(daemon):
@@ -489,17 +475,9 @@ def test_the_daemon_handles_any_message_without_an_unexpected_failure(daemon, da
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    from device_sdk.agent import DeviceAgent
-    from device_sdk.config import DeviceConfig, ModelSettings, PrivacySettings
-    from device_sdk.signing import generate_keypair
+    from test_hostile_input import offline_agent
 
-    tmp = tmp_path_factory.mktemp("fuzz-agent")
-    _, public = generate_keypair(tmp / "keys")
-    cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(tmp / "ledger.json")),
-                       models=ModelSettings(store=str(tmp / "models"), cloud_public_key=str(public)))
-    agent = DeviceAgent(cfg)
-    agent._publish_out = lambda payload: None  # no broker here: replies go nowhere
-    return agent
+    return offline_agent(tmp_path_factory.mktemp("fuzz-agent"))
 
 
 @FUZZ

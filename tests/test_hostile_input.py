@@ -26,6 +26,7 @@ from device_sdk import wire
 from device_sdk.artifact import ArtifactMeta
 from device_sdk.errors import ArtifactError, EcosError, MessageError, StoreError
 from device_sdk.messages import Probe, Scores
+from test_daemon_rounds import RecordingTransport
 
 DEV = "pi-1"
 
@@ -313,41 +314,31 @@ def test_the_store_refuses_integers_sqlite_cannot_hold():
 
 # ---- 3. message loops that cannot die --------------------------------------------------------------
 
-class RecordingTransport:
-    def __init__(self, *args, **kwargs):
-        self.published = []
-
-    def start(self):
-        return self
-
-    def stop(self):
-        pass
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.published.append((topic, payload))
-
-
 class NoTrainer:
     def train(self, *args, **kwargs):
         raise RuntimeError("no training in these tests")
 
 
-@pytest.fixture
-def daemon(tmp_path):
+def small_daemon(state_dir: Path):
+    """A daemon on a tiny in-memory pool (k=4, d=6) and store, with artifact ``art-1`` being sent to DEV."""
     from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig
     from cloud.daemon import Daemon
     from cloud.index import PoolIndex
     from cloud.store import ArtifactRecord, SqliteStore
 
     index = PoolIndex(paths=np.array(["a", "b"]), labels=np.array(["0", "1"]), domains=np.array(["d", "d"]),
-                      features=np.eye(2, 4, dtype=np.float32), assign=np.array([0, 1], np.int32),
-                      centroids=np.eye(2, 4, dtype=np.float32), encoder_sha256="e" * 64, probe_id="p1", created="")
-    cfg = CloudConfig(broker=BrokerConfig(), store=StoreConfig(state_dir=str(tmp_path / "cloud")),
-                      metrics=MetricsConfig(port=0))
+                      features=np.eye(2, 6, dtype=np.float32), assign=np.array([0, 1], np.int32),
+                      centroids=np.eye(4, 6, dtype=np.float32), encoder_sha256="e" * 64, probe_id="p1", created="")
+    cfg = CloudConfig(broker=BrokerConfig(), store=StoreConfig(state_dir=str(state_dir)), metrics=MetricsConfig(port=0))
     store = SqliteStore(":memory:")
-    store.add_artifact(ArtifactRecord("art-1", "r1", "classifier-x", 1, "a" * 64, 10, "/nowhere", b"m"))
+    store.add_artifact(ArtifactRecord("art-1", "r1", "classifier-x", 1, "a" * 64, 2500, "/nowhere", b"m"))
     store.add_delivery("art-1", DEV, "r1", 3)
     return Daemon(cfg, store, index, NoTrainer(), transport_factory=RecordingTransport)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    return small_daemon(tmp_path / "cloud")
 
 
 def dropped(daemon, reason: str) -> float:
@@ -411,14 +402,21 @@ def test_log_clean_escapes_control_characters_and_truncates():
 
 @pytest.fixture
 def agent(tmp_path):
+    return offline_agent(tmp_path)
+
+
+def offline_agent(state_dir: Path):
+    """An agent of DEV (no encoder, no broker: it is never started) whose replies go nowhere."""
     from device_sdk.agent import DeviceAgent
     from device_sdk.config import DeviceConfig, ModelSettings, PrivacySettings
     from device_sdk.signing import generate_keypair
 
-    _, public = generate_keypair(tmp_path / "keys")
-    cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(tmp_path / "ledger.json")),
-                       models=ModelSettings(store=str(tmp_path / "models"), cloud_public_key=str(public)))
-    return DeviceAgent(cfg)
+    _, public = generate_keypair(state_dir / "keys")
+    cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(state_dir / "ledger.json")),
+                       models=ModelSettings(store=str(state_dir / "models"), cloud_public_key=str(public)))
+    agent = DeviceAgent(cfg)
+    agent._publish_out = lambda payload: None
+    return agent
 
 
 def test_the_agent_survives_hostile_messages_and_its_own_bugs(agent, caplog, monkeypatch):

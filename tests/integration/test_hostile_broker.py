@@ -24,7 +24,7 @@ from cloud.broker import Broker, free_port
 from cloud.store import RoundState, SqliteStore
 from device_sdk import protocol as P
 from device_sdk.signing import PUBLIC_NAME
-from test_daemon import _serve, _up, metric, scrape, start_agent
+from test_daemon import _serve, _up, _write_toml, metric, scrape, start_agent
 from test_fuzz_properties import CORPUS, header_sweep
 from test_hostile_input import KILLERS, nested, raw_envelope, status_header
 
@@ -37,31 +37,6 @@ SEED = 8
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher-cache")
-
-
-def write_config(path: Path, broker: Broker, index_path: Path, cache: Path, state: Path, metrics_port: int) -> None:
-    path.write_text(f"""
-[broker]
-host = "{broker.host}"
-port = {broker.port}
-client_id = "{unique_id('cloud-hostile')}"
-[store]
-state_dir = "{state}"
-index = "{index_path}"
-[rounds]
-budget = 40
-collect_seconds = 60
-[metrics]
-port = {metrics_port}
-[trainer]
-threads = 1
-cache_dir = "{cache}"
-[trainer.options]
-teacher = {{ width = 4, epochs = 1 }}
-student = {{ width = 4, epochs = 1 }}
-quant = {{ calibration_size = 16 }}
-gate = {{ min_agreement = 0.0, max_accuracy_drop = 1.0 }}
-""")
 
 
 def fuzz_payloads(n: int, rng: random.Random) -> List[bytes]:
@@ -103,7 +78,7 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
     broker = shared_broker
     _, index_path = pool_index
     state, config, log, port = tmp_path / "cloud", tmp_path / "cloud.toml", tmp_path / "daemon.log", free_port()
-    write_config(config, broker, index_path, teacher_cache, state, port)
+    _write_toml(config, broker, index_path, teacher_cache, state, port)
     device, victim = unique_id("hostile-dev"), unique_id("hostile-victim")
     rng = random.Random(SEED)
     raw = publisher(broker)
