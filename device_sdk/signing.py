@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Tuple
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -60,7 +60,7 @@ def public_pem(key: Ed25519PublicKey) -> bytes:
 def load_private_key(path: PathLike) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise UsageError(f"cannot load the Ed25519 private key {path}: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise UsageError(f"{path} is not an Ed25519 private key")
@@ -78,7 +78,7 @@ def load_public_key(path: PathLike) -> Ed25519PublicKey:
             key = serialization.load_pem_public_key(raw)
         else:
             key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw.decode("ascii").strip()))
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, UnicodeDecodeError, UnsupportedAlgorithm) as exc:
         raise UsageError(f"{path} is neither a PEM public key nor 64 hex digits: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise UsageError(f"{path} is not an Ed25519 public key")

@@ -424,6 +424,35 @@ def test_the_pool_index_file_gives_only_typed_errors(files, data):
         typed_only(lambda: P.check_probe(Probe.from_bytes(probe.to_bytes())))
 
 
+@pytest.fixture(scope="module")
+def key_pems(tmp_path_factory) -> List[bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from device_sdk.signing import generate_keypair, load_public_key
+
+    private, public = generate_keypair(tmp_path_factory.mktemp("fuzz-keys"))
+    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    raw_hex = load_public_key(public).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    return [private.read_bytes(), public.read_bytes(), other, raw_hex.encode()]
+
+
+@FUZZ
+@given(st.data())
+def test_key_files_give_only_usage_errors(files, key_pems, data):
+    """A damaged key file: bit flips anywhere, the base64 body included (its DER then names odd key types)."""
+    from device_sdk.signing import load_private_key, load_public_key
+
+    pem = bytearray(data.draw(st.sampled_from(key_pems)))
+    for _ in range(data.draw(st.integers(min_value=0, max_value=4))):
+        pem[data.draw(st.integers(min_value=0, max_value=len(pem) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    path = files / "key.pem"
+    path.write_bytes(bytes(pem))
+    typed_only(load_public_key, path)
+    typed_only(load_private_key, path)
+
+
 @FUZZ
 @given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=2 ** 32 - 1), max_size=24))
 def test_tflite_metadata_gives_only_artifact_errors(tail, words):
