@@ -337,6 +337,7 @@ def gaussian_noise(n: int, sigma: float,
 
 LEDGER_KIND = "ecos.privacy_ledger"
 LEDGER_VERSION = 1
+LEDGER_MAX_STRING = 16 << 20  # base64 of the largest payload a device could release (4 MiB), with room
 
 
 @dataclass(frozen=True)
@@ -618,7 +619,8 @@ def _bad(path: Path, why: str) -> MessageError:
 
 def _parse_state(raw: bytes, path: Path) -> Dict[str, Any]:
     try:
-        state = parse_json(raw, "contents")  # bounded: nesting, integer size, finite numbers
+        # bounded (nesting, integer size, finite numbers); a string may hold a whole released payload in base64
+        state = parse_json(raw, "contents", max_string=LEDGER_MAX_STRING)
     except MessageError as exc:
         raise _bad(path, f"not JSON within bounds: {exc}") from None
     if not isinstance(state, dict):

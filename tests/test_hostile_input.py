@@ -238,6 +238,15 @@ def test_a_hostile_ledger_is_read_as_a_typed_error_or_a_finite_number(tmp_path, 
     assert summary["spent_epsilon"] >= 0
 
 
+def test_a_ledger_keeps_reading_large_released_payloads(tmp_path):
+    from device_sdk.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", device_id=DEV)
+    payload = bytes(range(256)) * 1000  # scores of a large k: base64 longer than any string in a message header
+    ledger.release("r1", 5.0, 1.0, 4, lambda: payload, lambda _: None)
+    assert PrivacyLedger(tmp_path / "ledger.json").lookup("r1") == payload
+
+
 def test_a_ledger_nested_too_deep_is_a_message_error(tmp_path):
     from device_sdk.privacy import PrivacyLedger
 
