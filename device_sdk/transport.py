@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .errors import UsageError
+from .logsafe import clean
 
 LOG = logging.getLogger("ecos.transport")
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
@@ -157,9 +158,14 @@ class MqttTransport:
         if self.on_message is None:
             return
         try:
-            self.on_message(message.topic, bytes(message.payload))
+            topic = message.topic  # paho decodes it here: a topic that is not UTF-8 raises
+        except UnicodeDecodeError:
+            LOG.warning("%s: dropped a message whose topic is not UTF-8", self.client_id)
+            return
+        try:
+            self.on_message(topic, bytes(message.payload))
         except Exception:  # the network thread must survive any handler bug
-            LOG.exception("%s: handler failed on a message from %s", self.client_id, message.topic)
+            LOG.exception("%s: handler failed on a message from %s", self.client_id, clean(topic))
 
 
 def _no_delay(sock) -> None:

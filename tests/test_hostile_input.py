@@ -460,3 +460,23 @@ def test_a_hostile_artifact_sidecar_is_a_usage_error(tmp_path, sidecar):
     Path(str(artifact) + ".json").unlink()
     with pytest.raises(ArtifactError):  # no sidecar: the ONNX file itself is read, and is garbage
         _read_meta(artifact, "0" * 64)
+
+
+def test_the_transport_survives_a_topic_that_is_not_utf8_and_a_failing_handler(caplog):
+    import paho.mqtt.client as mqtt
+
+    from device_sdk.transport import MqttTransport
+
+    got = []
+
+    def handler(topic, payload):
+        got.append(topic)
+        raise RuntimeError("a handler bug")
+
+    transport = MqttTransport("t-hostile", "127.0.0.1", 1, on_message=handler)
+    for topic in (b"ecos/v1/dev/\xff/out", b"ecos/v1/dev/a\nb/out"):
+        message = mqtt.MQTTMessage(topic=topic)
+        message.payload = b"x"
+        transport._on_message(None, None, message)  # before the fix, the first raised on paho's network thread
+    assert got == ["ecos/v1/dev/a\nb/out"]
+    assert all("\n" not in r.getMessage() for r in caplog.records)
