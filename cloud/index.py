@@ -43,8 +43,31 @@ class PoolIndex:
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
-    def probe(self, codec: str = "float16", max_distance: Optional[float] = None) -> Probe:
-        return Probe(self.probe_id, self.encoder_sha256, self.centroids, codec, max_distance, self.created)
+    def probe(self, codec: str = "float16", max_distance: Optional[float] = None,
+              radius_quantile: Optional[float] = None) -> Probe:
+        """The probe of this index; with ``radius_quantile`` it asks for coverage (see :meth:`radii`)."""
+        radii = None if radius_quantile is None else self.radii(radius_quantile)
+        return Probe(self.probe_id, self.encoder_sha256, self.centroids, codec, max_distance, self.created,
+                     radii=radii)
+
+    def radii(self, quantile: float = 0.95) -> np.ndarray:
+        """Per cluster, the cosine distance within which ``quantile`` of its own members lie.
+
+        A device sample farther than that from its nearest centroid is "far": the pool has
+        nothing quite like it. Tiny clusters borrow the median radius of all clusters.
+        """
+        if not 0.0 < quantile <= 1.0:
+            raise InputError(f"radius quantile must lie in (0, 1]; got {quantile}")
+        distance = 1.0 - np.einsum("ij,ij->i", self.features, self.centroids[self.assign])
+        radii = np.zeros(self.k, dtype=np.float64)
+        sizes = np.bincount(self.assign, minlength=self.k)
+        order = np.argsort(self.assign, kind="stable")
+        for k, members in enumerate(np.split(order, np.cumsum(sizes)[:-1])):
+            radii[k] = np.quantile(distance[members], quantile) if len(members) >= 5 else np.nan
+        fill = np.nanmedian(radii) if np.isfinite(radii).any() else 0.0
+        radii = np.where(np.isfinite(radii), radii, fill)
+        # float16 on the wire: round up so no member inside the radius falls out of it
+        return np.nextafter(radii.astype(np.float16), np.float16(np.inf)).astype(np.float32)
 
     def save(self, path: str) -> None:
         meta = {"format": INDEX_FORMAT, "encoder_sha256": self.encoder_sha256, "probe_id": self.probe_id, "created": self.created}
@@ -63,7 +86,15 @@ class PoolIndex:
 def build_index(pool_root: str, encoder_path: str, k: int, iters: int = 20, seed: int = 0,
                 cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512) -> PoolIndex:
     """Scan, encode (cached) and cluster the pool; the result carries a fresh probe id."""
-    items = scan_image_folder(pool_root)
+    return build_index_from_items(scan_image_folder(pool_root), encoder_path, k, iters, seed, cache_dir, threads, batch,
+                                  where=pool_root)
+
+
+def build_index_from_items(items, encoder_path: str, k: int, iters: int = 20, seed: int = 0,
+                           cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512,
+                           where: str = "a list") -> PoolIndex:
+    """:func:`build_index` over a given list of images (e.g. a manifest, or a pool minus one domain)."""
+    pool_root = where
     model = load_model(encoder_path, threads=threads)
     LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), pool_root, model.sha256[:12], model.meta.feature_dim)
     features = encode_pool(model, items, cache_dir, batch)

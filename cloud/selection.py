@@ -32,7 +32,7 @@ def load_scores(paths: Sequence[str]) -> List[Scores]:
     return [Scores.from_envelope(read_file(p, "scores"), p) for p in paths]
 
 
-def combine_scores(index: PoolIndex, answers: Sequence[Scores]) -> Optional[ScoreSet]:
+def combine_scores(index: PoolIndex, answers: Sequence[Scores], radius_quantile: float = 0.95) -> Optional[ScoreSet]:
     """Sum the devices' noisy scores after checking each one belongs to this index."""
     if not answers:
         return None
@@ -50,7 +50,11 @@ def combine_scores(index: PoolIndex, answers: Sequence[Scores]) -> Optional[Scor
         per_device[s.device_id] = s
     total = np.sum([s.scores for s in per_device.values()], axis=0)
     sigma = math.sqrt(sum(s.sigma ** 2 for s in per_device.values()))
-    return ScoreSet(scores=total.astype(np.float64), sigma=sigma)
+    fars = [s.far for s in per_device.values()]
+    far = float(sum(fars)) if all(f is not None for f in fars) else None
+    if far is None and any(f is not None for f in fars):
+        LOG.warning("some devices reported coverage (far counts) and some did not; ignoring coverage")
+    return ScoreSet(scores=total.astype(np.float64), sigma=sigma, far=far, radius_quantile=radius_quantile)
 
 
 def select(index: PoolIndex, method: str, budget: int, scores: Optional[ScoreSet], seed: int = 0, **config) -> np.ndarray:

@@ -40,6 +40,8 @@ def release_key(probe: Probe) -> str:
     """
     h = hashlib.sha256(np.ascontiguousarray(probe.centroids, dtype=np.float32).tobytes())
     h.update(f"{probe.encoder_sha256}|{probe.max_distance}".encode())
+    if probe.radii is not None:
+        h.update(np.ascontiguousarray(probe.radii, dtype=np.float32).tobytes())
     return f"{probe.probe_id}:{h.hexdigest()[:16]}"
 
 
@@ -58,10 +60,14 @@ def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: Priva
     release_eps = compose_epsilon([(noise_sigma, 1.0)], delta, ledger.accountant)
 
     def produce() -> bytes:
-        counts = coverage_counts(features, probe.centroids, probe.max_distance)
+        # One histogram (K bins, plus the far bin when the probe asks for coverage), one noise draw per
+        # bin, one release: every sample is in exactly one bin, so the sensitivity stays 1.
+        counts = coverage_counts(features, probe.centroids, probe.max_distance, radii=probe.radii)
         noisy = counts + gaussian_noise(len(counts), noise_sigma, rng)
-        return Scores(probe.probe_id, ledger.device_id, probe.encoder_sha256, noisy, noise_sigma, 1.0,
-                      release_eps, delta, ledger.accountant).to_bytes()
+        far = None if probe.radii is None else float(noisy[-1])
+        return Scores(probe.probe_id, ledger.device_id, probe.encoder_sha256, noisy[: probe.k], noise_sigma, 1.0,
+                      release_eps, delta, ledger.accountant, far=far).to_bytes()
 
-    result = ledger.release(release_key(probe), noise_sigma, 1.0, probe.k, produce, commit)
+    n_values = probe.k + (probe.radii is not None)
+    result = ledger.release(release_key(probe), noise_sigma, 1.0, n_values, produce, commit)
     return Scores.from_bytes(result.payload, "released scores"), result

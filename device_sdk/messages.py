@@ -5,6 +5,7 @@ Both travel as ``device_sdk.wire`` envelopes, in files (offline mode) or MQTT pa
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,6 +37,10 @@ class Probe:
     nearest centroid; it does not change the sensitivity (still one vote per sample at most).
     ``deadline`` (unix seconds, optional) is when the cloud stops collecting answers: a device
     does not spend budget on a probe whose answer would arrive too late.
+    ``radii`` (K cosine distances, optional) turns on coverage reporting: a sample whose nearest
+    centroid ``k`` lies farther than ``radii[k]`` votes in one extra "far" bin instead of for
+    ``k``. Each sample still votes exactly once, so the K + 1 counts keep L2 sensitivity 1 and the
+    same noise buys the same epsilon (docs/sampling.md).
     """
 
     probe_id: str
@@ -45,6 +50,7 @@ class Probe:
     max_distance: Optional[float] = None
     created: str = ""
     deadline: Optional[float] = None
+    radii: Optional[np.ndarray] = None
 
     @property
     def k(self) -> int:
@@ -67,6 +73,8 @@ class Probe:
         }
         if self.deadline is not None:
             fields["deadline"] = float(self.deadline)
+        if self.radii is not None:
+            arrays["radii"] = np.asarray(self.radii, dtype=np.float16)
         return wire.encode(PROBE, fields, arrays)
 
     @classmethod
@@ -88,8 +96,17 @@ class Probe:
         deadline = f.get("deadline")
         if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))):
             raise MessageError(f"{source}: deadline must be unix seconds or absent")
+        if deadline is not None and not math.isfinite(float(deadline)):
+            raise MessageError(f"{source}: deadline must be a finite number of unix seconds")
+        if max_distance is not None and not math.isfinite(float(max_distance)):
+            raise MessageError(f"{source}: max_distance must be finite")
+        radii = env.arrays.get("radii")
+        if radii is not None:
+            radii = radii.astype(np.float32)
+            if radii.shape != (f["k"],) or not np.all(np.isfinite(radii)) or np.any(radii < 0):
+                raise MessageError(f"{source}: radii must be k={f['k']} finite cosine distances >= 0")
         return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, str(f.get("created", "")),
-                   None if deadline is None else float(deadline))
+                   None if deadline is None else float(deadline), radii)
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,7 @@ class Scores:
     accountant: str = "gaussian"
     message_id: str = ""
     created: str = ""
+    far: Optional[float] = None  # noisy count of samples outside every centroid's radius (probes with radii)
 
     @property
     def k(self) -> int:
@@ -123,7 +141,10 @@ class Scores:
             "privacy": {"epsilon": float(self.epsilon), "delta": float(self.delta), "accountant": self.accountant},
             "created": self.created or utc_now(),
         }
-        return wire.encode(SCORES, fields, {"scores": np.asarray(self.scores, dtype=np.float32)})
+        arrays = {"scores": np.asarray(self.scores, dtype=np.float32)}
+        if self.far is not None:
+            arrays["far"] = np.asarray([self.far], dtype=np.float32)
+        return wire.encode(SCORES, fields, arrays)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "scores") -> "Scores":
@@ -142,12 +163,16 @@ class Scores:
         try:
             sigma, sens = float(noise["sigma"]), float(noise["sensitivity"])
             eps, delta = float(privacy["epsilon"]), float(privacy["delta"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise MessageError(f"{source}: malformed noise/privacy fields") from None
-        if sigma < 0 or sens <= 0:
+        if not all(math.isfinite(v) for v in (sigma, sens, eps, delta)) or sigma < 0 or sens <= 0:
             raise MessageError(f"{source}: invalid noise parameters sigma={sigma}, sensitivity={sens}")
+        far = env.arrays.get("far")
+        if far is not None and (far.shape != (1,) or not np.all(np.isfinite(far))):
+            raise MessageError(f"{source}: far must be one finite number")
         return cls(f["probe_id"], f["device_id"], f["encoder_sha256"], scores.astype(np.float64), sigma, sens,
-                   eps, delta, str(privacy.get("accountant", "")), f["id"], str(f.get("created", "")))
+                   eps, delta, str(privacy.get("accountant", "")), f["id"], str(f.get("created", "")),
+                   None if far is None else float(far[0]))
 
 
 def _compress(c: np.ndarray, codec: str) -> dict:

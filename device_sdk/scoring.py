@@ -1,8 +1,10 @@
 """Centroid coverage (CC) scores: what the device computes from its private images.
 
 Each local sample votes once, for its nearest centroid (cosine similarity on unit-norm
-features), optionally only if it lies within ``max_distance`` of it. Adding or removing one
-sample therefore changes exactly one count by one: L2 sensitivity 1, whatever K is.
+features), optionally only if it lies within ``max_distance`` of it. With per-centroid
+``radii`` (coverage reporting), a sample farther than its nearest centroid's radius votes in one
+extra "far" bin instead. Adding or removing one sample therefore changes exactly one count by
+one: L2 sensitivity 1, whatever K is, with or without the far bin.
 """
 
 from __future__ import annotations
@@ -17,18 +19,29 @@ from .messages import Probe
 from .runtime import Model
 
 
-def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: Optional[float] = None, chunk: int = 8192) -> np.ndarray:
-    """Votes per centroid: ``counts[k]`` = local samples whose nearest centroid is ``k``."""
+def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: Optional[float] = None,
+                    chunk: int = 8192, radii: Optional[np.ndarray] = None) -> np.ndarray:
+    """Votes per centroid: ``counts[k]`` = local samples whose nearest centroid is ``k``.
+
+    With ``radii`` (K cosine distances) the result has K + 1 entries: the last one counts the
+    samples that lie outside the radius of their nearest centroid (and vote nowhere else).
+    """
     if features.ndim != 2 or centroids.ndim != 2 or features.shape[1] != centroids.shape[1]:
         raise MismatchError(f"features {features.shape} and centroids {centroids.shape} have different dimensions")
     c = _unit(centroids.astype(np.float32))
-    counts = np.zeros(len(c), dtype=np.int64)
+    if radii is not None and np.shape(radii) != (len(c),):
+        raise MismatchError(f"{np.shape(radii)} radii for {len(c)} centroids")
+    bins = len(c) + (radii is not None)
+    counts = np.zeros(bins, dtype=np.int64)
     for start in range(0, len(features), chunk):
         sims = _unit(features[start : start + chunk].astype(np.float32)) @ c.T
         nearest = sims.argmax(axis=1)
-        if max_distance is not None:
-            nearest = nearest[1.0 - sims[np.arange(len(nearest)), nearest] <= max_distance]
-        counts += np.bincount(nearest, minlength=len(c))
+        distance = 1.0 - sims[np.arange(len(nearest)), nearest]
+        if radii is not None:
+            nearest = np.where(distance <= np.asarray(radii, dtype=np.float32)[nearest], nearest, len(c))
+        elif max_distance is not None:
+            nearest = nearest[distance <= max_distance]
+        counts += np.bincount(nearest, minlength=bins)
     return counts
 
 

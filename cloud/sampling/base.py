@@ -57,10 +57,16 @@ class PoolView:
 @dataclass(frozen=True, eq=False)
 class ScoreSet:
     """Noisy coverage counts per cluster, summed over one or more devices, and the standard
-    deviation of the noise in that sum (sqrt of the sum of the devices' variances; 0: exact)."""
+    deviation of the noise in that sum (sqrt of the sum of the devices' variances; 0: exact).
+    ``far`` is the (equally noisy) count of device samples outside every centroid's radius,
+    when the probe asked for coverage; ``radius_quantile`` is the share of the pool's own points
+    that lie inside their cluster's radius (so ``1 - radius_quantile`` of well-covered device
+    samples are expected to land in the far bin by chance)."""
 
     scores: np.ndarray
     sigma: float = 0.0
+    far: Optional[float] = None
+    radius_quantile: float = 0.95
 
     def __post_init__(self) -> None:
         scores = np.asarray(self.scores, dtype=np.float64)
@@ -68,6 +74,10 @@ class ScoreSet:
             raise UsageError(f"scores must be a 1-D array of finite numbers; got shape {scores.shape}")
         if not (np.isfinite(self.sigma) and self.sigma >= 0.0):
             raise UsageError(f"sigma must be a finite number >= 0; got {self.sigma!r}")
+        if self.far is not None and not np.isfinite(self.far):
+            raise UsageError(f"far must be a finite number; got {self.far!r}")
+        if not 0.0 < self.radius_quantile <= 1.0:
+            raise UsageError(f"radius_quantile must lie in (0, 1]; got {self.radius_quantile!r}")
         object.__setattr__(self, "scores", scores)
         object.__setattr__(self, "sigma", float(self.sigma))
 

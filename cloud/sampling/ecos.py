@@ -4,6 +4,12 @@ The pool is already compressed into K clusters; the devices sent one noisy cover
 cluster. This module (a) filters out clusters whose score is not clearly above the noise,
 (b) splits the budget over the kept clusters in proportion to their scores, and (c) inside
 each cluster picks points near the centroid that are not redundant with each other.
+
+Coverage (docs/sampling.md): when the devices also reported how many of their samples lie
+outside every centroid's radius (the far bin of the same histogram), the part of the device's
+data the pool does not cover is estimated as ``u`` and ``round(u * B)`` of the budget goes to
+the diversity term instead: a cluster-stratified uniform draw over the whole pool. With full
+coverage (u = 0) this is plain ECOS; with no coverage at all (u = 1) it is random sampling.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class SamplingPlan:
     kept: np.ndarray
     threshold: float
     fallback: bool
+    diverse: Optional[np.ndarray] = None  # K int64: of ``quotas``, points drawn uniformly (coverage term)
+    uncovered: float = 0.0  # estimated share of the devices' data outside the pool's coverage
 
 
 @register_sampler
@@ -50,6 +58,7 @@ class EcosSampler(Sampler):
     threshold_sigmas: float = 2.0
     min_count: float = 1.0
     oversample: float = 2.0
+    coverage: bool = True  # use the far count, when the scores have one
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
@@ -65,21 +74,56 @@ class EcosSampler(Sampler):
         return self._plan(pool, int(budget), scores)
 
     def _select(self, pool: PoolView, budget: int, scores: Optional[ScoreSet], rng: np.random.Generator) -> np.ndarray:
-        """Picks grouped by cluster, best-scored cluster first (so a rank reads as priority)."""
-        quotas = self._plan(pool, budget, scores).quotas
+        """Picks grouped by cluster, best-scored cluster first (so a rank reads as priority);
+        the coverage term's uniform picks come last."""
+        plan = self._plan(pool, budget, scores)
+        diverse = plan.diverse if plan.diverse is not None else np.zeros_like(plan.quotas)
+        proximal = plan.quotas - diverse
         members = _members_by_cluster(pool.assign, pool.n_clusters)
         parts = [
-            self._pick_in_cluster(pool.features, members[j], pool.centroids[j], int(quotas[j]))
+            self._pick_in_cluster(pool.features, members[j], pool.centroids[j], int(proximal[j]))
             for j in np.argsort(-scores.scores, kind="stable")
-            if quotas[j]
+            if proximal[j]
         ]
+        taken = np.zeros(pool.size, dtype=bool)
+        for part in parts:
+            taken[part] = True
+        for j in np.flatnonzero(diverse):
+            free = members[j][~taken[members[j]]]
+            parts.append(rng.choice(free, size=int(diverse[j]), replace=False).astype(np.int64))
         return np.concatenate(parts)
 
     def _plan(self, pool: PoolView, budget: int, scores: ScoreSet) -> SamplingPlan:
         sizes = pool.cluster_sizes()
         kept, threshold, fallback = self._filter(scores, sizes, budget)
-        quotas = _allocate(scores.scores, kept, sizes, budget, pool.centroids)
-        return SamplingPlan(quotas=quotas, kept=kept, threshold=threshold, fallback=fallback)
+        uncovered = self.uncovered(scores, kept) if self.coverage else 0.0
+        n_diverse = int(round(uncovered * budget))
+        proximal = _allocate(scores.scores, kept, sizes, budget - n_diverse, pool.centroids)
+        if n_diverse == 0:
+            return SamplingPlan(quotas=proximal, kept=kept, threshold=threshold, fallback=fallback)
+        room = sizes - proximal
+        diverse = proportional_quotas(room.astype(np.float64), room, n_diverse)
+        return SamplingPlan(quotas=proximal + diverse, kept=kept, threshold=threshold, fallback=fallback,
+                            diverse=diverse, uncovered=uncovered)
+
+    @staticmethod
+    def uncovered(scores: ScoreSet, kept: np.ndarray) -> float:
+        """Share of the devices' samples the pool does not cover, from the far count.
+
+        ``near`` = the (clipped) scores of the kept clusters, ``far`` = the far count (both
+        noisy); the far share ``f = far / (near + far)`` is corrected for the
+        ``1 - radius_quantile`` of well-covered samples that fall outside a radius by chance:
+        ``u = clip((f - (1 - q)) / q, 0, 1)``. No far count: 0 (plain ECOS). Nothing clearly
+        scored at all: 1.
+        """
+        if scores.far is None:
+            return 0.0
+        near = float(np.clip(scores.scores[kept], 0.0, None).sum())
+        far = max(float(scores.far), 0.0)
+        if near + far <= 0.0:
+            return 1.0
+        q = scores.radius_quantile
+        return float(np.clip((far / (near + far) - (1.0 - q)) / q, 0.0, 1.0))
 
     def _filter(self, scores: ScoreSet, sizes: np.ndarray, budget: int) -> Tuple[np.ndarray, float, bool]:
         """Clusters clearly covered by the devices; the top-scored ones if none is."""
