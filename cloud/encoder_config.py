@@ -10,11 +10,22 @@ class EncoderConfig:
     arch: str = "conv_encoder"
     feature_dim: int = 64
     width: int = 16
+    style_dim: int = 0  # outputs given to the style code (models/encoder.py); 0 = none
+    style_weight: float = 0.5
     epochs: int = 5
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
+    objective: str = "auto"  # auto: contrastive + labels/domains when present; contrastive; supervised
+    label_weight: float = 1.0  # weight of the label head next to the contrastive loss
     domain_weight: float = 1.0
+    temperature: float = 0.2  # of the contrastive loss
+    # contrastive views (docs/sampling.md has the ablation): shift as a fraction of the image, zoom
+    # range (> 1 crops in), and a random RGB channel order (hue alone must not identify an image)
+    max_shift: float = 0.25
+    min_zoom: float = 1.0
+    max_zoom: float = 2.0
+    permute_channels: bool = True
     scale: float = 16.0  # temperature of the cosine heads
     val_fraction: float = 0.1
     seed: int = 0

@@ -1,9 +1,16 @@
 """Train the feature encoder on the open-source pool (no pretrained weights exist here).
 
 ECOS senses the device's distribution through the encoder, so its features must separate
-visual *domains* as well as *content*. The encoder is trained with two cosine-classifier heads
-on its unit-norm output: one for the class label (the image's folder name) and one for the
-domain (the folder levels above it), when the pool has them. The heads are dropped at export.
+visual *domains* (style: colour, stroke, texture, background) as well as *content*. A scraped
+pool has no domain folders and often no labels, so the core objective needs neither:
+contrastive instance discrimination (NT-Xent, SimCLR-style) between two *geometric* views of
+each image (shift, scale, small rotation). No colour or texture augmentation is applied on
+purpose: to tell two images apart the encoder must keep the style cues ECOS needs.
+
+Labels (the image's folder name) and domains (the folder levels above it) are extra signal
+when the pool has them: one cosine-classifier head each on the unit-norm output, dropped at
+export. ``EncoderConfig.objective`` picks ``auto`` (contrastive + whatever metadata exists),
+``contrastive`` (ignore the metadata) or ``supervised`` (the heads alone, the first version).
 """
 
 from __future__ import annotations
@@ -58,24 +65,90 @@ def split_indices(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, n
     return perm[n_val:], perm[:n_val]
 
 
+def random_views(x: torch.Tensor, gen: torch.Generator, shift: float = 0.125, scale=(0.8, 1.15),
+                 degrees: float = 12.0) -> torch.Tensor:
+    """One random geometric view per image (batched affine warp: shift, zoom, rotation).
+
+    Colours and textures are left alone on purpose (see the module docstring)."""
+    n = x.shape[0]
+    u = torch.rand(n, 4, generator=gen)
+    zoom = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    angle = (u[:, 1] * 2 - 1) * math.radians(degrees)
+    tx, ty = (u[:, 2] * 2 - 1) * 2 * shift, (u[:, 3] * 2 - 1) * 2 * shift
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+_PERMUTATIONS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
+
+
+def permute_channels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shuffle the colour channels of each image at random.
+
+    Hue alone then no longer identifies an image, so the contrastive loss must rely on what a
+    domain shares (texture, stroke, saturation, brightness, background) rather than on one
+    image's particular colour; grey images stay grey."""
+    if x.shape[1] != 3:
+        return x
+    perm = _PERMUTATIONS[torch.randint(0, len(_PERMUTATIONS), (x.shape[0],), generator=gen)]
+    return torch.gather(x, 1, perm[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3]))
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's contrastive loss: each view must pick its partner among the 2N - 1 others."""
+    z = torch.cat([z1, z2])
+    sim = z @ z.t() / temperature
+    sim.fill_diagonal_(float("-inf"))
+    n = z1.shape[0]
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, target)
+
+
+def encoder_kwargs(cfg: EncoderConfig) -> Dict[str, object]:
+    """The registry arguments that build this configuration's encoder."""
+    kwargs: Dict[str, object] = {"feature_dim": cfg.feature_dim, "width": cfg.width}
+    if cfg.style_dim:
+        kwargs.update(style_dim=cfg.style_dim, style_weight=cfg.style_weight)
+    return kwargs
+
+
+def objectives(data: ImageSet, cfg: EncoderConfig) -> Tuple[bool, bool, bool]:
+    """``(contrastive, labels, domains)``: which losses train this encoder on this pool."""
+    if cfg.objective not in ("auto", "contrastive", "supervised"):
+        raise InputError(f"unknown encoder objective {cfg.objective!r}; use auto, contrastive or supervised")
+    has_labels, has_domains = len(data.label_names) > 1, len(data.domain_names) > 1
+    if cfg.objective == "contrastive":
+        return True, False, False
+    if cfg.objective == "supervised":
+        if not (has_labels or has_domains):
+            raise InputError("supervised encoder training needs class folders (>= 2 labels) or domain folders above "
+                             "them; use the default objective (auto) for an unlabelled pool")
+        return False, has_labels, has_domains
+    return True, has_labels and cfg.label_weight > 0, has_domains and cfg.domain_weight > 0
+
+
 def train_encoder(data: ImageSet, cfg: EncoderConfig = EncoderConfig()) -> Tuple[nn.Module, Dict[str, float]]:
     """Train and return ``(encoder, report)``; ``report`` holds 1-NN accuracies on held-out images."""
-    use_labels, use_domains = len(data.label_names) > 1, len(data.domain_names) > 1
-    if not (use_labels or use_domains):
-        raise InputError("encoder training needs class folders (>= 2 labels) or domain folders above them")
+    use_contrastive, use_labels, use_domains = objectives(data, cfg)
+    if len(data.images) < 2:
+        raise InputError(f"encoder training needs at least 2 pool images; got {len(data.images)}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     mean, std = channel_stats(data.images)
     x_all = _to_tensor(data.images, mean, std)
     train_idx, val_idx = split_indices(len(data.images), cfg.val_fraction, cfg.seed)
-    encoder = get_model(cfg.arch, feature_dim=cfg.feature_dim, width=cfg.width)
+    encoder = get_model(cfg.arch, **encoder_kwargs(cfg))
     heads = nn.ModuleDict()
     if use_labels:
         heads["label"] = CosineHead(cfg.feature_dim, len(data.label_names), cfg.scale)
     if use_domains:
         heads["domain"] = CosineHead(cfg.feature_dim, len(data.domain_names), cfg.scale)
     targets = {"label": torch.from_numpy(data.labels), "domain": torch.from_numpy(data.domains)}
-    weights = {"label": 1.0, "domain": cfg.domain_weight}
+    weights = {"label": cfg.label_weight if use_contrastive else 1.0, "domain": cfg.domain_weight}
+    LOG.info("encoder objective: %s", " + ".join(
+        [n for n, on in (("contrastive", use_contrastive), ("labels", use_labels), ("domains", use_domains)) if on]))
     params = list(encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
@@ -87,8 +160,20 @@ def train_encoder(data: ImageSet, cfg: EncoderConfig = EncoderConfig()) -> Tuple
         total, batches = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            z = encoder(random_shift(x_all[idx], gen))
-            loss = sum(weights[k] * _masked_ce(head(z), targets[k][idx]) for k, head in heads.items())
+            if len(idx) < 2:
+                continue
+            if use_contrastive:
+                views = random_views(torch.cat([x_all[idx], x_all[idx]]), gen, cfg.max_shift, (cfg.min_zoom, cfg.max_zoom))
+                if cfg.permute_channels:
+                    views = permute_channels(views, gen)
+                z_both = encoder(views)
+                z, z2 = z_both[: len(idx)], z_both[len(idx):]
+                loss = nt_xent(z, z2, cfg.temperature)
+            else:
+                z = encoder(random_shift(x_all[idx], gen))
+                loss = z.sum() * 0.0
+            for k, head in heads.items():
+                loss = loss + weights[k] * _masked_ce(head(z), targets[k][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

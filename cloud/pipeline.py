@@ -61,8 +61,13 @@ def encoder_meta(cfg, data, report) -> ArtifactMeta:
     """The metadata an exported encoder carries (what the device needs to preprocess)."""
     return ArtifactMeta(kind="encoder", arch=cfg.arch, input_shape=(3, 32, 32), mean=report["mean"], std=report["std"],
                         feature_dim=cfg.feature_dim, labels=data.label_names, domains=data.domain_names,
-                        extra={"config": dict(cfg.__dict__), "val_label_acc": report["val_label_acc"],
-                               "val_domain_acc": report["val_domain_acc"]})
+                        extra={"config": dict(cfg.__dict__), "val_label_acc": _finite_or_none(report["val_label_acc"]),
+                               "val_domain_acc": _finite_or_none(report["val_domain_acc"])})
+
+
+def _finite_or_none(value: float):
+    """Metadata is strict JSON: an accuracy the pool cannot measure (no labels / domains) is null."""
+    return value if value == value and abs(value) != float("inf") else None
 
 
 def ensure_index(workdir: str, pool_root: str, encoder_path: str, cfg: PipelineConfig):

@@ -22,25 +22,55 @@ class ConvEncoder(nn.Module):
 
     The flattened 4x4 map (not a global average) keeps layout and colour cues, which ECOS needs:
     the features must tell visual domains apart as well as content.
+
+    With ``style_dim > 0`` the last ``style_dim`` of the ``feature_dim`` outputs are a *style*
+    code: a projection of the per-channel mean and standard deviation of the first two stages'
+    activations (the statistics style transfer uses), which ignore where things are and keep
+    colour, stroke and texture. Content and style parts are normalised apart and weighted
+    ``sqrt(1 - style_weight)`` : ``sqrt(style_weight)`` before the final unit norm, so the cosine
+    between two images is ``(1 - style_weight) * cos_content + style_weight * cos_style``.
     """
 
-    def __init__(self, feature_dim: int = 64, width: int = 32, in_channels: int = 3, input_size: int = 32):
+    def __init__(self, feature_dim: int = 64, width: int = 32, in_channels: int = 3, input_size: int = 32,
+                 style_dim: int = 0, style_weight: float = 0.5):
         super().__init__()
+        if not 0 <= style_dim < feature_dim:
+            raise ValueError(f"style_dim must lie in 0..{feature_dim - 1}; got {style_dim}")
         w = width
-        self.body = nn.Sequential(
-            _conv(in_channels, w), nn.MaxPool2d(2),
-            _conv(w, 2 * w), nn.MaxPool2d(2),
-            _conv(2 * w, 4 * w), nn.MaxPool2d(2),
-        )
+        self.stage1 = nn.Sequential(_conv(in_channels, w), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(_conv(w, 2 * w), nn.MaxPool2d(2))
+        self.stage3 = nn.Sequential(_conv(2 * w, 4 * w), nn.MaxPool2d(2))
         flat = 4 * w * (input_size // 8) ** 2
-        self.project = nn.Sequential(nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True), nn.Linear(256, feature_dim))
+        content_dim = feature_dim - style_dim
+        self.project = nn.Sequential(nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True), nn.Linear(256, content_dim))
+        self.style = None
+        if style_dim:
+            self.style = nn.Sequential(nn.Linear(2 * (w + 2 * w), 128), nn.ReLU(inplace=True), nn.Linear(128, style_dim))
+        self.style_weight = float(style_weight)
         self.feature_dim = feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project(self.body(x)), dim=1)
+        h1 = self.stage1(x)
+        h2 = self.stage2(h1)
+        content = self.project(self.stage3(h2))
+        if self.style is None:
+            return F.normalize(content, dim=1)
+        stats = torch.cat([_moments(h1), _moments(h2)], dim=1)
+        style = self.style(stats)
+        a, b = (1.0 - self.style_weight) ** 0.5, self.style_weight ** 0.5
+        return F.normalize(torch.cat([a * F.normalize(content, dim=1), b * F.normalize(style, dim=1)], dim=1), dim=1)
+
+
+def _moments(h: torch.Tensor) -> torch.Tensor:
+    """Per-channel spatial mean and standard deviation (N x 2C)."""
+    mean = h.mean(dim=(2, 3))
+    std = (h.pow(2).mean(dim=(2, 3)) - mean.pow(2)).clamp_min(1e-6).sqrt()
+    return torch.cat([mean, std], dim=1)
 
 
 @register_model("conv_encoder", kind="encoder")
-def conv_encoder(feature_dim: int = 64, width: int = 32, input_size: int = 32) -> ConvEncoder:
-    """Small CNN encoder for 32x32 RGB images, unit-norm features."""
-    return ConvEncoder(feature_dim=feature_dim, width=width, input_size=input_size)
+def conv_encoder(feature_dim: int = 64, width: int = 32, input_size: int = 32, style_dim: int = 0,
+                 style_weight: float = 0.5) -> ConvEncoder:
+    """Small CNN encoder for 32x32 RGB images, unit-norm features (optionally with a style code)."""
+    return ConvEncoder(feature_dim=feature_dim, width=width, input_size=input_size, style_dim=style_dim,
+                       style_weight=style_weight)

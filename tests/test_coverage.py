@@ -117,16 +117,19 @@ def test_no_far_count_is_plain_ecos():
 
 
 def test_expected_false_far_rate_moves_nothing():
+    """Up to twice the pool's own outside-radius rate (1 - q) counts as covered."""
     pool = make_pool()
-    plan = get_sampler("ecos").plan(pool, 300, _scores(pool, far=180 * 0.05 / 0.95))
-    assert plan.uncovered == pytest.approx(0.0, abs=1e-9)
+    for far_share in (0.05, 0.1):
+        plan = get_sampler("ecos").plan(pool, 300, _scores(pool, far=180 * far_share / (1 - far_share)))
+        assert plan.uncovered == pytest.approx(0.0, abs=1e-9)
+    assert get_sampler("ecos").plan(pool, 300, _scores(pool, far=180 * 0.2 / 0.8)).uncovered > 0.1
 
 
 def test_uncovered_devices_get_diversity_in_proportion():
     pool = make_pool()
     ecos = get_sampler("ecos")
-    half = ecos.plan(pool, 300, _scores(pool, far=180.0))  # half the samples far: u = (0.5 - 0.05) / 0.95
-    assert half.uncovered == pytest.approx(0.45 / 0.95)
+    half = ecos.plan(pool, 300, _scores(pool, far=180.0))  # half the samples far: u = (0.5 - 0.1) / 0.9
+    assert half.uncovered == pytest.approx(0.4 / 0.9)
     assert half.diverse.sum() == round(half.uncovered * 300) and half.quotas.sum() == 300
     assert (half.diverse[2:] > 0).all()  # the diversity term reaches clusters the device did not score
     none = ecos.plan(pool, 300, _scores(pool, far=1e6))

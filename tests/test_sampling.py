@@ -107,8 +107,19 @@ def test_inconsistent_inputs_are_rejected(pool):
 # ---- ECOS ------------------------------------------------------------------------------------
 
 def test_ecos_draws_only_from_covered_clusters_in_proportion(pool):
-    picks = select("ecos", pool, 90, scores_for(pool, sigma=1.0))
+    picks = select("ecos", pool, 90, scores_for(pool, sigma=1.0), purity_power=0.0)
     assert np.bincount(pool.assign[picks], minlength=6).tolist() == [60, 30, 0, 0, 0, 0]
+
+
+def test_purity_favours_clusters_with_more_votes_per_pool_point():
+    """Two clusters with the same votes: the smaller one is more the device's (the larger one
+    mixes in other data), so it gets more of the budget than score alone would give it."""
+    pool = make_pool(sizes=(100, 400, 200))
+    scores = ScoreSet(np.array([50.0, 50.0, 0.0]), sigma=1.0)
+    flat = get_sampler("ecos", purity_power=0.0).plan(pool, 100, scores).quotas
+    pure = get_sampler("ecos").plan(pool, 100, scores).quotas
+    assert flat.tolist() == [50, 50, 0]
+    assert pure[0] > 75 and pure.sum() == 100 and pure[2] == 0
 
 
 def test_threshold_scales_with_the_noise(pool):

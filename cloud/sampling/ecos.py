@@ -59,6 +59,8 @@ class EcosSampler(Sampler):
     min_count: float = 1.0
     oversample: float = 2.0
     coverage: bool = True  # use the far count, when the scores have one
+    far_slack: float = 2.0  # far shares up to far_slack * (1 - radius_quantile) count as covered
+    purity_power: float = 2.0  # 0: budget in proportion to score (the first version)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
@@ -96,9 +98,10 @@ class EcosSampler(Sampler):
     def _plan(self, pool: PoolView, budget: int, scores: ScoreSet) -> SamplingPlan:
         sizes = pool.cluster_sizes()
         kept, threshold, fallback = self._filter(scores, sizes, budget)
-        uncovered = self.uncovered(scores, kept) if self.coverage else 0.0
+        uncovered = self.uncovered(scores, kept, self.far_slack) if self.coverage else 0.0
         n_diverse = int(round(uncovered * budget))
-        proximal = _allocate(scores.scores, kept, sizes, budget - n_diverse, pool.centroids)
+        weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, sizes, kept) ** self.purity_power
+        proximal = _allocate(scores.scores, kept, sizes, budget - n_diverse, pool.centroids, weights)
         if n_diverse == 0:
             return SamplingPlan(quotas=proximal, kept=kept, threshold=threshold, fallback=fallback)
         room = sizes - proximal
@@ -107,14 +110,15 @@ class EcosSampler(Sampler):
                             diverse=diverse, uncovered=uncovered)
 
     @staticmethod
-    def uncovered(scores: ScoreSet, kept: np.ndarray) -> float:
+    def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0) -> float:
         """Share of the devices' samples the pool does not cover, from the far count.
 
         ``near`` = the (clipped) scores of the kept clusters, ``far`` = the far count (both
-        noisy); the far share ``f = far / (near + far)`` is corrected for the
-        ``1 - radius_quantile`` of well-covered samples that fall outside a radius by chance:
-        ``u = clip((f - (1 - q)) / q, 0, 1)``. No far count: 0 (plain ECOS). Nothing clearly
-        scored at all: 1.
+        noisy); the far share ``f = far / (near + far)`` is discounted by the share
+        ``f0 = slack * (1 - radius_quantile)`` that well-covered data shows by chance (pool points
+        lie outside their radius ``1 - q`` of the time by construction; a device's unseen images,
+        measured, up to about twice that): ``u = clip((f - f0) / (1 - f0), 0, 1)``. No far count:
+        0 (plain ECOS). Nothing clearly scored at all: 1.
         """
         if scores.far is None:
             return 0.0
@@ -122,8 +126,8 @@ class EcosSampler(Sampler):
         far = max(float(scores.far), 0.0)
         if near + far <= 0.0:
             return 1.0
-        q = scores.radius_quantile
-        return float(np.clip((far / (near + far) - (1.0 - q)) / q, 0.0, 1.0))
+        f0 = min(slack * (1.0 - scores.radius_quantile), 0.5)
+        return float(np.clip((far / (near + far) - f0) / (1.0 - f0), 0.0, 1.0))
 
     def _filter(self, scores: ScoreSet, sizes: np.ndarray, budget: int) -> Tuple[np.ndarray, float, bool]:
         """Clusters clearly covered by the devices; the top-scored ones if none is."""
@@ -195,14 +199,31 @@ def _capped_shares(weights: np.ndarray, caps: np.ndarray, target: int) -> np.nda
     return share
 
 
+def purity(scores: np.ndarray, sizes: np.ndarray, kept: np.ndarray, reference: float = 0.9) -> np.ndarray:
+    """How device-like each cluster is, in [0, 1]: its votes per pool point ``s_k / n_k`` over
+    the ``reference`` quantile of that ratio among the kept clusters (capped at 1).
+
+    A cluster that is all the device's domain collects about as many votes per pool point as the
+    domain's other clusters; one that mixes in other domains collects fewer for its size."""
+    ratio = np.clip(scores, 0.0, None) / np.maximum(sizes, 1)
+    if not kept.any():
+        return np.ones(len(scores))
+    top = float(np.quantile(ratio[kept], reference))
+    return np.ones(len(scores)) if top <= 0 else np.clip(ratio / top, 0.0, 1.0)
+
+
 def _allocate(
-    scores: np.ndarray, kept: np.ndarray, sizes: np.ndarray, budget: int, centroids: np.ndarray
+    scores: np.ndarray, kept: np.ndarray, sizes: np.ndarray, budget: int, centroids: np.ndarray,
+    weights: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """Budget over the kept clusters by score; what they cannot hold goes to the other
-    clusters, best score first (ties and non-positive scores: centroid nearest the kept)."""
+    """Budget over the kept clusters by ``weights`` (default: score); what they cannot hold goes
+    to the other clusters, best score first (ties and non-positive scores: centroid nearest the kept)."""
     quotas = np.zeros(len(scores), dtype=np.int64)
+    if budget <= 0:
+        return quotas
     chosen = np.flatnonzero(kept)
-    quotas[chosen] = proportional_quotas(np.clip(scores[chosen], 0.0, None), sizes[chosen], budget)
+    w = np.clip(scores, 0.0, None) if weights is None else weights
+    quotas[chosen] = proportional_quotas(w[chosen], sizes[chosen], budget)
     rest = budget - int(quotas.sum())
     if rest > 0:
         order = _overflow_order(scores, kept, centroids)
