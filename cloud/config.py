@@ -5,7 +5,8 @@
 Each TOML table is one dataclass below (``[broker]``, ``[store]``, ``[rounds]``, ...). Any
 scalar key can be overridden by an environment variable ``ECOS_CLOUD_<TABLE>_<KEY>`` (for
 example ``ECOS_CLOUD_BROKER_PORT=1884``; ``ECOS_CLOUD_LOG_FORMAT`` at the top level), which is
-how containers and systemd units usually set secrets and ports. Everything is checked once, at load, and a bad value is a
+how containers and systemd units usually set secrets and ports; an ``ECOS_CLOUD_*`` variable that
+names no key is an error. Everything is checked once, at load, and a bad value is a
 ``UsageError`` that names the key, the value and what would be accepted. Relative paths in a
 file are taken relative to that file's folder, so a config works from any working directory.
 """
@@ -16,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from device_sdk.config import apply_env, from_mapping, read_toml
+from device_sdk.config import apply_env, check_broker_login, from_mapping, read_toml
 from device_sdk.errors import UsageError
 from device_sdk.messages import CENTROID_CODECS
 from device_sdk.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
@@ -35,9 +36,16 @@ class BrokerConfig:
     protocol: str = "5"
     client_id: str = "ecos-cloud"
     username: Optional[str] = None
-    password: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)  # better: password_file or ECOS_CLOUD_BROKER_PASSWORD
+    password_file: Optional[str] = None  # its first line is the password
     keepalive: int = 30
     max_message_bytes: int = 1 << 20  # device -> cloud messages above this are dropped unread
+    tls: bool = False  # TLS with the system's CAs; setting ca_file turns TLS on too
+    ca_file: Optional[str] = None  # the CA that signed the broker's certificate
+    cert_file: Optional[str] = None  # client certificate (and key_file) when the broker requires one
+    key_file: Optional[str] = None
+    tls_version: str = "1.2"  # the lowest TLS version accepted: "1.2" or "1.3"
+    tls_insecure: bool = False  # tests only: no host name check (the certificate chain is still verified)
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,8 @@ class CloudConfig:
     log_format: str = "kv"
 
 
-_PATH_KEYS = {("store", "state_dir"), ("store", "index"), ("store", "keys_dir"), ("trainer", "cache_dir")}
+_PATH_KEYS = {("store", "state_dir"), ("store", "index"), ("store", "keys_dir"), ("trainer", "cache_dir"),
+              ("broker", "ca_file"), ("broker", "cert_file"), ("broker", "key_file"), ("broker", "password_file")}
 
 
 def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> CloudConfig:
@@ -125,6 +134,7 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
     apply_env(raw, CloudConfig, ENV_PREFIX, os.environ if env is None else env, source)
     cfg = from_mapping(CloudConfig, raw, source)
     validate(cfg)
+    check_broker_login(cfg.broker, source)
     return cfg
 
 

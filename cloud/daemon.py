@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from device_sdk.config import broker_password, broker_tls
 from device_sdk.errors import BudgetError, EcosError, MessageError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.logsafe import clean
@@ -106,7 +107,7 @@ class Daemon:
         self.transport = transport_factory(
             b.client_id, b.host, b.port, protocol=b.protocol, subscriptions=list(CLOUD_SUBSCRIPTIONS),
             on_message=self._enqueue, will=(CLOUD_STATUS, b"offline", True), online=(CLOUD_STATUS, b"online", True),
-            keepalive=b.keepalive, username=b.username, password=b.password)
+            keepalive=b.keepalive, username=b.username, password=broker_password(b), tls=broker_tls(b))
         self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue(maxsize=QUEUE_LIMIT)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .config import DeviceConfig
+from .config import DeviceConfig, broker_password, broker_tls
 from .delivery import DeliveryReceiver, InstalledModel, ModelStore
 from .device import answer_probe
 from .errors import ArtifactError, DeadlinePassed, EcosError, MessageError
@@ -44,7 +44,7 @@ from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed
 from .runtime import Model, load_model
 from .scoring import check_compatible, encode_items
 from .signing import load_public_key
-from .transport import MqttTransport, TlsConfig
+from .transport import MqttTransport
 
 LOG = logging.getLogger("ecos.agent")
 ENCODER, CLASSIFIER = "encoder", "classifier"
@@ -110,8 +110,7 @@ class DeviceAgent:
             f"ecos-device-{self.device_id}", b.host, b.port, protocol=b.protocol, subscriptions=[inbox(self.device_id)],
             on_message=self._enqueue, will=(device_status(self.device_id), offline, True),
             online=(device_status(self.device_id), self._status_payload(), True), keepalive=b.keepalive,
-            session_expiry=b.session_expiry, username=b.username, password=b.password,
-            tls=TlsConfig(b.ca_file, b.cert_file, b.key_file) if b.ca_file else None)
+            session_expiry=b.session_expiry, username=b.username, password=broker_password(b), tls=broker_tls(b))
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@
 ``device_id`` at the top, then one table per section below (``[broker]``, ``[privacy]``,
 ``[data]``, ``[models]``). Any scalar key can be overridden by ``ECOS_DEVICE_<TABLE>_<KEY>``
 (``ECOS_DEVICE_BROKER_PASSWORD``, ``ECOS_DEVICE_DEVICE_ID``), so a secret need not sit in the
-file. Relative paths are taken relative to the file's folder. Every value is checked once, at
-load, and a bad one is a ``UsageError`` that names the key and what would be accepted.
+file; a variable with that prefix that names no key is an error. Relative paths are taken
+relative to the file's folder. Every value is checked once, at load, and a bad one is a ``UsageError`` that names the key and what would be accepted.
 
 ``from_mapping`` and ``apply_env`` are generic (any dataclass with dataclass-typed sections).
 """
@@ -14,6 +14,7 @@ load, and a bad one is a ``UsageError`` that names the key and what would be acc
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -23,7 +24,7 @@ from typing import Any, Dict, Mapping, Optional
 from .errors import UsageError
 from .privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
 from .protocol import is_valid_id
-from .transport import PROTOCOLS
+from .transport import PROTOCOLS, TLS_VERSIONS, TlsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +37,7 @@ DEFAULT_EPSILON_PER_PROBE = 0.58  # the paper's cost of one sampling, at delta 1
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Where the MQTT broker is and how to log in (TLS when ``ca_file`` is set)."""
+    """Where the MQTT broker is and how to log in: see ``check_broker_login`` for the TLS keys."""
 
     host: str = "127.0.0.1"
     port: int = 1883
@@ -44,10 +45,14 @@ class BrokerSettings:
     keepalive: int = 30
     session_expiry: int = 3600
     username: Optional[str] = None
-    password: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)  # better: password_file or ECOS_DEVICE_BROKER_PASSWORD
+    password_file: Optional[str] = None
+    tls: bool = False
     ca_file: Optional[str] = None
     cert_file: Optional[str] = None
     key_file: Optional[str] = None
+    tls_version: str = "1.2"
+    tls_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ class DeviceConfig:
 
 _PATH_KEYS = {("privacy", "ledger"), ("data", "local"), ("data", "eval"), ("models", "store"),
               ("models", "cloud_public_key"), ("models", "encoder"), ("broker", "ca_file"),
-              ("broker", "cert_file"), ("broker", "key_file")}
+              ("broker", "cert_file"), ("broker", "key_file"), ("broker", "password_file")}
 
 
 def load_device_config(path: str, env: Optional[Mapping[str, str]] = None) -> DeviceConfig:
@@ -178,15 +183,28 @@ def _check_type(what: str, value: Any, hint: Any, source: str) -> Any:
 
 
 def apply_env(raw: Dict[str, Any], cls: Any, prefix: str, env: Mapping[str, str], source: str) -> None:
-    """Override scalar keys from ``<prefix><KEY>`` (top level) and ``<prefix><TABLE>_<KEY>``."""
+    """Override scalar keys from ``<prefix><KEY>`` (top level) and ``<prefix><TABLE>_<KEY>``.
+
+    A variable with the prefix that names no key is an error, not ignored: a misspelt
+    ``..._CA_FILE`` must not quietly leave the connection without TLS."""
+    known = set()
     for name, hint in typing.get_type_hints(cls).items():
         if dataclasses.is_dataclass(hint):
             table = raw.setdefault(name, {})
-            if isinstance(table, dict):
-                for key, sub in typing.get_type_hints(hint).items():
-                    _env_value(table, key, sub, f"{prefix}{name.upper()}_{key.upper()}", env)
+            for key, sub in typing.get_type_hints(hint).items():
+                var = f"{prefix}{name.upper()}_{key.upper()}"
+                known.add(var)
+                if isinstance(table, dict):
+                    _env_value(table, key, sub, var, env)
         else:
+            known.add(f"{prefix}{name.upper()}")
             _env_value(raw, name, hint, f"{prefix}{name.upper()}", env)
+    unknown = sorted(var for var in env if var.startswith(prefix) and var not in known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise UsageError(f"environment variable {unknown[0]} is not a setting"
+                         + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; unset it or use one of {prefix}<TABLE>_<KEY> for the keys of {source}")
 
 
 def _env_value(table: Dict[str, Any], key: str, hint: Any, var: str, env: Mapping[str, str]) -> None:
@@ -213,8 +231,7 @@ def validate(cfg: DeviceConfig, source: str) -> None:
     _need(1 <= b.port <= 65535, f"{source}: [broker] port must be 1..65535, got {b.port}")
     _need(b.protocol in PROTOCOLS, f"{source}: [broker] protocol must be one of {sorted(PROTOCOLS)} (a string), got {b.protocol!r}")
     _need(b.keepalive >= 5 and b.session_expiry >= 0, f"{source}: [broker] keepalive must be >= 5 s and session_expiry >= 0")
-    _need(b.ca_file is not None or (b.cert_file is None and b.key_file is None),
-          f"{source}: [broker] cert_file/key_file need ca_file (TLS) too")
+    check_broker_login(b, source)
     _need(p.accountant in ACCOUNTANTS, f"{source}: [privacy] accountant must be one of {ACCOUNTANTS}, got {p.accountant!r}")
     _need(p.budget_epsilon > 0 and 0 < p.budget_delta < 1, f"{source}: [privacy] need budget_epsilon > 0 and 0 < budget_delta < 1")
     _need(p.epsilon_per_probe is None or p.sigma is None, f"{source}: [privacy] set epsilon_per_probe or sigma, not both")
@@ -229,3 +246,64 @@ def validate(cfg: DeviceConfig, source: str) -> None:
 def _need(ok: bool, message: str) -> None:
     if not ok:
         raise UsageError(message)
+
+
+# ---- TLS and login: shared by the device's [broker] and the cloud's ----------------------------------
+
+def check_broker_login(b: Any, source: str) -> None:
+    """The TLS and login keys of a ``[broker]`` table (the device's or the cloud's), checked at load.
+
+    TLS is on when ``tls = true`` or ``ca_file`` is set: ``ca_file`` is the CA that signed the
+    broker's certificate (without it, the system's CAs); ``cert_file`` + ``key_file`` a client
+    certificate; ``tls_version`` the lowest version accepted; ``tls_insecure`` skips the host name
+    check (tests only). The password comes from ``password`` (better: the environment variable)
+    or the first line of ``password_file``, never both; it needs ``username``. Every file is
+    opened here, so a wrong path stops the process at start with the key's name.
+    """
+    where = f"{source}: [broker]"
+    _need(b.tls_version in TLS_VERSIONS,
+          f"{where} tls_version must be one of {', '.join(TLS_VERSIONS)} (a string), got {b.tls_version!r}")
+    tls_on = b.tls or b.ca_file is not None
+    _need(tls_on or (b.cert_file is None and b.key_file is None and not b.tls_insecure),
+          f"{where} cert_file, key_file and tls_insecure need TLS: set ca_file (or tls = true for the system's CAs)")
+    _need((b.cert_file is None) == (b.key_file is None), f"{where} cert_file and key_file go together")
+    _need(b.password is None or b.password_file is None, f"{where} set password or password_file, not both")
+    _need(b.username is not None or (b.password is None and b.password_file is None),
+          f"{where} a password needs username (MQTT sends no password without a user name)")
+    if b.ca_file is not None:
+        _need(os.path.isfile(b.ca_file), f"{where} ca_file {b.ca_file} does not exist")
+    for key in ("cert_file", "key_file"):
+        path = getattr(b, key)
+        _need(path is None or os.path.isfile(path), f"{where} {key} {path} does not exist")
+    if tls_on:
+        try:
+            broker_tls(b).context()  # loads the CA, the certificate and its key: a wrong file fails here
+        except UsageError as err:
+            raise UsageError(f"{where} {err}") from None
+    if b.password_file is not None:
+        try:
+            broker_password(b)
+        except UsageError as err:
+            raise UsageError(f"{where} {err}") from None
+
+
+def broker_tls(b: Any) -> Optional[TlsConfig]:
+    """The transport's TLS settings from a ``[broker]`` table, None without TLS."""
+    if not (b.tls or b.ca_file is not None):
+        return None
+    return TlsConfig(b.ca_file, b.cert_file, b.key_file, version=b.tls_version, insecure=b.tls_insecure)
+
+
+def broker_password(b: Any) -> Optional[str]:
+    """``password``, or the first line of ``password_file`` (read when called, never logged)."""
+    if b.password_file is None:
+        return b.password
+    try:
+        with open(b.password_file, "r", encoding="utf-8") as fh:
+            line = fh.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"password_file {b.password_file}: cannot read it ({reason})") from None
+    if not line:
+        raise UsageError(f"password_file {b.password_file} is empty (its first line is the password)")
+    return line

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
@@ -37,13 +38,44 @@ RetainedMessage = Tuple[str, bytes, bool]  # (topic, payload, retain)
 MessageCallback = Callable[[str, bytes], None]
 
 
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
 @dataclass(frozen=True)
 class TlsConfig:
-    """TLS to the broker: CA bundle, and a client certificate when the broker asks for one."""
+    """TLS to the broker: the CA bundle that must have signed the broker's certificate (None: the
+    system's CAs), a client certificate and key when the broker asks for one, the lowest TLS
+    version accepted, and ``insecure`` (tests only: the host name is not checked against the
+    certificate; the chain still is)."""
 
     ca_file: Optional[str] = None
     cert_file: Optional[str] = None
     key_file: Optional[str] = None
+    version: str = "1.2"
+    insecure: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker; a ``UsageError`` names a file it cannot use."""
+        if self.version not in TLS_VERSIONS:
+            raise UsageError(f"TLS version must be one of {', '.join(TLS_VERSIONS)}, got {self.version!r}")
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"ca_file {self.ca_file}: not a readable PEM CA bundle ({_reason(exc)})") from None
+        ctx.minimum_version = TLS_VERSIONS[self.version]
+        if self.cert_file or self.key_file:
+            try:
+                ctx.load_cert_chain(self.cert_file or "", self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"cert_file {self.cert_file} / key_file {self.key_file}: not a readable PEM "
+                                 f"certificate and its private key ({_reason(exc)})") from None
+        if self.insecure:
+            ctx.check_hostname = False  # verify_mode stays CERT_REQUIRED
+        return ctx
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
 class MqttTransport:
@@ -65,6 +97,8 @@ class MqttTransport:
         self._connected = threading.Event()
         self._stopping = False
         self.connect_count = 0  # successful connections so far: > 1 means it reconnected
+        self.last_error: Optional[str] = None  # why the last attempt failed (TLS, refused login, ...)
+        self._tls = tls is not None
         self._client = self._make_client(username, password, tls, reconnect_delay)
 
     def _make_client(self, username: Optional[str], password: Optional[str], tls: Optional[TlsConfig],
@@ -76,12 +110,14 @@ class MqttTransport:
         if username is not None:
             client.username_pw_set(username, password)
         if tls is not None:
-            client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_set_context(tls.context())
+            if tls.insecure:
+                LOG.warning("%s: TLS without a host name check (tls_insecure): for tests only", self.client_id)
         if self._will is not None:
             topic, payload, retain = self._will
             client.will_set(topic, payload, qos=1, retain=retain)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -136,11 +172,15 @@ class MqttTransport:
 
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.last_error = f"refused: {reason_code}"
             LOG.warning("%s: broker %s:%d refused the connection: %s", self.client_id, self.host, self.port, reason_code)
             return
-        LOG.info("%s: connected to %s:%d (MQTT %s, session present: %s)", self.client_id, self.host, self.port,
-                 self.protocol, flags.session_present)
-        _no_delay(client.socket())
+        sock = client.socket()
+        tls = f"TLS {sock.version()}" if self._tls and hasattr(sock, "version") else "no TLS"
+        LOG.info("%s: connected to %s:%d (MQTT %s, %s, session present: %s)", self.client_id, self.host, self.port,
+                 self.protocol, tls, flags.session_present)
+        self.last_error = None
+        _no_delay(sock)
         if self.subscriptions:
             client.subscribe([(topic, 1) for topic in self.subscriptions])
         if self._online is not None:
@@ -149,9 +189,20 @@ class MqttTransport:
         self.connect_count += 1
         self._connected.set()
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata) -> None:
+        """paho calls this inside its ``except OSError`` (TLS errors included): say why, once per new reason."""
+        exc = sys.exc_info()[1]
+        error = clean(f"{type(exc).__name__}: {exc}" if exc is not None else "connection failed")
+        if error != self.last_error:
+            LOG.warning("%s: cannot connect to %s:%d: %s; retrying with backoff", self.client_id, self.host, self.port,
+                        error)
+        self.last_error = error
+
     def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
-        if not self._stopping:
+        if not self._stopping and (was_connected or self.last_error is None):  # keep a refusal's reason
+            self.last_error = f"disconnected: {reason_code}"
             LOG.warning("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata, message: mqtt.MQTTMessage) -> None:

@@ -43,7 +43,8 @@ epochs = 3
 
 def test_environment_overrides_the_file(tmp_path):
     path = write(tmp_path, "[broker]\nport = 1884\n[rounds]\nmax_distance = 0.4\n")
-    env = {"ECOS_CLOUD_BROKER_PORT": "1999", "ECOS_CLOUD_BROKER_PASSWORD": "s3cret",
+    env = {"ECOS_CLOUD_BROKER_PORT": "1999", "ECOS_CLOUD_BROKER_USERNAME": "ecos",
+           "ECOS_CLOUD_BROKER_PASSWORD": "s3cret",
            "ECOS_CLOUD_ROUNDS_MAX_DISTANCE": "none", "ECOS_CLOUD_LOG_FORMAT": "json"}
     cfg = load_config(path, env=env)
     assert (cfg.broker.port, cfg.broker.password, cfg.rounds.max_distance, cfg.log_format) == (1999, "s3cret", None, "json")

@@ -356,7 +356,8 @@ def _write_config(tmp_path, keys, extra=""):
 
 def test_device_config_defaults_paths_and_environment(keys, tmp_path):
     cfg = load_device_config(_write_config(tmp_path, keys, '[privacy]\nbudget_epsilon = 2\n'),
-                             env={"ECOS_DEVICE_BROKER_PORT": "1884", "ECOS_DEVICE_BROKER_PASSWORD": "s3cret"})
+                             env={"ECOS_DEVICE_BROKER_PORT": "1884", "ECOS_DEVICE_BROKER_USERNAME": "pi-1",
+                                  "ECOS_DEVICE_BROKER_PASSWORD": "s3cret"})
     assert cfg.device_id == "pi-1" and cfg.broker.port == 1884 and cfg.broker.password == "s3cret"
     assert cfg.privacy.budget_epsilon == 2.0 and cfg.privacy.epsilon == 0.58
     assert cfg.models.store == str(tmp_path / "state" / "models") and cfg.privacy.ledger == str(tmp_path / "state" / "ledger.json")
