@@ -12,6 +12,11 @@ and the daemon (online mode, over MQTT; see docs/operations.md):
     ecos-cloud serve --config cloud.toml
     ecos-cloud round --config cloud.toml DEVICE [DEVICE ...] [--fleet] [--wait SECONDS]
     ecos-cloud status --config cloud.toml
+
+and the broker's security (TLS, one identity per device, topic ACL; see cloud/brokerconf.py):
+
+    ecos-cloud broker-config --dir ecos-broker --mode certificate --hostname broker.example.com
+    ecos-cloud enroll DEVICE_ID --dir ecos-broker [--rotate | --revoke]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Optional, Sequence
 from device_sdk.clikit import add_common, run_cli, setup_logging
 from device_sdk.fsutil import atomic_write_bytes
 
+from .brokerconf import add_commands as add_broker_commands
 from .encoder_config import EncoderConfig
 from .log import LOG
 
@@ -152,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
     _add_daemon_commands(sub)
     _add_model_commands(sub)
+    add_broker_commands(sub, add_common)
     return parser
 
 
