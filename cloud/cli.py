@@ -83,10 +83,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .index import PoolIndex
-    from .selection import combine_scores, composition, load_scores, select, write_selection_csv
+    from .selection import Plausibility, combine_scores, composition, load_scores, select, write_selection_csv
 
     index = PoolIndex.load(args.index)
-    scores = combine_scores(index, load_scores(args.scores or []))
+    limits = Plausibility.for_round(args.max_epsilon, args.delta, args.max_samples)
+    scores = combine_scores(index, load_scores(args.scores or []), limits=limits)
     config = {"threshold_sigmas": args.threshold_sigmas, "oversample": args.oversample} if args.method == "ecos" else {}
     picks = select(index, args.method, args.budget, scores, seed=args.seed, **config)
     write_selection_csv(index, picks, args.out)
@@ -154,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold-sigmas", type=float, default=2.0, help="ecos: keep clusters scoring above this many noise sigmas")
     p.add_argument("--oversample", type=float, default=2.0, help="ecos: candidate pool per cluster, as a multiple of its quota")
+    from .config import RoundConfig  # light (no numpy): the defaults of a daemon's round
+
+    rounds = RoundConfig()
+    p.add_argument("--max-epsilon", type=float, default=rounds.max_epsilon,
+                   help="refuse scores with less noise than a (max-epsilon, delta)-DP answer needs "
+                        f"(default {rounds.max_epsilon:g}; inf = any noise, for simulations)")
+    p.add_argument("--delta", type=float, default=rounds.delta, help=f"delta of --max-epsilon (default {rounds.delta:g})")
+    p.add_argument("--max-samples", type=int, default=rounds.max_samples,
+                   help="refuse counts that more samples than this per device would be needed to explain, and scale "
+                        f"each device's counts down to this L1 norm (default {rounds.max_samples:,}; docs/security.md)")
     add_common(p)
     p.set_defaults(func=cmd_sample)
     _add_daemon_commands(sub)

@@ -77,6 +77,11 @@ class RoundConfig:
     max_distance: Optional[float] = None
     threshold_sigmas: float = 2.0
     seed: int = 0
+    # Plausibility of answers (docs/security.md): scores noisier than (max_epsilon, delta)-DP needs, from at most
+    # max_samples samples per device; anything else is refused on arrival, and one device moves a sum by <= max_samples
+    max_epsilon: float = 5.0
+    delta: float = 1e-5
+    max_samples: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ def validate(cfg: CloudConfig) -> None:
     _need(r.budget >= 1, f"[rounds] budget must be >= 1 images, got {r.budget}")
     _need(r.collect_seconds > 0, f"[rounds] collect_seconds must be > 0, got {r.collect_seconds}")
     _need(r.min_responses >= 1, f"[rounds] min_responses must be >= 1, got {r.min_responses}")
+    _need(r.max_epsilon > 0 and 0 < r.delta < 1 and r.max_samples >= 1,
+          f"[rounds] need max_epsilon > 0 (inf: any noise), 0 < delta < 1 and max_samples >= 1, got {r.max_epsilon}, "
+          f"{r.delta}, {r.max_samples}")
     _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
     _need(MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,
           f"[delivery] chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (under a 256 KB broker packet limit), got {d.chunk_size}")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from device_sdk.config import broker_password, broker_tls
-from device_sdk.errors import BudgetError, EcosError, MessageError, MismatchError, UsageError
+from device_sdk.errors import BudgetError, EcosError, ImplausibleScores, MessageError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.logsafe import clean
 from device_sdk.messages import SCORES, Probe, Scores, new_id
@@ -51,7 +51,8 @@ from .eventlog import log_event
 from .index import PoolIndex
 from .metrics import DaemonMetrics, MetricsServer
 from .sampling import get_sampler
-from .selection import combine_scores, composition, select, write_selection_csv
+from .selection import (DEFAULT_MAX_EPSILON, DEFAULT_MAX_SAMPLES, Plausibility, check_plausible, combine_scores,
+                        composition, select, write_selection_csv)
 from .store import ArtifactRecord, DeliveryRecord, NewRound, ResponseRecord, RoundRecord, RoundState, Store
 from .trainers import Trainer
 
@@ -114,6 +115,7 @@ class Daemon:
         self._jobs: Dict[str, threading.Thread] = {}
         self._training = threading.Lock()  # one training at a time: it uses every core it is given
         self._probed: Set[str] = set()
+        self._implausible: Dict[str, Dict[str, str]] = {}  # round -> device -> failed check (for the round's summary)
         self._senders: Dict[Tuple[str, str], ArtifactSender] = {}
         self._artifact_rounds: Dict[str, str] = {}
         self._metrics_server: Optional[MetricsServer] = None
@@ -246,10 +248,14 @@ class Daemon:
         refused = {x.device_id: Refusal.from_bytes(x.payload).code for x in responses if x.kind == "refusal"}
         summary = {"answered": sorted(answered - set(refused)), "refused": refused,
                    "missing": sorted(set(r.devices) - answered)}
+        implausible = {d: c for d, c in self._implausible.get(r.round_id, {}).items() if d in summary["missing"]}
+        if implausible:
+            summary["implausible"] = implausible
         n_scores = len(summary["answered"])
         if n_scores < r.params["min_responses"]:
             self._fail(r, f"{n_scores} of {len(r.devices)} devices sent scores by the deadline (need "
-                          f"{r.params['min_responses']}); refused: {refused or 'none'}; missing: {summary['missing'] or 'none'}",
+                          f"{r.params['min_responses']}); refused: {refused or 'none'}; missing: {summary['missing'] or 'none'}"
+                          + (f" (implausible scores refused: {implausible})" if implausible else ""),
                        result=summary)
             return
         self._transition(r, RoundState.SAMPLING, result=summary)
@@ -265,8 +271,19 @@ class Daemon:
 
     def _stage_sampling(self, r: RoundRecord) -> None:
         index = dataclasses.replace(self.index, probe_id=r.round_id)
-        answers = [Scores.from_bytes(x.payload) for x in self.store.responses(r.round_id) if x.kind == "scores"]
-        scores = combine_scores(index, answers) if r.params["ask_devices"] else None
+        limits = self._limits(r)
+        answers = []
+        for x in self.store.responses(r.round_id):
+            if x.kind == "scores":
+                answer = Scores.from_bytes(x.payload)
+                try:  # refused on arrival already; a response stored by an older daemon is checked here
+                    check_plausible(answer, limits)
+                except ImplausibleScores as err:
+                    log_event(LOG, "scores_excluded", logging.WARNING, round=r.round_id, device=x.device_id, check=err.check)
+                    self.metrics.scores_refused.inc(check=err.check)
+                    continue
+                answers.append(answer)
+        scores = combine_scores(index, answers, limits=limits) if r.params["ask_devices"] else None
         p = r.params
         config = {"threshold_sigmas": p["threshold_sigmas"]} if p["method"] == "ecos" else {}
         picks = select(index, p["method"], p["budget"], scores, seed=p["seed"], **config)
@@ -462,7 +479,22 @@ class Daemon:
         if msg.encoder_sha256 != self.index.encoder_sha256 or msg.k != self.index.k:
             raise MessageError(f"scores from {device_id} were made with encoder {msg.encoder_sha256[:12]}... and k={msg.k}; "
                                f"this pool's are {self.index.encoder_sha256[:12]}... and k={self.index.k}")
+        r = self.store.get_round(msg.probe_id)
+        if r is not None and device_id in r.devices:
+            try:  # before anything is recorded: a forged answer must not take the place of the device's real one
+                check_plausible(msg, self._limits(r))
+            except ImplausibleScores as err:
+                self.metrics.scores_refused.inc(check=err.check)
+                self._implausible.setdefault(r.round_id, {})[device_id] = err.check
+                raise
         self._record_answer(device_id, msg.probe_id, "scores", msg.message_id, payload)
+
+    @staticmethod
+    def _limits(r: RoundRecord) -> Plausibility:
+        """What an honest answer to ``r`` looks like (rounds created before these settings get the defaults)."""
+        p = r.params
+        return Plausibility.for_round(p.get("max_epsilon", DEFAULT_MAX_EPSILON), p.get("delta", 1e-5),
+                                      p.get("max_samples", DEFAULT_MAX_SAMPLES))
 
     def _on_refusal(self, device_id: str, msg: Refusal, payload: bytes) -> None:
         log_event(LOG, "probe_refused", round=clean(msg.probe_id), device=device_id, code=clean(msg.code),

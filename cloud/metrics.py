@@ -128,6 +128,8 @@ class DaemonMetrics:
         self.dropped = r.counter("ecos_messages_dropped_total",
                                  "Incoming messages dropped unhandled, by reason (malformed, oversized, an error code, "
                                  "internal_error, queue_full).")
+        self.scores_refused = r.counter("ecos_scores_refused_total",
+                                        "Scores refused as implausible, by the check that failed (docs/security.md).")
         self.stage_seconds = r.counter("ecos_stage_seconds_total", "Seconds spent in each round stage.")
         self.transitions = r.counter("ecos_round_transitions_total", "Round state changes, by target state.")
         self.training_progress = r.gauge("ecos_training_progress_ratio", "Progress of the current training job (0..1).")

@@ -128,3 +128,17 @@ class DeadlinePassed(EcosError):
 
     code = "deadline"
     exit_code = 12
+
+
+class ImplausibleScores(MessageError):
+    """Scores no honest device could have sent (too little noise, counts no sample count explains); never summed.
+
+    ``check`` names the check that failed (``not_finite``, ``sensitivity``, ``noise_too_low``,
+    ``noise_too_high``, ``count_range``, ``total``; cloud/selection.py ``check_plausible``).
+    """
+
+    code = "implausible_scores"
+
+    def __init__(self, message: str, check: str = ""):
+        super().__init__(message)
+        self.check = check
