@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import numpy as np
 from .config import DeviceConfig, broker_password, broker_tls
 from .delivery import DeliveryReceiver, InstalledModel, ModelStore
 from .device import answer_probe
-from .errors import ArtifactError, DeadlinePassed, EcosError, MessageError
+from .errors import ArtifactError, DeadlinePassed, EcosError, LedgerCorrupt, LedgerUnavailable, MessageError
 from .imagefolder import scan_image_folder
 from .logsafe import clean
 from .messages import Probe
@@ -47,6 +48,7 @@ from .signing import load_public_key
 from .transport import MqttTransport
 
 LOG = logging.getLogger("ecos.agent")
+_LOCAL_PATH = re.compile(r"(?<![\w.:/])(?:~|[A-Za-z]:)?[/\\][^\s'\"(),;]+")  # what is left of a path after the known ones
 ENCODER, CLASSIFIER = "encoder", "classifier"
 
 
@@ -225,13 +227,24 @@ class DeviceAgent:
             _, result = answer_probe(probe, encoder, self._local_features(encoder), self.ledger,
                                      epsilon=self.config.privacy.epsilon, sigma=self.config.privacy.sigma,
                                      commit=self._publish_out)
-        except EcosError as err:
-            LOG.info("refused probe %s: %s", clean(probe.probe_id), clean(str(err), 300))
-            self._send(Refusal(probe.probe_id, self.device_id, err.code, clip_reason(str(err))))
+        except EcosError as err:  # a ledger that cannot be written (disk full, read-only) too: a typed refusal
+            level = logging.WARNING if isinstance(err, (LedgerUnavailable, LedgerCorrupt)) else logging.INFO
+            LOG.log(level, "refused probe %s: %s", clean(probe.probe_id), clean(str(err), 300))
+            self._send(Refusal(probe.probe_id, self.device_id, err.code, self._public_reason(err)))
             self._emit("probe_refused", probe_id=probe.probe_id, code=err.code, reason=str(err))
             return
         self._emit("probe_answered", probe_id=probe.probe_id, repeated=result.repeated,
                    charged_epsilon=result.charged_epsilon, spent_epsilon=result.spent_epsilon)
+
+    def _public_reason(self, err: EcosError) -> str:
+        """What a refusal tells the cloud: the error without this device's local paths (the log keeps them)."""
+        text = getattr(err, "public", None) or str(err)
+        c = self.config
+        for path, name in ((c.privacy.ledger, "<ledger>"), (c.data.local, "<data.local>"), (c.data.eval, "<data.eval>"),
+                           (c.models.store, "<models.store>"), (c.models.encoder, "<models.encoder>")):
+            if path:
+                text = text.replace(os.path.abspath(path), name).replace(str(path), name)
+        return clip_reason(_LOCAL_PATH.sub("<path>", text))
 
     def _local_features(self, encoder: Model) -> np.ndarray:
         """Features of the local folder, cached per encoder and folder content."""

@@ -142,3 +142,28 @@ class ImplausibleScores(MessageError):
     def __init__(self, message: str, check: str = ""):
         super().__init__(message)
         self.check = check
+
+
+class LedgerUnavailable(EcosError):
+    """The privacy ledger cannot be read or written (disk full, read-only, missing); nothing was charged.
+
+    ``public`` says the same without local paths (what a refusal sent to the cloud carries);
+    ``errno_name`` is the OS error (``ENOSPC``, ``EROFS``, ``EACCES``, ``ENOENT``, ...).
+    """
+
+    code = "ledger_unavailable"
+    exit_code = 17
+
+    def __init__(self, message: str, public: str = "", errno_name: str = ""):
+        super().__init__(message)
+        self.public, self.errno_name = public or message, errno_name
+
+
+class LedgerCorrupt(MessageError):
+    """The privacy ledger is not a valid ledger; left untouched, never reset; ``public`` has no local path."""
+
+    code = "ledger_corrupt"
+
+    def __init__(self, message: str, public: str = ""):
+        super().__init__(message)
+        self.public = public or message

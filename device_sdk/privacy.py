@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 from .errors import MessageError, PrivacyBudgetExceeded, RuntimeUnavailable, UsageError
+from .errors import LedgerCorrupt, LedgerUnavailable
 from .fsutil import atomic_write_bytes, atomic_write_text
 from .wire import parse_json
 
@@ -365,8 +367,11 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         raise RuntimeUnavailable("the privacy ledger needs fcntl.flock (a POSIX system)") from None
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # read-only filesystem, no inode left, permissions
+        raise _unavailable(lock_path, exc, "locked") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -551,9 +556,7 @@ class PrivacyLedger:
                 or n_values < 0:
             raise UsageError(f"n_values must be a non-negative integer, got {n_values!r}")
         with _exclusive_lock(self.lock_path):
-            before = self.path.read_bytes() if self.path.exists() else None
-            if before is None:
-                raise MessageError(f"privacy ledger {self.path} is missing")
+            before = _read_raw(self.path)
             state = _parse_state(before, self.path)
             spent_before = self._spent_of(state)
             entry = _find(state, key)
@@ -591,7 +594,10 @@ class PrivacyLedger:
             try:
                 commit(payload)
             except BaseException:
-                atomic_write_bytes(self.path, before)
+                try:
+                    atomic_write_bytes(self.path, before)
+                except OSError:  # the disk filled up meanwhile: the release stays charged (the safe side), and
+                    pass  # the caller's error is the one that matters; a repeat replays the stored answer
                 raise
             return ReleaseResult(payload, max(0.0, after - spent_before), after, False)
 
@@ -599,22 +605,38 @@ class PrivacyLedger:
 # ---- file format ------------------------------------------------------------------------------
 
 def _write_state(path: Path, state: Dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(state, indent=1, allow_nan=False) + "\n")
+    """Atomically (temporary file, fsync, rename): on a full or read-only disk the old ledger stays as it was."""
+    try:
+        atomic_write_text(path, json.dumps(state, indent=1, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise _unavailable(path, exc, "written") from None
+
+
+def _read_raw(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _unavailable(path, exc, "read") from None
 
 
 def _read_state(path: Path) -> Dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise MessageError(f"privacy ledger {path} is missing") from None
-    except OSError as exc:
-        raise MessageError(f"privacy ledger {path} cannot be read: {exc}") from None
-    return _parse_state(raw, path)
+    return _parse_state(_read_raw(path), path)
 
 
-def _bad(path: Path, why: str) -> MessageError:
-    return MessageError(f"privacy ledger {path} is corrupt ({why}); it was left untouched, "
-                        f"fix or restore it by hand (it is never reset automatically)")
+def _unavailable(path: Path, exc: OSError, action: str) -> LedgerUnavailable:
+    """A typed error for an OS error on the ledger: the message names the file, ``public`` does not."""
+    name = errno.errorcode.get(exc.errno, "") if isinstance(exc.errno, int) else ""
+    what = (os.strerror(exc.errno) if name else exc.__class__.__name__).lower()
+    if name == "ENOENT":
+        what = "it is missing"
+    tail = f"{what} ({name})" if name else what
+    return LedgerUnavailable(f"privacy ledger {path} cannot be {action}: {tail}; nothing was charged",
+                             f"the privacy ledger cannot be {action}: {tail}; nothing was charged", name)
+
+
+def _bad(path: Path, why: str) -> LedgerCorrupt:
+    fix = "it was left untouched, fix or restore it by hand (it is never reset automatically)"
+    return LedgerCorrupt(f"privacy ledger {path} is corrupt ({why}); {fix}", f"the privacy ledger is corrupt ({why}); {fix}")
 
 
 def _parse_state(raw: bytes, path: Path) -> Dict[str, Any]:
