@@ -26,6 +26,7 @@ misaddressed and late messages are logged and dropped; nothing a device sends ca
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import queue
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from device_sdk.config import broker_password, broker_tls
-from device_sdk.errors import BudgetError, EcosError, ImplausibleScores, MessageError, MismatchError, UsageError
+from device_sdk.errors import (BudgetError, EcosError, ImplausibleScores, MessageError, MismatchError, StoreUnavailable,
+                               UsageError)
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.logsafe import clean
 from device_sdk.messages import SCORES, Probe, Scores, new_id
@@ -61,6 +63,8 @@ ACTIVE = tuple(s for s in RoundState if not s.terminal)
 MAX_TRAIN_ATTEMPTS = 3
 TICK_SECONDS = 0.1
 QUEUE_LIMIT = 10_000  # device messages waiting for the loop; more are dropped (and counted), not buffered
+STORE_LOG_SECONDS = 30.0  # while the store cannot be written: one warning, then one every this many seconds
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a stage that meets these on its own files is retried, not failed
 
 
 def round_params(cfg: CloudConfig, **overrides: Any) -> Dict[str, Any]:
@@ -116,6 +120,7 @@ class Daemon:
         self._training = threading.Lock()  # one training at a time: it uses every core it is given
         self._probed: Set[str] = set()
         self._implausible: Dict[str, Dict[str, str]] = {}  # round -> device -> failed check (for the round's summary)
+        self._store_down: Optional[float] = None  # monotonic time of the last "store_unavailable" warning
         self._senders: Dict[Tuple[str, str], ArtifactSender] = {}
         self._artifact_rounds: Dict[str, str] = {}
         self._metrics_server: Optional[MetricsServer] = None
@@ -147,9 +152,17 @@ class Daemon:
             self.stop()
 
     def run(self) -> None:
-        """The loop: handle queued messages, advance rounds, until ``stop``."""
+        """The loop: handle queued messages, advance rounds, until ``stop``; nothing that goes wrong ends it."""
         while not self._stop.is_set():
-            self.step()
+            try:
+                self.step()
+            except StoreUnavailable as err:  # e.g. the rounds cannot even be listed: said, counted, tried again
+                self._store_unavailable(err, "tick")
+                time.sleep(TICK_SECONDS)
+            except Exception:  # noqa: BLE001 - a bug here must not stop every round; logged with its traceback
+                LOG.exception("unexpected failure in the daemon loop; going on")
+                self.metrics.errors.inc(reason="loop_internal_error")
+                time.sleep(TICK_SECONDS)
 
     def step(self, timeout: float = TICK_SECONDS) -> None:
         """Handle the messages queued within ``timeout``, then advance rounds if a tick is due."""
@@ -196,6 +209,10 @@ class Daemon:
         """Advance every unfinished round by at most one stage."""
         for r in self.store.list_rounds(ACTIVE):
             self._advance(r)
+        if self._store_down is not None and self.store.writable():
+            self._store_down = None
+            self.metrics.store_writable.set(1.0)
+            log_event(LOG, "store_recovered", database=self.cfg.store.database)
 
     def _advance(self, r: RoundRecord) -> None:
         stage = getattr(self, f"_stage_{r.state.value}")
@@ -204,11 +221,29 @@ class Daemon:
                 raise MismatchError(f"the pool index changed since this round started ({r.params['index'][:12]}... -> "
                                     f"{self.index.probe_id[:12]}...); start a new round")
             stage(r)
+        except StoreUnavailable as err:  # disk full, read-only: the round stays where it is; the next tick retries
+            self._store_unavailable(err, f"round_{r.state.value}")
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                LOG.exception("round %s: unexpected failure in stage %s", r.round_id, r.state.value)
+                self._fail(r, f"{r.state.value}: internal error {exc!r}")
+                return
+            self._store_unavailable(StoreUnavailable(f"{r.state.value}: {exc.strerror}", "disk_full"), f"round_{r.state.value}")
         except EcosError as err:
             self._fail(r, f"{r.state.value}: {err} [{err.code}]")
         except Exception as exc:  # a bug in one round must not take the daemon (and other rounds) down
             LOG.exception("round %s: unexpected failure in stage %s", r.round_id, r.state.value)
             self._fail(r, f"{r.state.value}: internal error {exc!r}")
+
+    def _store_unavailable(self, err: StoreUnavailable, where: str) -> None:
+        """Count every failed write; log the first, then one every STORE_LOG_SECONDS (not one per tick)."""
+        self.metrics.store_errors.inc(reason=err.reason)
+        self.metrics.store_writable.set(0.0)
+        now = time.monotonic()
+        if self._store_down is None or now - self._store_down >= STORE_LOG_SECONDS:
+            self._store_down = now
+            log_event(LOG, "store_unavailable", logging.WARNING, reason=err.reason, where=where,
+                      detail=clean(str(err), 300), action="rounds wait where they are; retried every tick")
 
     def _transition(self, r: RoundRecord, target: RoundState, *, result: Optional[Dict[str, Any]] = None,
                     deadline: Optional[float] = None, error: str = "") -> None:
@@ -224,7 +259,10 @@ class Daemon:
 
     def _fail(self, r: RoundRecord, error: str, result: Optional[Dict[str, Any]] = None) -> None:
         self.metrics.errors.inc(reason=f"round_{r.state.value}")
-        self._transition(r, RoundState.FAILED, result=result, error=error)
+        try:
+            self._transition(r, RoundState.FAILED, result=result, error=error)
+        except StoreUnavailable as err:  # cannot even be marked failed now: the stage runs (and fails) again later
+            self._store_unavailable(err, f"round_{r.state.value}")
 
     def _round_dir(self, r: RoundRecord) -> Path:
         return self.state_dir / "rounds" / r.round_id
@@ -319,7 +357,10 @@ class Daemon:
         target = r.devices[0] if r.kind == "device" else "fleet"
 
         def progress(done: int, total: int, note: str) -> None:
-            self.store.job_progress(job_id, done, total, note)
+            try:
+                self.store.job_progress(job_id, done, total, note)
+            except StoreUnavailable as err:  # progress is informational: training goes on
+                self._store_unavailable(err, "job_progress")
             self.metrics.training_progress.set(done / max(total, 1))
             log_event(LOG, "job_progress", round=r.round_id, job=job_id, done=done, total=total, step=note)
 
@@ -329,12 +370,23 @@ class Daemon:
                 result = self.trainer.train(r.result["selection"], target, str(self._round_dir(r) / "train"), progress)
             except Exception as exc:  # the round fails with the reason; the daemon goes on
                 LOG.exception("round %s: training failed", r.round_id)
-                self.store.finish_job(job_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
+                self._finish_job(job_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
                 return
             finally:
                 self.metrics.training_progress.set(1.0)
-        self.store.finish_job(job_id, "done", result={"artifact_path": result.artifact_path, "report": result.report})
+        self._finish_job(job_id, "done", result={"artifact_path": result.artifact_path, "report": result.report})
         log_event(LOG, "job_done", round=r.round_id, job=job_id, seconds=round(time.monotonic() - started, 1))
+
+    def _finish_job(self, job_id: str, state: str, **outcome: Any) -> None:
+        """Record a job's outcome, retrying while the store cannot be written (a full disk must not cost a training)."""
+        while True:
+            try:
+                self.store.finish_job(job_id, state, **outcome)
+                return
+            except StoreUnavailable as err:
+                self._store_unavailable(err, "job_finish")
+                if self._stop.wait(1.0):
+                    return  # stopping: the job stays "running" and starts again with the next daemon
 
     def _stage_signing(self, r: RoundRecord) -> None:
         art = self.store.artifact_of_round(r.round_id)
@@ -403,7 +455,10 @@ class Daemon:
         self.metrics.bytes.inc(len(payload), direction="out", type=msg_type)
         if msg_type == "artifact_chunk":
             self.metrics.chunks.inc()
-        self.store.add_traffic(device_id, round_id, "down", msg_type, len(payload))
+        try:
+            self.store.add_traffic(device_id, round_id, "down", msg_type, len(payload))
+        except StoreUnavailable as err:  # sent all the same; only this message's byte count is lost
+            self._store_unavailable(err, "traffic")
         return info
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -457,6 +512,9 @@ class Daemon:
                    InstallFailed: self._on_result, Status: self._on_status}[type(msg)]
         try:
             handler(device_id, msg, payload)
+        except StoreUnavailable as err:  # not recorded; a device's answer comes again with the re-sent probe
+            self._store_unavailable(err, f"message_{msg_type}")
+            self._reject(topic, err.code, str(err))
         except EcosError as err:
             self._reject(topic, err.code, str(err))
 

@@ -130,6 +130,12 @@ class DaemonMetrics:
                                  "internal_error, queue_full).")
         self.scores_refused = r.counter("ecos_scores_refused_total",
                                         "Scores refused as implausible, by the check that failed (docs/security.md).")
+        self.store_errors = r.counter("ecos_store_errors_total",
+                                      "Writes the state database refused (disk_full, read_only, io_error, busy); "
+                                      "the daemon goes on and retries.")
+        self.store_writable = r.gauge("ecos_store_writable", "1 while the state database takes writes, 0 after a "
+                                                             "refused one until writes succeed again.")
+        self.store_writable.set(1.0)
         self.stage_seconds = r.counter("ecos_stage_seconds_total", "Seconds spent in each round stage.")
         self.transitions = r.counter("ecos_round_transitions_total", "Round state changes, by target state.")
         self.training_progress = r.gauge("ecos_training_progress_ratio", "Progress of the current training job (0..1).")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from device_sdk.errors import StoreError
+from device_sdk.errors import StoreError, StoreUnavailable
 from device_sdk.logsafe import clean
 
 SCHEMA_VERSION = 1
@@ -256,6 +256,10 @@ class Store(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def writable(self) -> bool:
+        """False while the last write failed for want of room or access (``StoreUnavailable``)."""
+        return True
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -297,6 +301,23 @@ MAX_SQL_INT = (1 << 63) - 1  # SQLite's INTEGER; Python's sqlite3 raises Overflo
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # What SQLite cannot take, or sqlite3 refuses to bind: a typed StoreError instead.
 _BIND_ERRORS = (OverflowError, UnicodeEncodeError, sqlite3.InterfaceError, sqlite3.DataError)
+# SQLite result codes (primary, extended ones share the name's prefix) of a database that cannot be written *now*
+_UNAVAILABLE = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "read_only", "SQLITE_IOERR": "io_error",
+                "SQLITE_BUSY": "busy", "SQLITE_LOCKED": "busy", "SQLITE_CANTOPEN": "cant_open"}
+_UNAVAILABLE_TEXT = (("disk is full", "disk_full"), ("readonly", "read_only"), ("read-only", "read_only"),
+                     ("disk i/o error", "io_error"), ("locked", "busy"), ("busy", "busy"), ("unable to open", "cant_open"))
+
+
+def _unavailable_reason(exc: BaseException) -> Optional[str]:
+    """``disk_full``, ``read_only``, ... for an SQLite error that a later retry may not meet; None otherwise."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    for prefix, reason in _UNAVAILABLE.items():
+        if name.startswith(prefix):
+            return reason
+    text = str(exc).lower()
+    return next((reason for needle, reason in _UNAVAILABLE_TEXT if needle in text), None)
 
 
 def _int(name: str, value: Any, lo: int = 0, hi: int = MAX_SQL_INT) -> int:
@@ -324,6 +345,7 @@ class SqliteStore(Store):
     def __init__(self, path: str, timeout: float = 10.0):
         self.path = path
         self._lock = threading.RLock()
+        self._writable = True
         try:
             self._db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -343,22 +365,51 @@ class SqliteStore(Store):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock)."""
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlock).
+
+        A database that cannot be written now (SQLITE_FULL, READONLY, IOERR, BUSY) is a
+        ``StoreUnavailable`` with its ``reason``; the transaction is rolled back (SQLite may
+        already have done so), so nothing is half-written and a retry starts clean.
+        """
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                raise StoreError(f"{self.path}: database is busy ({exc})") from None
+                raise self._failed(exc, "cannot start a write") from None
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except _BIND_ERRORS as exc:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 why = f"{exc.__class__.__name__}: {str(exc)[:120]}"
                 raise StoreError(f"{self.path}: a value cannot be stored ({why})") from None
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _unavailable_reason(exc) is None:
+                    raise
+                raise self._failed(exc, "cannot write") from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self._db.execute("COMMIT")
+            self._writable = True
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.OperationalError:  # SQLite rolled back by itself (e.g. after SQLITE_FULL)
+                pass
+
+    def _failed(self, exc: sqlite3.OperationalError, what: str) -> StoreError:
+        reason = _unavailable_reason(exc)
+        if reason is None:
+            return StoreError(f"{self.path}: {what} ({exc})")
+        if reason != "busy":
+            self._writable = False
+        return StoreUnavailable(f"{self.path}: {what}: {reason.replace('_', ' ')} ({exc})", reason)
+
+    def writable(self) -> bool:
+        return self._writable
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> List[tuple]:
         with self._lock:
@@ -366,6 +417,10 @@ class SqliteStore(Store):
                 return self._db.execute(sql, tuple(args)).fetchall()
             except _BIND_ERRORS as exc:
                 raise StoreError(f"{self.path}: a value cannot be looked up ({exc.__class__.__name__})") from None
+            except sqlite3.OperationalError as exc:
+                if _unavailable_reason(exc) is None:
+                    raise
+                raise StoreUnavailable(f"{self.path}: cannot read ({exc})", _unavailable_reason(exc)) from None
 
     # -- devices
     def record_status(self, device_id: str, state: str, model: Optional[Dict[str, Any]], at: float) -> None:

@@ -167,3 +167,16 @@ class LedgerCorrupt(MessageError):
     def __init__(self, message: str, public: str = ""):
         super().__init__(message)
         self.public = public or message
+
+
+class StoreUnavailable(StoreError):
+    """The cloud's state database cannot be written now (disk full, read-only, I/O error, busy): retry later.
+
+    ``reason`` is one of ``disk_full``, ``read_only``, ``io_error``, ``busy``, ``cant_open``.
+    """
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, reason: str = "io_error"):
+        super().__init__(message)
+        self.reason = reason
