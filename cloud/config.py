@@ -82,6 +82,9 @@ class RoundConfig:
     max_epsilon: float = 5.0
     delta: float = 1e-5
     max_samples: int = 100_000
+    # the probe again to devices that have not answered, until the deadline (not frozen in a round: how this daemon
+    # works); also at once when such a device comes back online. A repeated probe costs a device nothing.
+    probe_resend_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ def validate(cfg: CloudConfig) -> None:
     _need(r.max_epsilon > 0 and 0 < r.delta < 1 and r.max_samples >= 1,
           f"[rounds] need max_epsilon > 0 (inf: any noise), 0 < delta < 1 and max_samples >= 1, got {r.max_epsilon}, "
           f"{r.delta}, {r.max_samples}")
+    _need(r.probe_resend_seconds > 0, f"[rounds] probe_resend_seconds must be > 0, got {r.probe_resend_seconds}")
     _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
     _need(MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,
           f"[delivery] chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (under a 256 KB broker packet limit), got {d.chunk_size}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 import os
 import queue
 import threading
@@ -64,6 +65,7 @@ MAX_TRAIN_ATTEMPTS = 3
 TICK_SECONDS = 0.1
 QUEUE_LIMIT = 10_000  # device messages waiting for the loop; more are dropped (and counted), not buffered
 STORE_LOG_SECONDS = 30.0  # while the store cannot be written: one warning, then one every this many seconds
+RECONNECT_RESEND_SECONDS = 1.0  # a device's "online" twice within this: one re-sent probe
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # a stage that meets these on its own files is retried, not failed
 
 
@@ -120,6 +122,7 @@ class Daemon:
         self._training = threading.Lock()  # one training at a time: it uses every core it is given
         self._probed: Set[str] = set()
         self._implausible: Dict[str, Dict[str, str]] = {}  # round -> device -> failed check (for the round's summary)
+        self._probe_sent: Dict[Tuple[str, str], float] = {}  # (round, device) -> monotonic time of the last probe
         self._store_down: Optional[float] = None  # monotonic time of the last "store_unavailable" warning
         self._senders: Dict[Tuple[str, str], ArtifactSender] = {}
         self._artifact_rounds: Dict[str, str] = {}
@@ -278,9 +281,12 @@ class Daemon:
             return
         responses = self.store.responses(r.round_id)
         answered = {x.device_id for x in responses}
+        pending = [d for d in r.devices if d not in answered]
         if r.round_id not in self._probed:
-            self._send_probe(r, [d for d in r.devices if d not in answered])
+            self._send_probe(r, pending)
             self._probed.add(r.round_id)
+        elif pending and time.time() < r.deadline:
+            self._resend_due(r, pending)
         if len(answered) < len(r.devices) and time.time() < r.deadline:
             return
         refused = {x.device_id: Refusal.from_bytes(x.payload).code for x in responses if x.kind == "refusal"}
@@ -298,14 +304,38 @@ class Daemon:
             return
         self._transition(r, RoundState.SAMPLING, result=summary)
 
-    def _send_probe(self, r: RoundRecord, devices: List[str]) -> None:
+    def _resend_due(self, r: RoundRecord, pending: List[str]) -> None:
+        """The probe again to devices that have not answered for ``probe_resend_seconds``, unless known offline
+        (the broker would only pile copies up for them; they get one when they come back, see ``_on_status``)."""
+        now, every = time.monotonic(), self.cfg.rounds.probe_resend_seconds
+        due = [d for d in pending if now - self._probe_sent.get((r.round_id, d), -math.inf) >= every]
+        due = [d for d in due if getattr(self.store.get_device(d), "state", "unknown") != "offline"]
+        if due:
+            self._send_probe(r, due, resend="timer")
+
+    def _resend_on_reconnect(self, device_id: str) -> None:
+        """A device came (back) online: the probe of every collecting round it has not answered, at once."""
+        now = time.monotonic()
+        for r in self.store.list_rounds([RoundState.COLLECTING]):
+            if (device_id not in r.devices or not r.params["ask_devices"] or r.round_id not in self._probed
+                    or r.deadline is None or time.time() >= r.deadline
+                    or now - self._probe_sent.get((r.round_id, device_id), -math.inf) < RECONNECT_RESEND_SECONDS):
+                continue
+            if all(x.device_id != device_id for x in self.store.responses(r.round_id)):
+                self._send_probe(r, [device_id], resend="reconnect")
+
+    def _send_probe(self, r: RoundRecord, devices: List[str], resend: str = "") -> None:
         p = r.params
         probe = Probe(r.round_id, self.index.encoder_sha256, self.index.centroids, p["codec"], p["max_distance"],
                       time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline)
         payload = probe.to_bytes()
         for device in devices:
             self.publish(inbox(device), payload, device, r.round_id, "probe")
-        log_event(LOG, "probe_sent", round=r.round_id, devices=devices, bytes=len(payload), k=probe.k)
+            self._probe_sent[(r.round_id, device)] = time.monotonic()
+        if resend:
+            self.metrics.probes_resent.inc(len(devices), reason=resend)
+        log_event(LOG, "probe_sent", round=r.round_id, devices=devices, bytes=len(payload), k=probe.k,
+                  **({"resend": resend} if resend else {}))
 
     def _stage_sampling(self, r: RoundRecord) -> None:
         index = dataclasses.replace(self.index, probe_id=r.round_id)
@@ -529,6 +559,8 @@ class Daemon:
                   detail=clean(detail, 300))
 
     def _on_status(self, device_id: str, msg: Status, payload: bytes) -> None:
+        if msg.state == "online":  # first: a full disk that cannot record the status must not cost the probe
+            self._resend_on_reconnect(device_id)
         self.store.record_status(device_id, msg.state, msg.model, time.time())
         self.store.add_traffic(device_id, "", "up", "status", len(payload))
         log_event(LOG, "device_status", device=device_id, state=msg.state, model=msg.model)
