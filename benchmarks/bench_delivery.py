@@ -39,7 +39,8 @@ from device_sdk.delivery import DeliveryReceiver, ModelStore  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
 from device_sdk.protocol import (CLOUD_SUBSCRIPTIONS, Ack, Installed, InstallFailed, decode_for_device,  # noqa: E402
                                  decode_from_device, inbox, outbox)
-from device_sdk.signing import generate_keypair, load_public_key  # noqa: E402
+from cloud.keys import generate_keypair  # noqa: E402
+from device_sdk.signing import load_public_key  # noqa: E402
 from device_sdk.transport import MqttTransport  # noqa: E402
 
 META = {"kind": "classifier", "arch": "bench", "input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
@@ -79,7 +80,8 @@ def run_case(args, keys, workdir: Path, size: int, chunk: int, window: int, run:
     device_id = f"bench-{size}-{chunk}-{window}-{run}"
     artifact = workdir / f"{device_id}.onnx"
     artifact.write_bytes(np.random.default_rng(run).integers(0, 256, size, dtype=np.uint8).tobytes())
-    manifest = build_manifest(artifact, keys[0], name="bench", version=1, chunk_size=chunk, meta=META)
+    manifest = build_manifest(artifact, keys[0], name="bench", version=1, targets=[device_id], chunk_size=chunk,
+                              meta=META)
     device = Device(args, device_id, keys[1], workdir / device_id)
     replies: "queue.Queue" = queue.Queue()
     cloud = MqttTransport(f"bench-cloud-{device_id}", args.host, args.port, subscriptions=list(CLOUD_SUBSCRIPTIONS),

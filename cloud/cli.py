@@ -12,6 +12,7 @@ and the daemon (online mode, over MQTT; see docs/operations.md):
     ecos-cloud serve --config cloud.toml
     ecos-cloud round --config cloud.toml DEVICE [DEVICE ...] [--fleet] [--wait SECONDS]
     ecos-cloud status --config cloud.toml
+    ecos-cloud keys show|next|promote|update|revoke [KEY_ID] --config cloud.toml   (signing keys, docs/security.md)
 
 and the broker's security (TLS, one identity per device, topic ACL; see cloud/brokerconf.py):
 
@@ -67,6 +68,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                         cache_dir=args.cache_dir, threads=args.threads or os.cpu_count() or 1)
     index.save(args.out)
     probe = index.probe(codec=args.codec, max_distance=args.max_distance).to_bytes()
+    probe = _signed_probe(probe, args.signing_key)
     atomic_write_bytes(args.probe, probe)
     print(f"index -> {args.out} ({len(index.paths)} images, k={index.k}); probe {index.probe_id[:12]} -> {args.probe} ({len(probe)} bytes)")
     return 0
@@ -76,9 +78,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .index import PoolIndex
 
     probe = PoolIndex.load(args.index).probe(codec=args.codec, max_distance=args.max_distance).to_bytes()
+    probe = _signed_probe(probe, args.signing_key)
     atomic_write_bytes(args.out, probe)
     print(f"probe -> {args.out} ({len(probe)} bytes)")
     return 0
+
+
+def _signed_probe(payload: bytes, signing_key: Optional[str]) -> bytes:
+    """The probe signed with the private key file ``signing_key``; unsigned (with a warning) without one."""
+    if not signing_key:
+        LOG.warning("probe not signed (no --signing-key): a device with a trust store refuses it")
+        return payload
+    from device_sdk.messages import Probe
+
+    from .keys import SigningKey
+
+    key = SigningKey.load(signing_key)
+    LOG.info("probe signed with key %s", key.key_id)
+    return Probe.from_bytes(payload).to_bytes(signer=key)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -133,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-distance", type=float, default=None, help="devices vote only within this cosine distance of a centroid")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: no cache)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.add_argument("--signing-key", metavar="PRIVATE_KEY",
+                   help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
+                        "devices with a trust store refuse unsigned probes")
     add_common(p)
     p.set_defaults(func=cmd_index)
 
@@ -141,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--codec", choices=("float16", "int8", "float32"), default="float16")
     p.add_argument("--max-distance", type=float, default=None)
+    p.add_argument("--signing-key", metavar="PRIVATE_KEY",
+                   help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
+                        "devices with a trust store refuse unsigned probes")
     add_common(p)
     p.set_defaults(func=cmd_probe)
 
@@ -169,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
     _add_daemon_commands(sub)
     _add_model_commands(sub)
+    _add_key_commands(sub)
     add_broker_commands(sub, add_common)
     return parser
 
@@ -403,6 +427,82 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-range", action="store_true", help="ONNX: 8-bit weights (default 7-bit reduce_range, safe without VNNI)")
     p.add_argument("--min-agreement", type=float, default=0.98, help="gate: int8/fp32 top-1 agreement at least (default 0.98)")
     p.add_argument("--max-drop", type=float, default=1.0, help="gate: accuracy drop at most, in points (default 1.0)")
+
+
+# ---- signing keys: rotation and revocation (docs/security.md) ------------------------------------
+
+def _keyring(args: argparse.Namespace, create: bool = False):
+    from .config import load_config
+    from .keys import KeyRing
+
+    keys_dir = args.keys_dir or load_config(args.config).store.key_dir
+    return KeyRing(keys_dir, create=create)
+
+
+def _print_ring(ring, as_json: bool = False) -> None:
+    info = ring.describe()
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:>18}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    action = args.action
+    if action == "revoke" and not args.key_id:
+        from device_sdk.errors import UsageError
+
+        raise UsageError("keys revoke needs the KEY_ID to revoke")
+    ring = _keyring(args, create=action in ("show", "next"))
+    if action == "next":
+        key = ring.new_next()
+        print(f"next key {key.key_id}: {ring.next_public_key_path}. Devices learn it from the key update the daemon "
+              "sends before each probe (restart the daemon), or from 'ecos-cloud keys update --out FILE'. Promote it "
+              "once every device lists it in its status.")
+    elif action == "promote":
+        old = ring.current.key_id
+        key = ring.promote()
+        print(f"{key.key_id} is now the current key (restart the daemon to sign with it); {old} is retired under "
+              f"{ring.directory / 'retired'}. Revoke {old} once no delivery signed with it is in flight.")
+    elif action == "revoke":
+        ring.revoke(args.key_id)
+        print(f"{args.key_id} revoked (serial {ring.serial}); devices refuse it once they have the next key update")
+    elif action == "update":
+        update = ring.key_update()
+        if update is None:
+            print("nothing to send: no next key and no revocation yet (serial 0)")
+            return 0
+        if not args.out:
+            from device_sdk.errors import UsageError
+
+            raise UsageError("keys update needs --out FILE (apply it with 'ecos-device keys --config device.toml "
+                             "--apply FILE')")
+        payload = update.to_bytes()
+        atomic_write_bytes(args.out, payload)
+        print(f"key update {update.serial} (keys {', '.join(k['key_id'] for k in update.keys)}; revoked "
+              f"{', '.join(update.revoked) or 'none'}; signed by {update.key_id}) -> {args.out} ({len(payload)} bytes)")
+        return 0
+    _print_ring(ring, args.json)
+    return 0
+
+
+def _add_key_commands(sub) -> None:
+    p = sub.add_parser("keys", help="the signing keys: show, make the next one, promote it, revoke, write a key update",
+                       description="show: the current and next key ids, revocations. next: make the next key pair "
+                                   "(a rotation's first step). promote: the next key becomes the current one. revoke "
+                                   "KEY_ID: devices refuse that key once they have the next key update. update --out "
+                                   "FILE: the signed key update for 'ecos-device keys --apply' (the daemon sends it "
+                                   "before every probe by itself). See docs/security.md for the whole procedure.")
+    p.add_argument("action", choices=("show", "next", "promote", "revoke", "update"))
+    p.add_argument("key_id", nargs="?", metavar="KEY_ID", help="revoke: the key id to revoke")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="cloud.toml: the keys live in its [store] keys_dir (default <state_dir>/keys)")
+    where.add_argument("--keys-dir", help="the keys folder itself")
+    p.add_argument("--out", help="update: where to write the key update message")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_keys)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

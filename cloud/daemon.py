@@ -44,12 +44,12 @@ from device_sdk.logsafe import clean
 from device_sdk.messages import SCORES, Probe, Scores, new_id
 from device_sdk.protocol import (CLOUD_STATUS, CLOUD_SUBSCRIPTIONS, Ack, ArtifactManifest, InstallFailed, Installed,
                                  Refusal, Status, check_device_id, decode_from_device, inbox)
-from device_sdk.signing import ensure_keypair
 from device_sdk.transport import MqttTransport
 from device_sdk.wire import decode
 
 from .config import CloudConfig, require_index
 from .delivery import ArtifactSender, build_manifest
+from .keys import KeyRing
 from .eventlog import log_event
 from .index import PoolIndex
 from .metrics import DaemonMetrics, MetricsServer
@@ -108,7 +108,10 @@ class Daemon:
                  transport_factory: Callable[..., Any] = MqttTransport):
         self.cfg, self.store, self.index, self.trainer = cfg, store, index, trainer
         self.state_dir = Path(cfg.store.state_dir)
-        self.key_path, self.public_key_path = ensure_keypair(cfg.store.key_dir)
+        self.keyring = KeyRing(cfg.store.key_dir)  # signs probes and manifests; restart after 'ecos-cloud keys ...'
+        self.key_path, self.public_key_path = self.keyring.private_key_path, self.keyring.public_key_path
+        key_update = self.keyring.key_update()  # during a rotation: sent ahead of every probe
+        self._key_update = None if key_update is None else key_update.to_bytes()
         self.metrics = DaemonMetrics(store.round_counts, self._devices_by_state)
         b = cfg.broker
         self.transport = transport_factory(
@@ -328,8 +331,10 @@ class Daemon:
         p = r.params
         probe = Probe(r.round_id, self.index.encoder_sha256, self.index.centroids, p["codec"], p["max_distance"],
                       time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline)
-        payload = probe.to_bytes()
+        payload = probe.to_bytes(signer=self.keyring.current)
         for device in devices:
+            if self._key_update is not None:  # trusted before anything is signed with the next key
+                self.publish(inbox(device), self._key_update, device, r.round_id, "key_update")
             self.publish(inbox(device), payload, device, r.round_id, "probe")
             self._probe_sent[(r.round_id, device)] = time.monotonic()
         if resend:
@@ -433,8 +438,10 @@ class Daemon:
         """Copy the trained file into the artifact store and sign its manifest."""
         source = r.result["model_path"]
         name = f"classifier-{r.devices[0] if r.kind == 'device' else 'fleet'}"
-        version = self.store.next_version(name)
-        manifest = build_manifest(source, self.key_path, name=name, version=version, chunk_size=self.cfg.delivery.chunk_size)
+        # devices refuse a version not above the highest they installed: above their own models' and the fleet's
+        version = max(self.store.next_version(n) for n in ["classifier-fleet"] + [f"classifier-{d}" for d in r.devices])
+        manifest = build_manifest(source, self.keyring.current, name=name, version=version, targets=list(r.devices),
+                                  chunk_size=self.cfg.delivery.chunk_size)
         dest = self.state_dir / "artifacts" / f"{manifest.artifact_id}{Path(source).suffix}"
         atomic_write_bytes(dest, Path(source).read_bytes())
         log_event(LOG, "artifact_signed", round=r.round_id, artifact=manifest.artifact_id, size=manifest.size,

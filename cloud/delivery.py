@@ -1,7 +1,8 @@
 """The cloud's end of artifact delivery: a signed manifest, then chunks paced by the device's acks.
 
-``build_manifest`` hashes an artifact file (whole and per chunk) and signs the manifest with the
-cloud's Ed25519 key. ``ArtifactSender`` sends one artifact to one device: the manifest, then
+``build_manifest`` hashes an artifact file (whole and per chunk), names who may install it
+(``targets``: device ids, or ``fleet:<id>``) and signs the manifest with the cloud's current
+Ed25519 key (the signature carries its key id). ``ArtifactSender`` sends one artifact to one device: the manifest, then
 chunks from the device's ``next_chunk`` with at most ``window`` unacknowledged, and on a
 timeout the manifest again plus the window from the last ack (the device answers a manifest
 with its resume point, so a device that restarted, or lost chunks when the broker restarted,
@@ -17,15 +18,16 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Protocol, Union
+from typing import Any, Dict, Optional, Protocol, Sequence, Union
 
 from device_sdk.artifact import META_KEY
 from device_sdk.errors import ArtifactError, UsageError
 from device_sdk.fsutil import PathLike
 from device_sdk.protocol import (DEFAULT_CHUNK_SIZE, FORMATS, Ack, ArtifactChunk, ArtifactManifest, InstallFailed,
                                  Installed, inbox)
-from device_sdk.signing import sign
 from device_sdk.wire import parse_json
+
+from .keys import SigningKey, as_signer
 
 LOG = logging.getLogger("ecos.cloud.delivery")
 
@@ -34,11 +36,14 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any: ...
 
 
-def build_manifest(artifact_path: PathLike, private_key_path: PathLike, *, name: str, version: int,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, meta: Optional[Dict[str, Any]] = None,
+def build_manifest(artifact_path: PathLike, signer: Union[SigningKey, PathLike], *, name: str, version: int,
+                   targets: Sequence[str], chunk_size: int = DEFAULT_CHUNK_SIZE, meta: Optional[Dict[str, Any]] = None,
                    artifact_id: Optional[str] = None) -> ArtifactManifest:
     """The signed manifest of one artifact file.
 
+    ``signer`` is a ``cloud.keys.SigningKey`` (or the path of a private key). ``targets`` lists
+    the device ids that may install it (or ``fleet:<fleet id>``); ``version`` must be above
+    every version of the same kind already delivered to those devices, or they refuse it.
     ``meta`` defaults to the artifact's ``.json`` sidecar (written by the exporters), else the
     metadata embedded in an ONNX file. The default ``artifact_id`` is derived from name, version
     and content, so rebuilding the manifest after a restart gives the same id.
@@ -57,10 +62,12 @@ def build_manifest(artifact_path: PathLike, private_key_path: PathLike, *, name:
     meta = dict(meta) if meta is not None else _read_meta(path, digest)
     if artifact_id is None:
         artifact_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:40]}-v{version}-{digest[:12]}"
+    if isinstance(targets, str) or not targets:
+        raise UsageError(f"targets must be a non-empty list of device ids (or fleet:<id>), got {targets!r}")
     manifest = ArtifactManifest(artifact_id, name, int(version), fmt, str(meta.get("precision", "fp32")), size, digest,
-                                chunk_size, chunk_hashes, meta)
+                                chunk_size, chunk_hashes, meta, targets=sorted(set(targets)))
     manifest.to_bytes()  # schema check before signing: never sign something a device must reject
-    return manifest.with_signature(sign(private_key_path, manifest.signed_bytes()))
+    return manifest.signed_by(as_signer(signer))
 
 
 def _read_meta(path: Path, digest: str) -> Dict[str, Any]:

@@ -8,9 +8,15 @@
 It subscribes to its own inbox only and handles one message at a time on a worker thread (the
 MQTT network thread only queues payloads, so a long encoding never stalls keepalives):
 
-* a probe is answered through the privacy ledger (``answer_probe``): a repeat replays the same
-  bytes for free; a probe it will not answer (budget exhausted, wrong encoder, deadline passed,
-  no local images) gets a ``refusal`` with the error's code, a normal reply;
+* a probe's signature is checked first, against the device's trust store: an unsigned probe
+  (unless ``[privacy] accept_unsigned_probes``), or one signed by an unknown or revoked key, or
+  one whose signature does not verify, is dropped without a reply and without touching a private
+  image or the ledger (a reply would let a forger fail the real round); then it is answered
+  through the privacy ledger (``answer_probe``): a repeat replays the same bytes for free; a
+  probe it will not answer (budget exhausted, wrong encoder, deadline passed, no local images,
+  the id of an answered probe with other content) gets a ``refusal`` with the error's code;
+* a key update (signed by a key the device trusts) adds keys and revocations to its trust
+  store; the retained status then lists the key ids it trusts;
 * manifests and chunks go to the ``DeliveryReceiver``; after an install the classifier is
   evaluated on the labelled ``[data] eval`` folder, if any, and the ``installed`` reply carries
   the accuracy; the retained status is republished with what now runs;
@@ -33,18 +39,19 @@ import numpy as np
 
 from .config import DeviceConfig, broker_password, broker_tls
 from .delivery import DeliveryReceiver, InstalledModel, ModelStore
-from .device import answer_probe
+from .device import answer_probe, check_probe_conflict
 from .errors import ArtifactError, DeadlinePassed, EcosError, LedgerCorrupt, LedgerUnavailable, MessageError
 from .imagefolder import scan_image_folder
 from .logsafe import clean
 from .messages import Probe
 from .predict import Predictor, evaluate
 from .privacy import PrivacyLedger
-from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, Refusal, Status,
-                       clip_reason, decode_for_device, device_status, inbox, outbox)
+from .errors import SignatureError
+from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal,
+                       Status, clip_reason, decode_for_device, device_status, inbox, outbox)
 from .runtime import Model, load_model
 from .scoring import check_compatible, encode_items
-from .signing import load_public_key
+from .trust import trust_from_settings, verify_probe
 from .transport import MqttTransport
 
 LOG = logging.getLogger("ecos.agent")
@@ -68,7 +75,7 @@ class AgentStats:
     bytes_in: int = 0
     messages_out: int = 0
     bytes_out: int = 0
-    rejected: int = 0  # malformed, oversized or not for this device
+    rejected: int = 0  # malformed, oversized, not for this device, or a probe that fails its signature check
     dropped: int = 0  # every message not handled: the rejected ones and those whose handling failed unexpectedly
 
 
@@ -84,7 +91,9 @@ class DeviceAgent:
     """Connects, answers probes within the ledger, installs signed models, predicts.
 
     ``on_event(AgentEvent)`` is called on the worker thread with kinds ``probe_answered``,
-    ``probe_refused``, ``installed``, ``install_failed``, ``rolled_back`` and ``rejected``.
+    ``probe_refused``, ``probe_rejected`` (signature check failed: no reply, nothing charged),
+    ``keys_updated``, ``key_update_refused``, ``installed``, ``install_failed``, ``rolled_back``
+    and ``rejected``.
     """
 
     def __init__(self, config: DeviceConfig, on_event: Optional[Callable[[AgentEvent], None]] = None):
@@ -93,10 +102,16 @@ class DeviceAgent:
         self.ledger = PrivacyLedger.open(privacy.ledger, device_id=self.device_id, budget_epsilon=privacy.budget_epsilon,
                                          budget_delta=privacy.budget_delta, accountant=privacy.accountant)
         self.store = ModelStore(config.models.store)
+        self.trust = trust_from_settings(config.models)
+        self.accept_unsigned = privacy.accept_unsigned_probes
+        if self.accept_unsigned:
+            LOG.warning("[privacy] accept_unsigned_probes is on: anyone who can write this device's inbox can spend "
+                        "its privacy budget (development only)")
         self.receiver = DeliveryReceiver(
-            self.store, load_public_key(config.models.cloud_public_key), self.device_id,
+            self.store, self.trust, self.device_id,
             max_bytes=int(config.models.max_artifact_mb * (1 << 20)), formats=supported_formats(),
-            allow_downgrade=config.models.allow_downgrade, validate=self._validate, evaluate=self._evaluate)
+            allow_downgrade=config.models.allow_downgrade, validate=self._validate, evaluate=self._evaluate,
+            fleets=config.models.fleets)
         self.stats = AgentStats()
         self._models: Dict[str, Model] = {}
         self._models_lock = threading.Lock()
@@ -215,9 +230,20 @@ class DeviceAgent:
             self._on_probe(msg)
         elif isinstance(msg, (ArtifactManifest, ArtifactChunk)):
             self._on_delivery(msg)
+        elif isinstance(msg, KeyUpdate):
+            self._on_key_update(msg)
 
     def _on_probe(self, probe: Probe) -> None:
+        try:  # before anything else: a forged probe must cost neither a private image nor budget
+            verify_probe(probe, self.trust, self.accept_unsigned)
+        except SignatureError as err:
+            self.stats.rejected += 1
+            self.stats.dropped += 1
+            LOG.warning("dropped probe %s: %s [%s]", clean(probe.probe_id), clean(str(err), 300), err.code)
+            self._emit("probe_rejected", probe_id=probe.probe_id, code=err.code, reason=str(err))
+            return
         try:
+            check_probe_conflict(probe, self.ledger)
             if probe.deadline is not None and time.time() > probe.deadline:
                 raise DeadlinePassed(f"probe {probe.probe_id} arrived {time.time() - probe.deadline:.0f}s after its deadline")
             encoder = self.model(ENCODER)
@@ -226,7 +252,7 @@ class DeviceAgent:
             check_compatible(probe, encoder)  # before touching a single private image
             _, result = answer_probe(probe, encoder, self._local_features(encoder), self.ledger,
                                      epsilon=self.config.privacy.epsilon, sigma=self.config.privacy.sigma,
-                                     commit=self._publish_out)
+                                     commit=self._publish_out, trust=self.trust, accept_unsigned=self.accept_unsigned)
         except EcosError as err:  # a ledger that cannot be written (disk full, read-only) too: a typed refusal
             level = logging.WARNING if isinstance(err, (LedgerUnavailable, LedgerCorrupt)) else logging.INFO
             LOG.log(level, "refused probe %s: %s", clean(probe.probe_id), clean(str(err), 300))
@@ -245,6 +271,25 @@ class DeviceAgent:
             if path:
                 text = text.replace(os.path.abspath(path), name).replace(str(path), name)
         return clip_reason(_LOCAL_PATH.sub("<path>", text))
+
+    def _on_key_update(self, update: KeyUpdate) -> None:
+        """Apply a signed key update; republish the status (it lists the trusted key ids) if it changed."""
+        try:
+            result = self.trust.apply(update)
+        except EcosError as err:
+            self.stats.rejected += 1
+            self.stats.dropped += 1
+            LOG.warning("refused key update %d: %s [%s]", update.serial, clean(str(err), 300), err.code)
+            self._emit("key_update_refused", serial=update.serial, code=err.code, reason=str(err))
+            return
+        if not result.applied:
+            LOG.debug("key update %d already applied (serial %d)", update.serial, result.serial)
+            return
+        LOG.info("key update %d applied: trusted %s, revoked %s", update.serial, self.trust.key_ids,
+                 sorted(self.trust.revoked))
+        self.transport.set_online((device_status(self.device_id), self._status_payload(), True))
+        self._emit("keys_updated", serial=result.serial, added=result.added, removed=result.revoked,
+                   trusted=self.trust.key_ids)
 
     def _local_features(self, encoder: Model) -> np.ndarray:
         """Features of the local folder, cached per encoder and folder content."""
@@ -301,7 +346,7 @@ class DeviceAgent:
     def _status_payload(self) -> bytes:
         refs = {kind: (m.ref() if m is not None else None) for kind, m in
                 ((CLASSIFIER, self.store.current(CLASSIFIER)), (ENCODER, self.store.current(ENCODER)))}
-        return Status(self.device_id, "online", refs[CLASSIFIER], refs[ENCODER]).to_bytes()
+        return Status(self.device_id, "online", refs[CLASSIFIER], refs[ENCODER], keys=self.trust.key_ids).to_bytes()
 
     def _emit(self, kind: str, **detail: Any) -> None:
         if self.on_event is None:

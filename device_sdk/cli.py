@@ -1,8 +1,9 @@
 """``ecos-device``: the device's side of ECOS from the command line (offline mode).
 
     ecos-device score FOLDER --encoder encoder.onnx --probe round.probe --out round.scores \\
-        --ledger ledger.json --epsilon 0.58
+        --ledger ledger.json --epsilon 0.58 [--trusted-key cloud.pub.pem]
     ecos-device ledger ledger.json
+    ecos-device keys --config device.toml [--apply update.keys]
     ecos-device run --config device.toml
     ecos-device predict student.int8.tflite (IMAGE... | --folder DIR) [--runtime auto|onnxruntime|litert|tflite-runtime]
 """
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .clikit import add_common, run_cli, setup_logging
-from .device import answer_probe
+from .device import answer_probe, check_probe_conflict
 from .fsutil import atomic_write_bytes
 from .imagefolder import scan_image_folder
 from .messages import Probe
@@ -25,17 +26,36 @@ from .privacy import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, PrivacyLedger
 from .protocol import check_probe
 from .runtime import load_model
 from .scoring import check_compatible, encode_items
+from .trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe
 from .wire import read_file
 
 LOG = logging.getLogger("ecos.device")
 
 
+def _score_trust(args: argparse.Namespace) -> Optional[DeviceTrust]:
+    """The trust store of an offline ``score``: the ``--trusted-key`` files, or None (not verified)."""
+    if args.trusted_key:
+        return DeviceTrust.from_files(args.trusted_key, args.revoked_key or ())
+    if args.revoked_key:
+        from .errors import UsageError
+
+        raise UsageError("--revoked-key needs --trusted-key (the keys to trust)")
+    return None
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     probe = check_probe(Probe.from_envelope(read_file(args.probe, "probe"), args.probe), args.probe)
+    trust = _score_trust(args)
+    signer = verify_probe(probe, trust, args.accept_unsigned)  # before the encoder, an image or the ledger
+    if trust is None:
+        LOG.warning("probe %s not verified: no --trusted-key given (offline use only)", probe.probe_id[:12])
+    elif signer is None:
+        LOG.warning("probe %s is unsigned and accepted (--accept-unsigned)", probe.probe_id[:12])
     model = load_model(args.encoder, threads=args.threads)
     check_compatible(probe, model)  # fail before reading a single private image
     ledger = PrivacyLedger.open(args.ledger, device_id=args.device_id, budget_epsilon=args.budget_epsilon,
                                 budget_delta=args.budget_delta)
+    check_probe_conflict(probe, ledger)
     items = scan_image_folder(args.folder)
     t0, last = time.monotonic(), [time.monotonic()]
 
@@ -46,7 +66,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     features = encode_items(model, items, args.batch_size, progress)
     scores, result = answer_probe(probe, model, features, ledger, epsilon=args.epsilon, sigma=args.sigma,
-                                  commit=lambda payload: atomic_write_bytes(args.out, payload))
+                                  commit=lambda payload: atomic_write_bytes(args.out, payload), trust=trust,
+                                  accept_unsigned=args.accept_unsigned)
     budget_eps, delta = ledger.budget
     verb = "replayed earlier answer to" if result.repeated else "answered"
     print(f"{verb} probe {probe.probe_id[:12]} with {scores.k} noisy scores (sigma={scores.sigma:.3f}) "
@@ -64,6 +85,25 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     else:
         for key, value in summary.items():
             print(f"{key:>20}: {value}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Show the signing keys a configured device trusts; apply a key update file with ``--apply``."""
+    from .config import load_device_config
+
+    trust = trust_from_settings(load_device_config(args.config).models)
+    if args.apply:
+        result = trust.apply(read_key_update(args.apply))
+        print(f"key update {result.serial}: " + ("applied" if result.applied else "already applied (nothing changed)")
+              + (f"; added {', '.join(result.added)}" if result.added else "")
+              + (f"; no longer trusted {', '.join(result.revoked)}" if result.revoked else ""))
+    info = trust.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>12}: {', '.join(value) if isinstance(value, list) else value}")
     return 0
 
 
@@ -111,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
+    p.add_argument("--trusted-key", action="append", metavar="PUBLIC_KEY",
+                   help="the cloud's public key (PEM or 64 hex digits; repeat for several): the probe must be signed "
+                        "by one of them, else it is refused before anything is computed or charged. Without it the "
+                        "probe is not verified (a warning says so)")
+    p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
+    p.add_argument("--accept-unsigned", action="store_true",
+                   help="with --trusted-key: still answer a probe that carries no signature (development only)")
     add_common(p)
     p.set_defaults(func=cmd_score)
 
@@ -119,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_ledger)
+
+    p = sub.add_parser("keys", help="show the signing keys this device trusts; apply a key update file",
+                       description="Print the key ids the device configured in --config trusts (provisioned in "
+                                   "[models], or learned from signed key updates) and the ones it revoked. With "
+                                   "--apply FILE (from 'ecos-cloud keys update'), verify the update with a key the "
+                                   "device trusts and apply it first.")
+    p.add_argument("--config", required=True, help="device configuration (TOML)")
+    p.add_argument("--apply", metavar="FILE", help="a key update message file to verify and apply")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("run", help="run the device agent: answer probes over MQTT, receive and install models",
                        description="Connect to the broker in device.toml, answer probes within the privacy ledger, "

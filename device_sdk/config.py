@@ -19,7 +19,7 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import UsageError
 from .privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
@@ -65,6 +65,7 @@ class PrivacySettings:
     accountant: str = DEFAULT_ACCOUNTANT
     epsilon_per_probe: Optional[float] = None
     sigma: Optional[float] = None
+    accept_unsigned_probes: bool = False  # development only: answer probes that carry no signature
 
     @property
     def epsilon(self) -> Optional[float]:
@@ -84,15 +85,29 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The model store, the cloud key the device trusts, and an optional provisioned encoder."""
+    """The model store, the cloud keys the device trusts, and an optional provisioned encoder.
+
+    Trusted signing keys: ``cloud_public_key`` (one file, the setting before key rotation) and/or
+    ``trusted_keys`` (several files, e.g. the current and the next key); ``revoked_keys`` lists
+    key ids refused whatever else says so; ``fleets`` the fleet ids whose ``fleet:<id>`` models
+    this device installs. Keys learned from signed key updates live in ``<store>/trust.json``.
+    """
 
     store: str = "state/models"
     cloud_public_key: str = ""
+    trusted_keys: List[str] = field(default_factory=list)
+    revoked_keys: List[str] = field(default_factory=list)
+    fleets: List[str] = field(default_factory=list)
     encoder: Optional[str] = None
     runtime: str = "auto"
     threads: int = 1
     max_artifact_mb: float = 256.0
-    allow_downgrade: bool = False
+    allow_downgrade: bool = False  # development only: install a version not above the slot's highest
+
+    @property
+    def key_files(self) -> List[str]:
+        """Every provisioned public key file: ``cloud_public_key`` then ``trusted_keys``."""
+        return list(dict.fromkeys(([self.cloud_public_key] if self.cloud_public_key else []) + list(self.trusted_keys)))
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ class DeviceConfig:
     models: ModelSettings = field(default_factory=ModelSettings)
 
 
+_PATH_LIST_KEYS = {("models", "trusted_keys")}
 _PATH_KEYS = {("privacy", "ledger"), ("data", "local"), ("data", "eval"), ("models", "store"),
               ("models", "cloud_public_key"), ("models", "encoder"), ("broker", "ca_file"),
               ("broker", "cert_file"), ("broker", "key_file"), ("broker", "password_file")}
@@ -125,6 +141,8 @@ def _resolve_paths(cfg: DeviceConfig, base: str) -> DeviceConfig:
         table = getattr(cfg, section)
         changes = {key: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(table, key))))
                    for s, key in _PATH_KEYS if s == section and getattr(table, key)}
+        changes.update({key: [os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in getattr(table, key)]
+                        for s, key in _PATH_LIST_KEYS if s == section})
         sections[section] = dataclasses.replace(table, **changes)
     return dataclasses.replace(cfg, **sections)
 
@@ -213,6 +231,8 @@ def _env_value(table: Dict[str, Any], key: str, hint: Any, var: str, env: Mappin
     text, kind = env[var], _base_type(hint)
     if type(None) in typing.get_args(hint) and text.strip().lower() in ("", "none", "null"):
         table[key] = None
+    elif kind is list:  # a list of strings: comma-separated
+        table[key] = [part.strip() for part in text.split(",") if part.strip()]
     elif kind is bool:
         if text.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise UsageError(f"environment variable {var}={text!r}: expected true or false")
@@ -237,9 +257,14 @@ def validate(cfg: DeviceConfig, source: str) -> None:
     _need(p.epsilon_per_probe is None or p.sigma is None, f"{source}: [privacy] set epsilon_per_probe or sigma, not both")
     _need((p.epsilon or 1.0) > 0 and (p.sigma is None or p.sigma > 0), f"{source}: [privacy] epsilon_per_probe and sigma must be > 0")
     _need(d.batch_size >= 1, f"{source}: [data] batch_size must be >= 1, got {d.batch_size}")
-    _need(bool(m.cloud_public_key), f"{source}: [models] cloud_public_key is required: the cloud's Ed25519 public key "
-                                    "(PEM, or 64 hex digits) this device verifies every model with")
-    _need(os.path.isfile(m.cloud_public_key), f"{source}: [models] cloud_public_key {m.cloud_public_key} does not exist")
+    _need(bool(m.key_files), f"{source}: [models] cloud_public_key (or trusted_keys) is required: the cloud's Ed25519 "
+                             "public key(s) (PEM, or 64 hex digits) this device verifies every model and probe with")
+    for path in m.key_files:
+        key = "cloud_public_key" if path == m.cloud_public_key else "trusted_keys"
+        _need(os.path.isfile(path), f"{source}: [models] {key} {path} does not exist")
+    bad = [k for k in m.revoked_keys if not (len(k) == 16 and all(c in "0123456789abcdef" for c in k))]
+    _need(not bad, f"{source}: [models] revoked_keys must be key ids (16 lowercase hex digits), got {bad[:1]}")
+    _need(all(is_valid_id(f) for f in m.fleets), f"{source}: [models] fleets must be ids of 1-64 of A-Z a-z 0-9 _ . -")
     _need(m.threads >= 1 and m.max_artifact_mb > 0, f"{source}: [models] need threads >= 1 and max_artifact_mb > 0")
 
 

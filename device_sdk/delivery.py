@@ -2,20 +2,25 @@
 
 ``ModelStore`` is a folder::
 
-    state.json                       {"slots": {kind: {"current": {...}, "previous": {...}}}}
+    state.json                       {"slots": {kind: {"current": {...}, "previous": {...}, "max_version": n}}}
     models/<kind>-<sha256[:16]>.<ext> the installed files (only current and previous are kept)
     incoming/<artifact_id>/          manifest.msg and chunk-<index> files of a transfer in progress
 
 One slot per artifact kind (``encoder``, ``classifier``) so a new encoder does not displace the
 classifier. Installing is one ``os.replace`` of the model file and one of ``state.json``: a
 reader, or a device that loses power, sees the old model or the new one, never a mix, and the
-old one stays as ``previous`` to roll back to.
+old one stays as ``previous`` to roll back to (its file is kept until the new one is installed;
+only a model older than both is deleted). ``max_version`` is the highest version ever installed
+in the slot: a version only goes up per device and slot.
 
-``DeliveryReceiver`` turns manifests and chunks into replies. The manifest's signature is
-checked before any chunk is accepted (so no bandwidth or disk is spent on an unsigned
-artifact), every chunk against its signed sha256, the reassembled file against the signed
-size and sha256. Chunks are persisted as they arrive, so a device that restarts resumes from
-the first chunk it lacks.
+``DeliveryReceiver`` turns manifests and chunks into replies. The manifest's signature (by a
+trusted, unrevoked key: ``unsigned``, ``unknown_key``, ``revoked_key``, ``bad_signature``) and
+its target (this device, or a fleet it is configured in: ``wrong_target``) are checked before
+any chunk is accepted (so no bandwidth or disk is spent on an artifact not for this device),
+then its version (above ``max_version``: ``stale_version``), every chunk against its signed
+sha256, the reassembled file against the signed size and sha256, and the signature once more
+right before installing (a key revoked meanwhile). Chunks are persisted as they arrive, so a
+device that restarts resumes from the first chunk it lacks.
 """
 
 from __future__ import annotations
@@ -28,16 +33,14 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .errors import (ArtifactRejected, ChunkError, DeliveryError, EcosError, HashMismatch, MessageError,
-                     UsageError)
+                     StaleVersion, UsageError, WrongTarget)
 from .fsutil import PathLike, atomic_write_bytes, atomic_write_text
 from .logsafe import clean
 from .protocol import Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, clip_reason
-from .signing import verify
+from .signing import as_trust_store
 from .wire import parse_json
 
 LOG = logging.getLogger("ecos.delivery")
@@ -102,6 +105,10 @@ class ModelStore:
     def kinds(self) -> List[str]:
         return sorted(self._state()["slots"])
 
+    def max_version(self, kind: str) -> Optional[int]:
+        """The highest version ever installed in ``kind``'s slot (None before the first install)."""
+        return _max_version(self._state()["slots"].get(kind, {}))
+
     def install(self, manifest: ArtifactManifest, staged: Path) -> InstalledModel:
         """Move a verified file into the store and make it current; the old current becomes previous."""
         kind = manifest.artifact_meta.kind
@@ -111,9 +118,12 @@ class ModelStore:
         record = InstalledModel(kind, manifest.artifact_id, manifest.name, manifest.version, manifest.sha256,
                                 manifest.format, str(dest.resolve()), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         state = self._state()
-        old = state["slots"].get(kind, {}).get("current")
+        slot = state["slots"].get(kind, {})
+        old = slot.get("current")
         keep_old = old is not None and old["sha256"] != manifest.sha256
-        state["slots"][kind] = {"current": asdict(record), "previous": old if keep_old else state["slots"].get(kind, {}).get("previous")}
+        high = max(v for v in (_max_version(slot), manifest.version) if v is not None)
+        state["slots"][kind] = {"current": asdict(record), "previous": old if keep_old else slot.get("previous"),
+                                "max_version": high}
         self._write(state)
         return record
 
@@ -123,7 +133,8 @@ class ModelStore:
         slot = state["slots"].get(kind, {})
         if slot.get("previous") is None:
             raise UsageError(f"no previous {kind} model to roll back to in {self.root}")
-        state["slots"][kind] = {"current": slot["previous"], "previous": slot["current"]}
+        state["slots"][kind] = {"current": slot["previous"], "previous": slot["current"],
+                                "max_version": _max_version(slot)}
         self._write(state)
         return InstalledModel(**slot["previous"])
 
@@ -133,7 +144,8 @@ class ModelStore:
 
     def _prune(self, state: Dict[str, Any]) -> None:
         """Delete model files that are neither current nor previous of any slot."""
-        keep = {Path(r["path"]).name for slot in state["slots"].values() for r in slot.values() if r is not None}
+        keep = {Path(slot[which]["path"]).name for slot in state["slots"].values() for which in ("current", "previous")
+                if slot.get(which) is not None}
         for path in self.models_dir.glob("*"):
             if path.name not in keep:
                 path.unlink()
@@ -142,14 +154,26 @@ class ModelStore:
 _RECORD_FIELDS = frozenset(f.name for f in fields(InstalledModel))
 
 
+def _max_version(slot: Dict[str, Any]) -> Optional[int]:
+    """A slot's ``max_version``; for a state written before it, the larger of current and previous."""
+    if slot.get("max_version") is not None:
+        return slot["max_version"]
+    versions = [slot[w]["version"] for w in ("current", "previous") if slot.get(w) is not None]
+    return max(versions) if versions else None
+
+
 def _state_problem(state: Any) -> Optional[str]:
     """What makes a parsed ``state.json`` unusable, or None."""
     if not isinstance(state, dict) or not isinstance(state.get("slots"), dict):
         return "no 'slots' object"
     for kind, slot in state["slots"].items():
-        if not isinstance(slot, dict) or not set(slot) <= {"current", "previous"}:
-            return f"slot {clean(kind, 40)} is not an object of current/previous"
-        for which, record in slot.items():
+        if not isinstance(slot, dict) or not set(slot) <= {"current", "previous", "max_version"}:
+            return f"slot {clean(kind, 40)} is not an object of current/previous/max_version"
+        high = slot.get("max_version")
+        if high is not None and (not isinstance(high, int) or isinstance(high, bool) or high < 0):
+            return f"{clean(kind, 40)}.max_version is not a version number"
+        for which in ("current", "previous"):
+            record = slot.get(which)
             if record is not None and not _record_ok(record):
                 return f"{clean(kind, 40)}.{which} is not an installed-model record"
     return None
@@ -182,13 +206,17 @@ class DeliveryReceiver:
     ``validate(path, manifest)`` may refuse a verified file before it is installed (e.g. the
     runtime cannot load it) by raising an ``EcosError``; ``evaluate(installed)`` returns the
     ``(accuracy, n_eval)`` reported in the ``installed`` reply.
+
+    ``trust`` is a ``TrustStore`` or ``DeviceTrust`` (a bare Ed25519 public key is accepted as
+    a one-key store); ``fleets`` are the fleet ids this device accepts ``fleet:<id>`` targets of;
+    ``allow_downgrade`` (development only) lets a version that is not above the slot's highest in.
     """
 
-    def __init__(self, store: ModelStore, public_key: Ed25519PublicKey, device_id: str, *,
+    def __init__(self, store: ModelStore, trust: Any, device_id: str, *,
                  max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES, formats: Tuple[str, ...] = ("onnx",),
                  allow_downgrade: bool = False, validate: Optional[Validator] = None,
-                 evaluate: Optional[Evaluator] = None):
-        self.store, self.public_key, self.device_id = store, public_key, device_id
+                 evaluate: Optional[Evaluator] = None, fleets: Sequence[str] = ()):
+        self.store, self.trust, self.device_id, self.fleets = store, as_trust_store(trust), device_id, tuple(fleets)
         self.max_bytes, self.formats, self.allow_downgrade = max_bytes, formats, allow_downgrade
         self.validate, self.evaluate = validate, evaluate
         self._transfers: Dict[str, _Transfer] = {}
@@ -203,12 +231,13 @@ class DeliveryReceiver:
 
     def on_manifest(self, manifest: ArtifactManifest) -> List[Message]:
         try:
-            self._admit(manifest)
+            self._authenticate(manifest)
+            installed = self._installed_as_current(manifest)
+            if installed is not None:  # a repeat after the cloud missed our report: report again
+                return [self._installed_reply(installed)]
+            self._policy(manifest)
         except DeliveryError as err:
             return [self._failed(manifest.artifact_id, err)]
-        installed = self._installed_as_current(manifest)
-        if installed is not None:  # a repeat after the cloud missed our report: report again
-            return [self._installed_reply(installed)]
         transfer = self._transfer(manifest.artifact_id)
         if transfer is None or transfer.manifest.signed_bytes() != manifest.signed_bytes():
             transfer = self._begin(manifest)
@@ -231,16 +260,29 @@ class DeliveryReceiver:
     # ---- steps -----------------------------------------------------------------------------
 
     def _admit(self, manifest: ArtifactManifest) -> None:
-        """Policy and signature checks, before a single chunk is accepted."""
-        verify(self.public_key, manifest.signed_bytes(), manifest.signature)
+        """Signature, target and policy checks, before a single chunk is accepted."""
+        self._authenticate(manifest)
+        self._policy(manifest)
+
+    def _authenticate(self, manifest: ArtifactManifest) -> None:
+        """Signed by a trusted, unrevoked key, and for this device (or one of its fleets)."""
+        self.trust.verify(manifest.signed_bytes(), manifest.key_id, manifest.signature,
+                          f"manifest {manifest.artifact_id}")
+        if not manifest.is_for(self.device_id, self.fleets):
+            named = ", ".join(manifest.targets[:3]) + (", ..." if len(manifest.targets) > 3 else "") \
+                if manifest.targets else "no target (a manifest from before targets)"
+            raise WrongTarget(f"{manifest.artifact_id} is for {clean(named, 200)}, not for {self.device_id}")
+
+    def _policy(self, manifest: ArtifactManifest) -> None:
         if manifest.format not in self.formats:
             raise ArtifactRejected(f"format {manifest.format!r} is not supported here ({', '.join(self.formats)})")
         if manifest.size > self.max_bytes:
             raise ArtifactRejected(f"{manifest.size} bytes is over this device's limit of {self.max_bytes}")
-        current = self.store.current(manifest.artifact_meta.kind)
-        if current is not None and current.name == manifest.name and manifest.version < current.version \
-                and not self.allow_downgrade:
-            raise ArtifactRejected(f"{manifest.name} v{manifest.version} is older than the installed v{current.version}")
+        kind = manifest.artifact_meta.kind
+        high = self.store.max_version(kind)
+        if high is not None and manifest.version <= high and not self.allow_downgrade:
+            raise StaleVersion(f"{manifest.name} v{manifest.version} is not above v{high}, the highest {kind} "
+                               "version installed here (a replayed or older model)")
 
     def _begin(self, manifest: ArtifactManifest) -> _Transfer:
         """Start (or restart) a transfer; other transfers of the same kind are dropped."""
@@ -299,6 +341,7 @@ class DeliveryReceiver:
                                f"manifest says {manifest.size} bytes, {manifest.sha256[:12]}...")
         if self.validate is not None:
             self.validate(str(staged), manifest)
+        self._admit(manifest)  # again: a key revoked, or a newer model installed, since the transfer began
         installed = self.store.install(manifest, staged)
         LOG.info("installed %s %s v%d (%s)", installed.kind, manifest.name, manifest.version, manifest.artifact_id)
         return installed

@@ -180,3 +180,47 @@ class StoreUnavailable(StoreError):
     def __init__(self, message: str, reason: str = "io_error"):
         super().__init__(message)
         self.reason = reason
+
+
+class UnknownKey(SignatureError):
+    """A signature names a key this device does not trust (or names none)."""
+
+    code = "unknown_key"
+
+
+class RevokedKey(SignatureError):
+    """A signature was made with a key this device has revoked."""
+
+    code = "revoked_key"
+
+
+class Unsigned(SignatureError):
+    """A message that must be signed (a probe, a manifest, a key update) carries no signature."""
+
+    code = "unsigned"
+
+
+class WrongTarget(ArtifactRejected):
+    """A signed manifest is for another device (or a fleet this device is not in)."""
+
+    code = "wrong_target"
+
+
+class StaleVersion(ArtifactRejected):
+    """A signed manifest's version is not above the highest one installed in its slot (a replay or a downgrade)."""
+
+    code = "stale_version"
+
+
+class ProbeConflict(EcosError):
+    """A probe reuses the id of an answered probe with other content: refused, nothing charged."""
+
+    code = "probe_conflict"
+    exit_code = 15
+
+
+class TrustError(EcosError):
+    """A key update cannot be applied (it would leave no trusted key) or the trust state is unusable."""
+
+    code = "trust"
+    exit_code = 16

@@ -5,11 +5,15 @@ Both travel as ``device_sdk.wire`` envelopes, in files (offline mode) or MQTT pa
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -19,6 +23,9 @@ from .errors import MessageError
 PROBE = "probe"
 SCORES = "scores"
 CENTROID_CODECS = ("float16", "int8", "float32")
+PROBE_SIGNING_DOMAIN = b"ecos-probe-v1\n"
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+_SIGNATURE = re.compile(r"[0-9a-f]{128}")
 
 
 def new_id() -> str:
@@ -41,6 +48,9 @@ class Probe:
     centroid ``k`` lies farther than ``radii[k]`` votes in one extra "far" bin instead of for
     ``k``. Each sample still votes exactly once, so the K + 1 counts keep L2 sensitivity 1 and the
     same noise buys the same epsilon (docs/sampling.md).
+    ``key_id`` and ``signature`` (optional on the wire, required by a device with a trust store)
+    are the cloud's Ed25519 signature of :meth:`signed_bytes`, checked before anything is
+    computed or charged (docs/security.md).
     """
 
     probe_id: str
@@ -51,16 +61,50 @@ class Probe:
     created: str = ""
     deadline: Optional[float] = None
     radii: Optional[np.ndarray] = None
+    key_id: Optional[str] = None
+    signature: Optional[str] = None
 
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
     @property
+    def signed(self) -> bool:
+        return bool(self.signature)
+
+    def signed_bytes(self) -> bytes:
+        """What the probe's signature covers: every field a device acts on, as the device decodes it.
+
+        A domain tag, then sorted-key compact JSON of the id, encoder hash, k, feature_dim, codec,
+        max_distance, created, deadline and the sha256 of the decoded float32 centroids and radii
+        (null without radii). The message ``id`` is the probe id, so it is covered; the key id and
+        the signature are not. Computed from the content each time (never cached), so a probe
+        changed after signing no longer verifies.
+        """
+        centroids = np.ascontiguousarray(self.centroids, dtype="<f4")
+        radii = None if self.radii is None else np.ascontiguousarray(self.radii, dtype="<f4")
+        content = {
+            "id": self.probe_id, "encoder_sha256": self.encoder_sha256, "k": self.k, "feature_dim": self.feature_dim,
+            "codec": self.codec, "max_distance": self.max_distance, "created": self.created, "deadline": self.deadline,
+            "centroids_sha256": hashlib.sha256(centroids.tobytes()).hexdigest(),
+            "radii_sha256": None if radii is None else hashlib.sha256(radii.tobytes()).hexdigest(),
+        }
+        try:
+            text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise MessageError(f"probe {self.probe_id[:40]!r}: fields cannot be signed ({exc})") from None
+        return PROBE_SIGNING_DOMAIN + text.encode("utf-8")
+
+    @property
     def feature_dim(self) -> int:
         return int(self.centroids.shape[1])
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, signer: Any = None) -> bytes:
+        """The probe as a wire envelope; signed by ``signer`` (``cloud.keys.SigningKey``) if given.
+
+        The signature is made over the probe exactly as a device will decode it (centroids
+        after the codec's round trip, numbers after the JSON round trip), so it verifies there.
+        """
         arrays = _compress(np.asarray(self.centroids, dtype=np.float32), self.codec)
         fields = {
             "id": self.probe_id,
@@ -75,7 +119,17 @@ class Probe:
             fields["deadline"] = float(self.deadline)
         if self.radii is not None:
             arrays["radii"] = np.asarray(self.radii, dtype=np.float16)
+        if signer is not None:
+            received = Probe.from_bytes(wire.encode(PROBE, fields, arrays), "outgoing probe")
+            fields["key_id"] = signer.key_id
+            fields["signature"] = signer.sign(received.signed_bytes())
+        elif self.signature:  # a decoded signed probe, encoded again: keep its signature
+            fields["key_id"] = self.key_id
+            fields["signature"] = self.signature
         return wire.encode(PROBE, fields, arrays)
+
+    def without_signature(self) -> "Probe":
+        return dataclasses.replace(self, key_id=None, signature=None)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "probe") -> "Probe":
@@ -105,8 +159,18 @@ class Probe:
             radii = radii.astype(np.float32)
             if radii.shape != (f["k"],) or not np.all(np.isfinite(radii)) or np.any(radii < 0):
                 raise MessageError(f"{source}: radii must be k={f['k']} finite cosine distances >= 0")
-        return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, str(f.get("created", "")),
-                   None if deadline is None else float(deadline), radii)
+        key_id, signature = f.get("key_id"), f.get("signature")
+        if (key_id is None) != (signature is None):
+            raise MessageError(f"{source}: key_id and signature go together")
+        if key_id is not None and not (isinstance(key_id, str) and _KEY_ID.fullmatch(key_id)):
+            raise MessageError(f"{source}: key_id is not 16 lowercase hex digits")
+        if signature is not None and not (isinstance(signature, str) and _SIGNATURE.fullmatch(signature)):
+            raise MessageError(f"{source}: signature is not 128 lowercase hex digits")
+        created = f.get("created", "")
+        if not isinstance(created, str):
+            raise MessageError(f"{source}: created must be a string")
+        return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, created,
+                   None if deadline is None else float(deadline), radii, key_id, signature)
 
 
 @dataclass(frozen=True)

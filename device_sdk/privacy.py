@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .errors import MessageError, PrivacyBudgetExceeded, RuntimeUnavailable, UsageError
+from .errors import MessageError, PrivacyBudgetExceeded, ProbeConflict, RuntimeUnavailable, UsageError
 from .errors import LedgerCorrupt, LedgerUnavailable
 from .fsutil import atomic_write_bytes, atomic_write_text
 from .wire import parse_json
@@ -530,7 +530,8 @@ class PrivacyLedger:
     # ---- spending ------------------------------------------------------------------------
 
     def release(self, key: str, sigma: float, sensitivity: float, n_values: int,
-                produce: Callable[[], bytes], commit: Callable[[bytes], None]) -> ReleaseResult:
+                produce: Callable[[], bytes], commit: Callable[[bytes], None],
+                conflicts: Optional[Callable[[str], bool]] = None) -> ReleaseResult:
         """Release one Gaussian-noised message under ``key`` (the probe id), or replay it.
 
         Under the exclusive lock:
@@ -539,6 +540,8 @@ class PrivacyLedger:
           ``commit(stored)`` is still called so the caller can (re)write its output. Fresh noise
           on a repeat would leak more, so the same bytes are always returned, whatever sigma is
           passed this time.
+        * ``conflicts(other_key)`` true for a release on file (e.g. the same probe id with other
+          content): :class:`ProbeConflict`, nothing called, nothing written;
         * otherwise, if the composed epsilon with this release would exceed the budget at the
           ledger's delta: :class:`PrivacyBudgetExceeded`, nothing called, nothing written;
         * else ``produce()`` draws the noise and builds the message, the ledger entry (with the
@@ -564,6 +567,9 @@ class PrivacyLedger:
                 payload = _payload_of(entry, self.path)
                 commit(payload)
                 return ReleaseResult(payload, 0.0, spent_before, True)
+            if conflicts is not None and any(conflicts(r["key"]) for r in state["releases"]):
+                raise ProbeConflict(f"release {key[:80]!r} refused: the same question was answered before with "
+                                    "other content; nothing charged")
 
             budget_eps = state["budget"]["epsilon"]
             after = self._spent_of(state, [(sigma, sensitivity)])

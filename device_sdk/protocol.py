@@ -16,7 +16,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from . import wire
 from .artifact import ArtifactMeta
 from .errors import ArtifactError, MessageError, UsageError
 from .messages import PROBE, SCORES, Probe, Scores, new_id
+from .signing import Signer, is_key_id, is_public_hex, is_signature, key_id_of_raw
 
 ROOT = "ecos/v1"
 CLOUD_STATUS = f"{ROOT}/cloud/status"
@@ -46,10 +47,15 @@ MAX_NAME_CHARS = 128
 MAX_CODE_CHARS = 64
 MAX_REASON_CHARS = 2000
 MAX_REF_KEYS = 8
+MAX_TARGETS = 4096  # devices (or fleets) one manifest may name
+MAX_TRUST_KEYS = 64  # public keys in a key update, key ids in a status
+MAX_REVOKED = 1024  # key ids a key update may revoke
+FLEET_PREFIX = "fleet:"  # a manifest target "fleet:<id>" is every device configured with that fleet id
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_PROBE_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_CHARS)  # names a round and a ledger entry: no control characters
 _CODE = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_CODE_CHARS)
 _NUMBER = (int, float)
 _NONE = type(None)
@@ -191,15 +197,19 @@ class ArtifactManifest(Message):
     """What the device needs to fetch, check and install one artifact, signed by the cloud.
 
     ``signature`` is the hex Ed25519 signature of :meth:`signed_bytes`: the canonical JSON of
-    every other field except the message ``id`` (a per-transmission id), so re-sending the same
-    manifest never needs a new signature.
+    every other field except the message ``id`` (a per-transmission id) and ``key_id`` (which
+    names the key that made the signature), so re-sending the same manifest never needs a new
+    signature. ``targets`` names who may install it: device ids, or ``fleet:<fleet id>``;
+    ``version`` only goes up per device and slot (the artifact kind). A manifest without
+    ``targets`` or ``key_id`` (made before they existed) still decodes, and every device refuses
+    it (``wrong_target`` / ``unknown_key``).
     """
 
     TYPE: ClassVar[str] = "artifact_manifest"
     SPEC: ClassVar[Dict[str, Tuple[type, ...]]] = {
         "artifact_id": (str,), "name": (str,), "version": (int,), "format": (str,), "precision": (str,),
         "size": (int,), "sha256": (str,), "chunk_size": (int,), "chunk_sha256": (list,), "meta": (dict,),
-        "signature": (str,), "id": (str,)}
+        "signature": (str,), "id": (str,), "targets": (list, _NONE), "key_id": (str, _NONE)}
     WIRE_NAMES: ClassVar[Dict[str, str]] = {"version": "artifact_version"}
 
     artifact_id: str
@@ -214,6 +224,8 @@ class ArtifactManifest(Message):
     meta: Dict[str, Any]
     signature: str = ""
     id: str = field(default_factory=new_id)
+    targets: Optional[List[str]] = None
+    key_id: Optional[str] = None
 
     @property
     def n_chunks(self) -> int:
@@ -224,12 +236,25 @@ class ArtifactManifest(Message):
         return ArtifactMeta.from_json(json.dumps(self.meta), f"manifest {self.artifact_id}")
 
     def signed_bytes(self) -> bytes:
-        """The bytes the signature covers: sorted-key compact JSON of all fields but signature and id."""
-        content = {name: getattr(self, name) for name in self.SPEC if name not in ("signature", "id")}
+        """The bytes the signature covers: sorted-key compact JSON of all fields but signature, id
+        and key_id (``targets`` left out only when absent, as in manifests made before it)."""
+        content = {name: getattr(self, name) for name in self.SPEC if name not in ("signature", "id", "key_id")}
+        if content["targets"] is None:
+            del content["targets"]
         return json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
-    def with_signature(self, signature: str) -> "ArtifactManifest":
-        return dataclasses.replace(self, signature=signature)
+    def with_signature(self, signature: str, key_id: Optional[str] = None) -> "ArtifactManifest":
+        return dataclasses.replace(self, signature=signature, key_id=self.key_id if key_id is None else key_id)
+
+    def signed_by(self, signer: Signer) -> "ArtifactManifest":
+        """This manifest signed by ``signer`` (a ``cloud.keys.SigningKey``), with its key id."""
+        return self.with_signature(signer.sign(self.signed_bytes()), signer.key_id)
+
+    def is_for(self, device_id: str, fleets: Sequence[str] = ()) -> bool:
+        """Whether ``targets`` names this device, or a fleet it is configured in."""
+        if not self.targets:
+            return False
+        return device_id in self.targets or any(FLEET_PREFIX + f in self.targets for f in fleets)
 
     def _check(self, source: str) -> None:
         super()._check(source)
@@ -247,10 +272,20 @@ class ArtifactManifest(Message):
                  "chunk_sha256 must list 64-hex-digit hashes")
         _require(self.signature == "" or bool(_SIGNATURE.fullmatch(self.signature)), source,
                  "signature is not 128 lowercase hex digits")
+        _require(self.key_id is None or is_key_id(self.key_id), source, "key_id is not 16 lowercase hex digits")
+        targets_ok = self.targets is None or (0 < len(self.targets) <= MAX_TARGETS
+                                              and all(_target_ok(t) for t in self.targets))
+        _require(targets_ok, source, f"targets must list 1-{MAX_TARGETS} device ids or fleet:<id>")
         try:
             self.artifact_meta
         except ArtifactError as exc:
             raise MessageError(f"{source}: {exc}") from None
+
+
+def _target_ok(target: Any) -> bool:
+    if not isinstance(target, str):
+        return False
+    return is_valid_id(target[len(FLEET_PREFIX):] if target.startswith(FLEET_PREFIX) else target)
 
 
 @dataclass(frozen=True)
@@ -374,30 +409,86 @@ def _check_code_and_reason(code: str, reason: str, source: str) -> None:
 class Status(Message):
     """Retained presence of a device and what it runs: ``model`` (classifier) and ``encoder`` refs.
 
-    A ref is ``{"artifact_id": str, "version": int, ...}`` or null.
+    A ref is ``{"artifact_id": str, "version": int, ...}`` or null. ``keys`` (optional) lists
+    the ids of the signing keys the device trusts, so a rotation can wait until every device
+    trusts the next key (docs/security.md).
     """
 
     TYPE: ClassVar[str] = "status"
     SPEC: ClassVar[Dict[str, Tuple[type, ...]]] = {
-        "device_id": (str,), "state": (str,), "model": (dict, _NONE), "encoder": (dict, _NONE), "id": (str,)}
+        "device_id": (str,), "state": (str,), "model": (dict, _NONE), "encoder": (dict, _NONE), "id": (str,),
+        "keys": (list, _NONE)}
 
     device_id: str
     state: str
     model: Optional[Dict[str, Any]] = None
     encoder: Optional[Dict[str, Any]] = None
     id: str = field(default_factory=new_id)
+    keys: Optional[List[str]] = None
 
     def _check(self, source: str) -> None:
         super()._check(source)
         _require(self.state in STATES, source, f"state {self.state!r:.40} is not one of {STATES}")
         _require(_model_ref_ok(self.model) and _model_ref_ok(self.encoder), source,
                  "model/encoder must be null or {artifact_id, version}")
+        _require(self.keys is None or (len(self.keys) <= MAX_TRUST_KEYS and all(is_key_id(k) for k in self.keys)),
+                 source, f"keys must list at most {MAX_TRUST_KEYS} key ids")
+
+
+@dataclass(frozen=True)
+class KeyUpdate(Message):
+    """Cloud -> device: public keys to trust and key ids to revoke, signed by a key the device trusts.
+
+    ``keys`` is a list of ``{"key_id", "public_key"}`` (raw Ed25519 key, 64 hex digits; the id
+    must be the key's); ``revoked`` lists key ids. ``serial`` goes up with every change of the
+    cloud's key ring: a device applies an update once and ignores one whose serial is not above
+    the last it applied. The signature covers :meth:`signed_bytes` (domain-separated from every
+    other signed message).
+    """
+
+    TYPE: ClassVar[str] = "key_update"
+    SPEC: ClassVar[Dict[str, Tuple[type, ...]]] = {
+        "serial": (int,), "keys": (list,), "revoked": (list,), "key_id": (str,), "signature": (str,), "id": (str,)}
+    DOMAIN: ClassVar[bytes] = b"ecos-key-update-v1\n"
+
+    serial: int
+    keys: List[Dict[str, str]]
+    revoked: List[str]
+    key_id: str = ""
+    signature: str = ""
+    id: str = field(default_factory=new_id)
+
+    def signed_bytes(self) -> bytes:
+        content = {"serial": self.serial, "keys": self.keys, "revoked": self.revoked}
+        return self.DOMAIN + json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    def signed_by(self, signer: Signer) -> "KeyUpdate":
+        return dataclasses.replace(self, key_id=signer.key_id, signature=signer.sign(self.signed_bytes()))
+
+    def _check(self, source: str) -> None:
+        super()._check(source)
+        _require(0 <= self.serial <= MAX_VERSION, source, f"serial {self.serial} is outside [0, {MAX_VERSION}]")
+        _require(len(self.keys) <= MAX_TRUST_KEYS and all(_key_entry_ok(k) for k in self.keys), source,
+                 f"keys must list at most {MAX_TRUST_KEYS} {{key_id, public_key}} whose key id is the key's")
+        _require(len(self.revoked) <= MAX_REVOKED and all(is_key_id(k) for k in self.revoked), source,
+                 f"revoked must list at most {MAX_REVOKED} key ids")
+        _require(self.key_id == "" or is_key_id(self.key_id), source, "key_id is not 16 lowercase hex digits")
+        _require(self.signature == "" or is_signature(self.signature), source,
+                 "signature is not 128 lowercase hex digits")
+
+
+def _key_entry_ok(entry: Any) -> bool:
+    if not isinstance(entry, dict) or set(entry) != {"key_id", "public_key"}:
+        return False
+    public = entry["public_key"]
+    return (is_public_hex(public) and is_key_id(entry["key_id"])
+            and key_id_of_raw(bytes.fromhex(public)) == entry["key_id"])
 
 
 # ---- decoding with routing rules -------------------------------------------------------------
 
 CLOUD_TO_DEVICE: Mapping[str, Type[Any]] = {PROBE: Probe, ArtifactManifest.TYPE: ArtifactManifest,
-                                            ArtifactChunk.TYPE: ArtifactChunk}
+                                            ArtifactChunk.TYPE: ArtifactChunk, KeyUpdate.TYPE: KeyUpdate}
 DEVICE_TO_CLOUD: Mapping[str, Type[Any]] = {SCORES: Scores, Refusal.TYPE: Refusal, Ack.TYPE: Ack,
                                             Installed.TYPE: Installed, InstallFailed.TYPE: InstallFailed,
                                             Status.TYPE: Status}
@@ -426,7 +517,8 @@ def decode_message(payload: bytes, source: str = "message", allowed: Mapping[str
 
 def check_probe(probe: Probe, source: str = "probe") -> Probe:
     """The protocol's bounds on a decoded probe (its id names a round and a ledger entry)."""
-    _require(_text_ok(probe.probe_id, MAX_ID_CHARS), source, f"probe id must be 1-{MAX_ID_CHARS} characters")
+    _require(bool(_PROBE_ID.fullmatch(probe.probe_id)), source,
+             f"probe id must be 1-{MAX_ID_CHARS} printable ASCII characters without spaces")
     _require(_text_ok(probe.encoder_sha256, MAX_ID_CHARS), source,
              f"encoder_sha256 must be 1-{MAX_ID_CHARS} characters")
     _require(1 <= probe.k <= MAX_COUNT and probe.feature_dim >= 1, source, "a probe needs k >= 1 and feature_dim >= 1")

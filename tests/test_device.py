@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_sdk.device import answer_probe
-from device_sdk.errors import MismatchError, PrivacyBudgetExceeded, UsageError
+from device_sdk.errors import MismatchError, PrivacyBudgetExceeded, ProbeConflict, UsageError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.privacy import PrivacyLedger, epsilon
 from device_sdk.runtime import load_model
@@ -42,8 +42,10 @@ def test_repeated_probe_is_free_and_identical(setup):
     assert res.repeated and res.charged_epsilon == 0.0
     np.testing.assert_array_equal(first.scores, again.scores)
     changed = dataclasses.replace(probe, centroids=probe.centroids[::-1].copy())
-    _, res2 = answer_probe(changed, model, feats, ledger, epsilon=0.58)
-    assert not res2.repeated and res2.charged_epsilon > 0  # a reused id with new content is a new question
+    spent = ledger.spent()[0]
+    with pytest.raises(ProbeConflict):  # a reused id with new content is refused, never charged (issue 8)
+        answer_probe(changed, model, feats, ledger, epsilon=0.58)
+    assert ledger.spent()[0] == spent and len(ledger.releases()) == 1
 
 
 def test_refusals_charge_nothing(setup):

@@ -58,10 +58,13 @@ def test_device_scores_without_cloud_packages(pool_index, encoder_path, digits_r
     _, index_path = pool_index
     probe = tmp_path / "p.probe"
     from cloud.index import PoolIndex
+    from cloud.keys import KeyRing
 
-    probe.write_bytes(PoolIndex.load(str(index_path)).probe().to_bytes())
+    ring = KeyRing(tmp_path / "keys")  # the cloud signs; the device only verifies, without cloud code
+    probe.write_bytes(PoolIndex.load(str(index_path)).probe().to_bytes(signer=ring.current))
     argv = ["score", str(digits_root / "devices" / "lcd" / "local"), "--encoder", str(encoder_path), "--probe", str(probe),
-            "--out", str(tmp_path / "s.scores"), "--ledger", str(tmp_path / "l.json"), "--epsilon", "1"]
+            "--out", str(tmp_path / "s.scores"), "--ledger", str(tmp_path / "l.json"), "--epsilon", "1",
+            "--trusted-key", str(ring.public_key_path)]
     code = BLOCKER.format(forbidden=set(FORBIDDEN), argv=argv)  # onnxruntime (a different package) stays
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

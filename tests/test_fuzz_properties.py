@@ -54,9 +54,32 @@ def typed_only(fn: Callable[..., Any], *args: Any) -> Any:
 
 # ---- valid inputs and their mutations ------------------------------------------------------------------
 
+def _signing_key():
+    """A fixed signing key (issue 8: signed probes, manifests and key updates are in the corpus too)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cloud.keys import SigningKey
+
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+
+
+def _signed_corpus() -> List[bytes]:
+    key = _signing_key()
+    centroids = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
+    manifest = P.ArtifactManifest("art-2", "student", 8, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META,
+                                  targets=[DEV, "fleet:f1"])
+    return [
+        Probe("r2", "e" * 64, centroids, "float16", None, "2026-01-01T00:00:00+00:00", 1e9,
+              radii=np.full(4, 0.25, np.float32)).to_bytes(signer=key),
+        manifest.signed_by(key).to_bytes(),
+        P.KeyUpdate(2, [{"key_id": key.key_id, "public_key": key.public_hex}], ["0" * 16]).signed_by(key).to_bytes(),
+        P.Status(DEV, "online", None, None, keys=[key.key_id]).to_bytes(),
+    ]
+
+
 def _corpus() -> List[bytes]:
     centroids = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-    return [
+    return _signed_corpus() + [
         Probe("r1", "e" * 64, centroids, "float16", 0.5, "2026-01-01T00:00:00+00:00", 1e9).to_bytes(),
         Probe("r1", "e" * 64, centroids, "int8").to_bytes(),
         Probe("r1", "e" * 64, centroids, "float32").to_bytes(),
@@ -263,7 +286,8 @@ def test_every_decoder_gives_only_typed_errors(data):
 @FUZZ
 @given(rewritten())
 def test_header_rewrites_give_only_typed_errors_for_every_message_type(data):
-    for cls in (P.Ack, P.Refusal, P.Installed, P.InstallFailed, P.Status, P.ArtifactChunk, P.ArtifactManifest):
+    for cls in (P.Ack, P.Refusal, P.Installed, P.InstallFailed, P.Status, P.ArtifactChunk, P.ArtifactManifest,
+                P.KeyUpdate):
         typed_only(cls.from_bytes, data)
     msg = typed_only(P.decode_message, data)
     if msg is not None:  # what decodes is within bounds: it re-encodes and decodes to itself
@@ -309,9 +333,31 @@ def test_every_value_of_every_json_file_replaced_by_every_hostile_value_gives_on
         store = ModelStore(files / "models")
         store.current("classifier"), store.previous("classifier"), store.kinds()
 
+    def trust(data: bytes) -> None:
+        from device_sdk.trust import DeviceTrust
+
+        (files / "trust.json").write_bytes(data)
+        DeviceTrust([_signing_key().public], state_path=files / "trust.json").key_ids
+
+    def ring(data: bytes) -> None:
+        from cloud.keys import KeyRing
+
+        (files / "ring").mkdir(exist_ok=True)
+        (files / "ring" / "keyring.json").write_bytes(data)
+        KeyRing(files / "ring").describe()
+
     assert untyped_failures(json_sweep(META), ArtifactMeta.from_json) == []
     assert untyped_failures(json_sweep(_ledger_doc()), ledger) == []
     assert untyped_failures(json_sweep(_state_doc()), state) == []
+    assert untyped_failures(json_sweep(_trust_doc()), trust) == []
+    assert untyped_failures(json_sweep({"kind": "ecos.keyring", "version": 1, "serial": 3, "revoked": ["0" * 16]}),
+                            ring) == []
+
+
+def _trust_doc() -> dict:
+    key = _signing_key()
+    return {"kind": "ecos.trust_state", "version": 1, "serial": 2, "keys": {key.key_id: key.public_hex},
+            "revoked": ["0" * 16]}
 
 
 @FUZZ
@@ -347,7 +393,7 @@ def test_the_privacy_ledger_file_gives_only_typed_errors(files, data):
 def _state_doc() -> dict:
     record = {"kind": "classifier", "artifact_id": "art-1", "name": "n", "version": 1, "sha256": "a" * 64,
               "format": "onnx", "path": "/tmp/none.onnx", "installed_utc": ""}
-    return {"slots": {"classifier": {"current": record, "previous": dict(record, version=0)}}}
+    return {"slots": {"classifier": {"current": record, "previous": dict(record, version=0), "max_version": 1}}}
 
 
 @FUZZ
@@ -362,6 +408,7 @@ def test_the_model_store_state_gives_only_typed_errors(files, data):
     for kind in ("classifier", "encoder"):
         typed_only(store.current, kind)
         typed_only(store.previous, kind)
+        typed_only(store.max_version, kind)
     typed_only(store.kinds)
 
 
@@ -429,7 +476,8 @@ def key_pems(tmp_path_factory) -> List[bytes]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from device_sdk.signing import generate_keypair, load_public_key
+    from cloud.keys import generate_keypair
+    from device_sdk.signing import load_public_key
 
     private, public = generate_keypair(tmp_path_factory.mktemp("fuzz-keys"))
     other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
@@ -442,7 +490,8 @@ def key_pems(tmp_path_factory) -> List[bytes]:
 @given(st.data())
 def test_key_files_give_only_usage_errors(files, key_pems, data):
     """A damaged key file: bit flips anywhere, the base64 body included (its DER then names odd key types)."""
-    from device_sdk.signing import load_private_key, load_public_key
+    from cloud.keys import load_private_key
+    from device_sdk.signing import load_public_key
 
     pem = bytearray(data.draw(st.sampled_from(key_pems)))
     for _ in range(data.draw(st.integers(min_value=0, max_value=4))):

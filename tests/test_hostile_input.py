@@ -418,7 +418,7 @@ def offline_agent(state_dir: Path):
     """An agent of DEV (no encoder, no broker: it is never started) whose replies go nowhere."""
     from device_sdk.agent import DeviceAgent
     from device_sdk.config import DeviceConfig, ModelSettings, PrivacySettings
-    from device_sdk.signing import generate_keypair
+    from cloud.keys import generate_keypair
 
     _, public = generate_keypair(state_dir / "keys")
     cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(state_dir / "ledger.json")),

@@ -145,3 +145,70 @@ def test_help_lists_every_command():
         assert cmd in cloud
     for cmd in ("score", "ledger"):
         assert cmd in device
+
+
+def test_signed_probes_on_the_command_line(round_files, encoder_path, digits_root, tmp_path):
+    """Issue 8: ``ecos-cloud probe --signing-key`` signs; ``ecos-device score --trusted-key`` refuses anything else."""
+    _, index_path, unsigned, _ = round_files
+    keys = tmp_path / "keys"
+    shown = run("ecos-cloud", "keys", "show", "--keys-dir", keys)
+    assert shown.returncode == 0 and "current" in shown.stdout, shown.stderr
+    public = keys / "cloud_ed25519.pub.pem"
+    signed = tmp_path / "signed.probe"
+    assert run("ecos-cloud", "probe", "--index", index_path, "--out", signed,
+               "--signing-key", keys / "cloud_ed25519.pem").returncode == 0
+    local = digits_root / "devices" / "lcd" / "local"
+    out, ledger = tmp_path / "s.scores", tmp_path / "ledger.json"
+
+    def score(probe, *extra):
+        return run("ecos-device", "score", local, "--encoder", encoder_path, "--probe", probe, "--out", out,
+                   "--ledger", ledger, "--epsilon", "0.58", "--trusted-key", public, *extra)
+
+    assert_fails(score(unsigned), "unsigned", 10, out, ledger)  # refused before the ledger even exists
+    other = tmp_path / "other-keys"
+    assert run("ecos-cloud", "keys", "show", "--keys-dir", other).returncode == 0
+    assert run("ecos-cloud", "probe", "--index", index_path, "--out", tmp_path / "other.probe",
+               "--signing-key", other / "cloud_ed25519.pem").returncode == 0
+    assert_fails(score(tmp_path / "other.probe"), "unknown_key", 10, out, ledger)
+    proc = score(signed)
+    assert proc.returncode == 0 and "charged epsilon 0.58" in proc.stdout, proc.stderr
+    p = Probe.from_bytes(signed.read_bytes())
+    conflict = tmp_path / "conflict.probe"
+    conflict.write_bytes(Probe(p.probe_id, p.encoder_sha256, p.centroids[::-1].copy(), p.codec, p.max_distance,
+                               p.created, radii=p.radii).to_bytes(signer=_key(keys)))
+    out.unlink()
+    assert_fails(score(conflict), "probe_conflict", 15, out)
+    assert len(PrivacyLedger(ledger).releases()) == 1
+    assert score(unsigned, "--accept-unsigned").returncode == 0  # the explicit development option
+
+
+def _key(keys: Path):
+    from cloud.keys import SigningKey
+
+    return SigningKey.load(keys / "cloud_ed25519.pem")
+
+
+def test_a_key_rotation_on_the_command_line(tmp_path):
+    keys = tmp_path / "keys"
+    assert run("ecos-cloud", "keys", "show", "--keys-dir", keys).returncode == 0
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copy(keys / "cloud_ed25519.pub.pem", device / "cloud.pub.pem")
+    (device / "device.toml").write_text('device_id = "pi-1"\n[models]\ncloud_public_key = "cloud.pub.pem"\n')
+    old = _key(keys).key_id
+    nxt = run("ecos-cloud", "keys", "next", "--keys-dir", keys)
+    assert nxt.returncode == 0, nxt.stderr
+    update = tmp_path / "next.keys"
+    assert run("ecos-cloud", "keys", "update", "--keys-dir", keys, "--out", update).returncode == 0
+    applied = run("ecos-device", "keys", "--config", device / "device.toml", "--apply", update)
+    assert applied.returncode == 0 and "applied" in applied.stdout, applied.stderr
+    assert run("ecos-cloud", "keys", "promote", "--keys-dir", keys).returncode == 0
+    assert_fails(run("ecos-cloud", "keys", "revoke", _key(keys).key_id, "--keys-dir", keys), "usage", 2)
+    assert run("ecos-cloud", "keys", "revoke", old, "--keys-dir", keys).returncode == 0
+    assert run("ecos-cloud", "keys", "update", "--keys-dir", keys, "--out", update).returncode == 0
+    shown = run("ecos-device", "keys", "--config", device / "device.toml", "--apply", update, "--json")
+    assert shown.returncode == 0, shown.stderr
+    import json
+
+    info = json.loads(shown.stdout[shown.stdout.index("{"):])
+    assert info["trusted"] == [_key(keys).key_id] and info["revoked"] == [old]

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from cloud.delivery import ArtifactSender, build_manifest
+from cloud.keys import ensure_keypair, generate_keypair, sign
 from device_sdk import protocol as P
 from device_sdk import wire
 from device_sdk.config import load_device_config
 from device_sdk.delivery import DeliveryReceiver, ModelStore
 from device_sdk.errors import MessageError, SignatureError, UsageError
 from device_sdk.messages import Probe, Scores
-from device_sdk.signing import ensure_keypair, generate_keypair, load_public_key, sign, verify
+from device_sdk.signing import load_public_key, verify
 
 META = {"kind": "classifier", "arch": "linear", "input_shape": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3,
         "labels": ["a", "b"], "precision": "int8"}
@@ -217,7 +218,8 @@ def store_and_receiver(keys, tmp_path):
 
 
 def _deliver(keys, receiver, path, version=1, **kw):
-    manifest = build_manifest(path, keys[0], name="student", version=version, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=version, targets=["pi-1"], chunk_size=1024,
+                              meta=META)
     sender = ArtifactSender(Loopback(), "pi-1", path, manifest, window=3, timeout=5)
     sender.start(now=0)
     return manifest, sender, _run(sender, receiver, **kw)
@@ -244,14 +246,14 @@ def test_new_model_keeps_previous_and_rolls_back(keys, tmp_path, store_and_recei
     assert store.current("classifier").sha256 == first.sha256 and store.previous("classifier").sha256 == second.sha256
     assert len(list(store.models_dir.iterdir())) == 2
     _, _, replies = _deliver(keys, receiver, _artifact(tmp_path, "v0.onnx", seed=3), version=0)
-    assert replies[-1].code == "rejected" and "older" in replies[-1].reason
+    assert replies[-1].code == "stale_version" and "not above v2" in replies[-1].reason
 
 
 def test_bad_chunk_and_bad_signature_are_refused_and_the_model_kept(keys, tmp_path, store_and_receiver):
     store, receiver = store_and_receiver
     good, _, _ = _deliver(keys, receiver, _artifact(tmp_path, "v1.onnx", seed=1))
     path = _artifact(tmp_path, "v2.onnx", seed=2)
-    manifest = build_manifest(path, keys[0], name="student", version=2, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=2, targets=["pi-1"], chunk_size=1024, meta=META)
     data = bytearray(path.read_bytes())
     data[2500] ^= 0xFF  # corrupt chunk 2 after signing
     path.write_bytes(bytes(data))
@@ -264,7 +266,7 @@ def test_bad_chunk_and_bad_signature_are_refused_and_the_model_kept(keys, tmp_pa
 
     forged = dataclasses.replace(manifest, size=manifest.size - 1, chunk_sha256=manifest.chunk_sha256)
     other_key, _ = generate_keypair(tmp_path / "other")
-    for bad in (forged, manifest.with_signature(sign(other_key, manifest.signed_bytes()))):
+    for bad in (forged, manifest.with_signature(sign(other_key, manifest.signed_bytes()))):  # same key id, other key
         [reply] = receiver.handle(bad)
         assert reply.code == "bad_signature"
         assert receiver.handle(P.ArtifactChunk(manifest.artifact_id, 0, b"x" * 1024)) == []  # chunks ignored
@@ -274,7 +276,7 @@ def test_bad_chunk_and_bad_signature_are_refused_and_the_model_kept(keys, tmp_pa
 def test_whole_file_hash_is_checked_after_the_chunks(keys, tmp_path, store_and_receiver):
     store, receiver = store_and_receiver
     path = _artifact(tmp_path, size=3000)
-    manifest = build_manifest(path, keys[0], name="student", version=1, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=1, targets=["pi-1"], chunk_size=1024, meta=META)
     lying = dataclasses.replace(manifest, sha256="0" * 64, signature="")
     lying = lying.with_signature(sign(keys[0], lying.signed_bytes()))  # signed, consistent chunks, wrong whole
     sender = ArtifactSender(Loopback(), "pi-1", path, lying)
@@ -285,7 +287,8 @@ def test_whole_file_hash_is_checked_after_the_chunks(keys, tmp_path, store_and_r
 def test_policy_limits(keys, tmp_path, store_and_receiver):
     store, _ = store_and_receiver
     small = DeliveryReceiver(store, load_public_key(keys[1]), "pi-1", max_bytes=2000)
-    manifest = build_manifest(_artifact(tmp_path, size=3000), keys[0], name="s", version=1, chunk_size=1024, meta=META)
+    manifest = build_manifest(_artifact(tmp_path, size=3000), keys[0], name="s", version=1, targets=["pi-1"],
+                              chunk_size=1024, meta=META)
     assert small.handle(manifest)[0].code == "rejected"
     tflite_only = DeliveryReceiver(store, load_public_key(keys[1]), "pi-1", formats=("tflite",))
     assert "format" in tflite_only.handle(manifest)[0].reason
@@ -294,7 +297,7 @@ def test_policy_limits(keys, tmp_path, store_and_receiver):
 def test_device_restart_resumes_from_persisted_chunks(keys, tmp_path, store_and_receiver):
     store, receiver = store_and_receiver
     path = _artifact(tmp_path, size=20_000)
-    manifest = build_manifest(path, keys[0], name="student", version=1, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=1, targets=["pi-1"], chunk_size=1024, meta=META)
     receiver.handle(manifest)
     for i in range(7):
         receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, path.read_bytes()[i * 1024:(i + 1) * 1024]))
@@ -312,7 +315,7 @@ def test_device_restart_resumes_from_persisted_chunks(keys, tmp_path, store_and_
 def test_sender_resends_from_the_last_ack_on_timeout_and_gives_up(keys, tmp_path, store_and_receiver):
     store, receiver = store_and_receiver
     path = _artifact(tmp_path, size=8000)
-    manifest = build_manifest(path, keys[0], name="student", version=1, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=1, targets=["pi-1"], chunk_size=1024, meta=META)
     sender = ArtifactSender(Loopback(), "pi-1", path, manifest, window=2, timeout=5, max_attempts=3)
     sender.start(now=0)
     lost = set()
@@ -335,7 +338,7 @@ def test_sender_resends_from_the_last_ack_on_timeout_and_gives_up(keys, tmp_path
 
 def test_sender_follows_a_device_that_lost_its_chunks(keys, tmp_path):
     path = _artifact(tmp_path, size=8000)
-    manifest = build_manifest(path, keys[0], name="student", version=1, chunk_size=1024, meta=META)
+    manifest = build_manifest(path, keys[0], name="student", version=1, targets=["pi-1"], chunk_size=1024, meta=META)
     sender = ArtifactSender(Loopback(), "pi-1", path, manifest, window=2)
     sender.start(now=0)
     sender.on_ack(P.Ack("pi-1", manifest.artifact_id, 6), now=1)

@@ -30,7 +30,7 @@ from device_sdk.agent import DeviceAgent
 from device_sdk.imagefolder import load_images, scan_image_folder
 from device_sdk.messages import Probe, Scores
 from device_sdk.protocol import Status, device_status, inbox, outbox
-from device_sdk.signing import PUBLIC_NAME
+from cloud.keys import PUBLIC_NAME
 from device_sdk.transport import MqttTransport
 from device_sdk.wire import decode, encode
 

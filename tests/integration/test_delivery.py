@@ -18,6 +18,7 @@ import pytest
 from broker import (CloudClient, private_broker, requires_broker, shared_broker, unique_id,  # noqa: F401 (fixtures)
                     wait_until)
 from cloud.delivery import ArtifactSender, build_manifest
+from cloud.keys import KeyRing, SigningKey, generate_keypair, sign
 from device_sdk.agent import DeviceAgent
 from device_sdk.artifact import META_KEY, ArtifactMeta
 from device_sdk.config import load_device_config
@@ -25,7 +26,6 @@ from device_sdk.imagefolder import load_images, scan_image_folder
 from device_sdk.messages import Probe, Scores, new_id
 from device_sdk.protocol import Ack, Installed, InstallFailed, Refusal, Status, inbox
 from device_sdk.runtime import load_model
-from device_sdk.signing import generate_keypair, sign
 from device_sdk.wire import encode
 
 pytestmark = [pytest.mark.integration, requires_broker]
@@ -129,7 +129,8 @@ def test_full_delivery_installs_reports_accuracy_and_predicts(protocol, shared_b
     with CloudClient(shared_broker, [agent.device_id], protocol) as cloud:
         _connected(agent)
         assert cloud.next(kind=Status).state == "online"
-        manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, chunk_size=8 << 10)
+        manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
+                                  chunk_size=8 << 10)
         sender = ArtifactSender(cloud.transport, agent.device_id, classifiers[0], manifest, window=4, timeout=5)
         result = _drive(cloud, sender)
 
@@ -151,10 +152,12 @@ def test_corrupted_chunk_and_bad_signature_are_refused_and_the_old_model_kept(sh
     agent = _connected(_agent(tmp_path, shared_broker, keys))
     try:
         with CloudClient(shared_broker, [agent.device_id]) as cloud:
-            good = build_manifest(classifiers[0], keys[0], name="student", version=1, chunk_size=8 << 10)
+            good = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
+                                  chunk_size=8 << 10)
             assert isinstance(_drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], good)), Installed)
 
-            new = build_manifest(classifiers[1], keys[0], name="student", version=2, chunk_size=8 << 10)
+            new = build_manifest(classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id],
+                                  chunk_size=8 << 10)
             corrupted = tmp_path / "corrupted.onnx"
             data = bytearray(classifiers[1].read_bytes())
             data[3 * (8 << 10) + 100] ^= 0x01  # one bit of chunk 3
@@ -176,7 +179,8 @@ def test_corrupted_chunk_and_bad_signature_are_refused_and_the_old_model_kept(sh
 
 def test_broker_restart_mid_delivery_resumes_from_the_last_good_chunk(private_broker, keys, classifiers, tmp_path):
     agent = _connected(_agent(tmp_path, private_broker, keys))
-    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, chunk_size=2 << 10)
+    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
+                              chunk_size=2 << 10)
     state = {"acked_at_restart": None, "acks_after": []}
 
     def restart_broker_once(ack: Ack) -> None:
@@ -201,7 +205,8 @@ def test_broker_restart_mid_delivery_resumes_from_the_last_good_chunk(private_br
 
 def test_device_restart_mid_delivery_resumes_from_its_persisted_chunks(shared_broker, keys, classifiers, tmp_path):
     first = _connected(_agent(tmp_path, shared_broker, keys))
-    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, chunk_size=2 << 10)
+    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[first.device_id],
+                              chunk_size=2 << 10)
     agents = [first]
     state = {"stopped_at": None, "acks_after": []}
 
@@ -241,23 +246,24 @@ def test_replayed_probe_costs_nothing_and_refusals_are_replies(shared_broker, ke
     try:
         with CloudClient(shared_broker, [agent.device_id]) as cloud:
             probe = dataclasses.replace(index.probe(), probe_id=new_id())
-            cloud.transport.publish(topic, probe.to_bytes())
+            signer = SigningKey.load(keys[0])
+            cloud.transport.publish(topic, probe.to_bytes(signer))
             first = cloud.next(kind=Scores)
             spent = agent.ledger.spent()[0]
-            cloud.transport.publish(topic, probe.to_bytes())
+            cloud.transport.publish(topic, probe.to_bytes(signer))
             again = cloud.next(kind=Scores)
             assert again.message_id == first.message_id and np.array_equal(again.scores, first.scores)
             assert agent.ledger.spent()[0] == spent and len(agent.ledger.releases()) == 1
             assert wait_until(lambda: _answered(events) == [False, True], timeout=5)  # events follow the publish
 
-            cloud.transport.publish(topic, dataclasses.replace(probe, probe_id=new_id()).to_bytes())
+            cloud.transport.publish(topic, dataclasses.replace(probe, probe_id=new_id()).to_bytes(signer))
             over = cloud.next(kind=Refusal)
             assert over.code == "privacy_budget" and agent.ledger.spent()[0] == spent
             late = dataclasses.replace(probe, probe_id=new_id(), deadline=time.time() - 5)
-            cloud.transport.publish(topic, late.to_bytes())
+            cloud.transport.publish(topic, late.to_bytes(signer))
             assert cloud.next(kind=Refusal).code == "deadline"
             foreign = Probe(new_id(), "f" * 64, index.centroids)
-            cloud.transport.publish(topic, foreign.to_bytes())
+            cloud.transport.publish(topic, foreign.to_bytes(signer))
             assert cloud.next(kind=Refusal).code == "mismatch"
             assert len(agent.ledger.releases()) == 1
     finally:
@@ -279,9 +285,80 @@ def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_workin
             for payload in bad:
                 cloud.transport.publish(topic, payload)
             probe = dataclasses.replace(index.probe(), probe_id=new_id())
-            cloud.transport.publish(topic, probe.to_bytes())
+            cloud.transport.publish(topic, probe.to_bytes(SigningKey.load(keys[0])))
             assert cloud.next(kind=Scores).probe_id == probe.probe_id
             assert agent.stats.rejected == len(bad)
+    finally:
+        agent.stop()
+
+
+def test_forged_probes_over_mqtt_are_dropped_unanswered_and_cost_nothing(shared_broker, keys, pool_index,
+                                                                          encoder_path, digits_root, tmp_path):
+    """Issue 8 item 2: whoever can write the inbox drained the budget (19 forged probes). Now nothing is spent."""
+    index, _ = pool_index
+    events = []
+    agent = _connected(_agent(tmp_path, shared_broker, keys, encoder=encoder_path, budget=3.0,
+                              local=digits_root / "devices" / DOMAIN / "local", on_event=events.append))
+    topic = inbox(agent.device_id)
+    attacker = SigningKey.load(generate_keypair(tmp_path / "attacker")[0])
+    signer = SigningKey.load(keys[0])
+    try:
+        with CloudClient(shared_broker, [agent.device_id]) as cloud:
+            real = dataclasses.replace(index.probe(), probe_id=new_id())
+            forged, real_signed = [], Probe.from_bytes(real.to_bytes(signer))
+            for n in range(60):
+                probe = dataclasses.replace(index.probe(), probe_id=new_id())
+                forged.append(probe.to_bytes() if n % 3 == 0 else probe.to_bytes(attacker) if n % 3 == 1 else
+                              dataclasses.replace(real_signed, probe_id=new_id()).to_bytes())  # signature kept
+            started = time.monotonic()
+            for payload in forged:
+                cloud.transport.publish(topic, payload)
+            cloud.transport.publish(topic, real.to_bytes(signer))
+            replies = [cloud.next(timeout=60)]
+            while not isinstance(replies[-1], Scores):
+                replies.append(cloud.next(timeout=60))
+            seconds = time.monotonic() - started
+            assert replies[-1].probe_id == real.probe_id
+            assert not [m for m in replies if isinstance(m, Refusal)]  # no reply to a forgery: it could fail the round
+            rejected = [e for e in events if e.kind == "probe_rejected"]
+            assert len(rejected) == 60 and {e.detail["code"] for e in rejected} == {"unsigned", "unknown_key",
+                                                                                      "bad_signature"}
+            assert len(agent.ledger.releases()) == 1 and agent.stats.messages_out == 1
+            print(f"60 forged probes refused, 0 charged, real probe answered in {seconds:.2f}s")
+    finally:
+        agent.stop()
+
+
+def test_a_key_rotation_over_mqtt(shared_broker, keys, classifiers, tmp_path):
+    """Issue 8 item 6: the next key reaches the device signed by the current one; models signed with it install."""
+    ring_dir = tmp_path / "ring"
+    ring_dir.mkdir()
+    for src, name in ((keys[0], "cloud_ed25519.pem"), (keys[1], "cloud_ed25519.pub.pem")):
+        (ring_dir / name).write_bytes(src.read_bytes())
+    ring = KeyRing(ring_dir)
+    agent = _connected(_agent(tmp_path, shared_broker, keys))
+    try:
+        with CloudClient(shared_broker, [agent.device_id]) as cloud:
+            assert cloud.next(kind=Status).keys == [ring.current.key_id]
+            nxt = ring.new_next()
+            cloud.transport.publish(inbox(agent.device_id), ring.key_update().to_bytes())
+            assert sorted(cloud.next(kind=Status).keys) == sorted([ring.current.key_id, nxt.key_id])
+            old = ring.current.key_id
+            ring.promote()
+            manifest = build_manifest(classifiers[0], ring.current, name="student", version=1,
+                                      targets=[agent.device_id], chunk_size=8 << 10)
+            assert manifest.key_id == nxt.key_id
+            assert isinstance(_drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], manifest)),
+                              Installed)
+            ring.revoke(old)
+            cloud.transport.publish(inbox(agent.device_id), ring.key_update().to_bytes())
+            status = cloud.next(kind=Status)
+            while status.keys != [nxt.key_id]:  # the status republished after the install may come first
+                status = cloud.next(kind=Status)
+            stale = build_manifest(classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id],
+                                   chunk_size=8 << 10)
+            refused = _drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[1], stale))
+            assert isinstance(refused, InstallFailed) and refused.code == "revoked_key"
     finally:
         agent.stop()
 

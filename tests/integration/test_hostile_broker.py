@@ -23,7 +23,7 @@ from broker import requires_broker, shared_broker, unique_id, wait_until  # noqa
 from cloud.broker import Broker, free_port
 from cloud.store import RoundState, SqliteStore
 from device_sdk import protocol as P
-from device_sdk.signing import PUBLIC_NAME
+from cloud.keys import PUBLIC_NAME
 from test_daemon import _serve, _up, _write_toml, metric, scrape, start_agent
 from test_fuzz_properties import CORPUS, header_sweep
 from test_hostile_input import KILLERS, nested, raw_envelope, status_header
