@@ -318,12 +318,14 @@ def test_forged_probes_over_mqtt_are_dropped_unanswered_and_cost_nothing(shared_
             while not isinstance(replies[-1], Scores):
                 replies.append(cloud.next(timeout=60))
             seconds = time.monotonic() - started
-            assert replies[-1].probe_id == real.probe_id
-            assert not [m for m in replies if isinstance(m, Refusal)]  # no reply to a forgery: it could fail the round
+            kinds = [type(m).__name__ for m in replies]
+            assert replies[-1].probe_id == real.probe_id, kinds
+            assert "Refusal" not in kinds, kinds  # no reply to a forgery: it could fail the round
             rejected = [e for e in events if e.kind == "probe_rejected"]
-            assert len(rejected) == 60 and {e.detail["code"] for e in rejected} == {"unsigned", "unknown_key",
-                                                                                      "bad_signature"}
-            assert len(agent.ledger.releases()) == 1 and agent.stats.messages_out == 1
+            codes = {e.detail["code"] for e in rejected}
+            assert len(rejected) == 60 and codes == {"unsigned", "unknown_key", "bad_signature"}, (len(rejected), codes)
+            assert len(agent.ledger.releases()) == 1
+            assert wait_until(lambda: agent.stats.messages_out == 1, timeout=5), agent.stats  # counted after publish
             print(f"60 forged probes refused, 0 charged, real probe answered in {seconds:.2f}s")
     finally:
         agent.stop()
