@@ -301,6 +301,29 @@ def plot(result: Dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def merge(args) -> int:
+    """One report from several runs' JSON files (e.g. the regimes run in parallel processes)."""
+    parts = []
+    for path in args.merge:
+        with open(path) as fh:
+            parts.append(json.load(fh))
+    result = dict(parts[0])
+    result["rows"] = [r for part in parts for r in part["rows"]]
+    result["encoder_train_seconds"] = {k: v for part in parts for k, v in part["encoder_train_seconds"].items()}
+    result["seconds"] = max(part["seconds"] for part in parts)
+    result["command"] = " + ".join(part["command"] for part in parts)
+    result["summary"], result["per_domain"] = summarise(result["rows"]), per_domain(result["rows"])
+    stem = f"eval_pools_{result['config']['source']}"
+    out = args.out or os.path.join("benchmarks", "results", stem + ".json")
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    with open(os.path.join(args.docs, stem + ".md"), "w") as fh:
+        fh.write(markdown(result))
+    plot(result, os.path.join(args.docs, stem + ".png"))
+    print(markdown(result).split("Per device domain")[0])
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=("generated", "real"), default="generated")
@@ -320,7 +343,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/eval_pools_<source>.json)")
     p.add_argument("--docs", default="docs/results")
+    p.add_argument("--tag", default="", help="suffix of the output names (to run regimes in parallel processes)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into one report")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.budgets, args.seeds, args.epochs, args.encoder_epochs, args.k = [60], [0], 3, 1, 16
     import torch
@@ -332,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result.update(summary=summarise(result["rows"]), per_domain=per_domain(result["rows"]), seconds=time.time() - t0,
                   command=" ".join(sys.argv[1:] if argv is None else argv),
                   machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()})
-    stem = f"eval_pools_{args.source}" + ("_quick" if args.quick else "")
+    stem = f"eval_pools_{args.source}" + ("_quick" if args.quick else "") + args.tag
     out = args.out or os.path.join("benchmarks", "results", stem + ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:

@@ -17,7 +17,9 @@ class EncoderConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     objective: str = "auto"  # auto: contrastive + labels/domains when present; contrastive; supervised
-    label_weight: float = 1.0  # weight of the label head next to the contrastive loss
+    # weight of the label head next to the contrastive loss; 0 by default: a label head pulls the features
+    # towards content and blurs the domains ECOS must tell apart (measured in docs/sampling.md)
+    label_weight: float = 0.0
     domain_weight: float = 1.0
     temperature: float = 0.2  # of the contrastive loss
     # contrastive views (docs/sampling.md has the ablation): shift as a fraction of the image, zoom

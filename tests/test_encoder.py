@@ -123,8 +123,10 @@ def test_objectives_follow_the_pool_and_the_config(digits_root):
     from device_sdk.errors import InputError
 
     data = load_folder(str(digits_root / "pool"))
-    assert objectives(data, EncoderConfig()) == (True, True, True)
-    assert objectives(_hidden(data, True, False), EncoderConfig()) == (True, True, False)
+    assert objectives(data, EncoderConfig()) == (True, False, True)  # the label head is off by default
+    assert objectives(data, EncoderConfig(label_weight=0.5)) == (True, True, True)
+    assert objectives(_hidden(data, True, False), EncoderConfig(label_weight=0.5)) == (True, True, False)
+    assert objectives(_hidden(data, True, False), EncoderConfig()) == (True, False, False)
     assert objectives(_hidden(data, False, False), EncoderConfig()) == (True, False, False)
     assert objectives(data, EncoderConfig(objective="contrastive")) == (True, False, False)
     assert objectives(data, EncoderConfig(objective="supervised")) == (False, True, True)
