@@ -234,7 +234,8 @@ class Daemon:
                 LOG.exception("round %s: unexpected failure in stage %s", r.round_id, r.state.value)
                 self._fail(r, f"{r.state.value}: internal error {exc!r}")
                 return
-            self._store_unavailable(StoreUnavailable(f"{r.state.value}: {exc.strerror}", "disk_full"), f"round_{r.state.value}")
+            full = StoreUnavailable(f"{r.state.value}: {exc.strerror}", "disk_full")
+            self._store_unavailable(full, f"round_{r.state.value}")
         except EcosError as err:
             self._fail(r, f"{r.state.value}: {err} [{err.code}]")
         except Exception as exc:  # a bug in one round must not take the daemon (and other rounds) down
@@ -301,7 +302,8 @@ class Daemon:
         n_scores = len(summary["answered"])
         if n_scores < r.params["min_responses"]:
             self._fail(r, f"{n_scores} of {len(r.devices)} devices sent scores by the deadline (need "
-                          f"{r.params['min_responses']}); refused: {refused or 'none'}; missing: {summary['missing'] or 'none'}"
+                          f"{r.params['min_responses']}); refused: {refused or 'none'}; "
+                          f"missing: {summary['missing'] or 'none'}"
                           + (f" (implausible scores refused: {implausible})" if implausible else ""),
                        result=summary)
             return
@@ -352,7 +354,8 @@ class Daemon:
                 try:  # refused on arrival already; a response stored by an older daemon is checked here
                     check_plausible(answer, limits)
                 except ImplausibleScores as err:
-                    log_event(LOG, "scores_excluded", logging.WARNING, round=r.round_id, device=x.device_id, check=err.check)
+                    log_event(LOG, "scores_excluded", logging.WARNING, round=r.round_id, device=x.device_id,
+                              check=err.check)
                     self.metrics.scores_refused.inc(check=err.check)
                     continue
                 answers.append(answer)

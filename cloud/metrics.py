@@ -130,8 +130,8 @@ class DaemonMetrics:
                                  "internal_error, queue_full).")
         self.scores_refused = r.counter("ecos_scores_refused_total",
                                         "Scores refused as implausible, by the check that failed (docs/security.md).")
-        self.probes_resent = r.counter("ecos_probes_resent_total",
-                                       "Probes sent again to devices that had not answered, by reason (timer/reconnect).")
+        self.probes_resent = r.counter("ecos_probes_resent_total", "Probes sent again to devices that had not "
+                                                                   "answered, by reason (timer/reconnect).")
         self.store_errors = r.counter("ecos_store_errors_total",
                                       "Writes the state database refused (disk_full, read_only, io_error, busy); "
                                       "the daemon goes on and retries.")

@@ -305,7 +305,8 @@ _BIND_ERRORS = (OverflowError, UnicodeEncodeError, sqlite3.InterfaceError, sqlit
 _UNAVAILABLE = {"SQLITE_FULL": "disk_full", "SQLITE_READONLY": "read_only", "SQLITE_IOERR": "io_error",
                 "SQLITE_BUSY": "busy", "SQLITE_LOCKED": "busy", "SQLITE_CANTOPEN": "cant_open"}
 _UNAVAILABLE_TEXT = (("disk is full", "disk_full"), ("readonly", "read_only"), ("read-only", "read_only"),
-                     ("disk i/o error", "io_error"), ("locked", "busy"), ("busy", "busy"), ("unable to open", "cant_open"))
+                     ("disk i/o error", "io_error"), ("locked", "busy"), ("busy", "busy"),
+                     ("unable to open", "cant_open"))
 
 
 def _unavailable_reason(exc: BaseException) -> Optional[str]:

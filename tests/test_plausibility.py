@@ -176,11 +176,11 @@ def test_ecos_cloud_sample_refuses_a_forged_scores_file(tmp_path, pool_index, ca
     forged.write_bytes(Scores(index.probe_id, "forger", index.encoder_sha256, np.full(index.k, 1e6), 0.0).to_bytes())
     assert decode(forged.read_bytes()).type == "scores"
     out = tmp_path / "sel.csv"
-    code = cloud_main(["sample", "--index", str(index_path), "--scores", str(forged), "--budget", "10", "--out", str(out)])
+    args = ["sample", "--index", str(index_path), "--scores", str(forged), "--budget", "10", "--out", str(out)]
+    code = cloud_main(args)
     err = capsys.readouterr().err
     assert code == ImplausibleScores.exit_code and "error[implausible_scores]" in err and "forger" in err
     assert not out.exists()
     # the limits are options: a round that accepts anything (a simulation) says so explicitly
-    code = cloud_main(["sample", "--index", str(index_path), "--scores", str(forged), "--budget", "10", "--out", str(out),
-                       "--max-epsilon", "inf", "--max-samples", "100000000"])
+    code = cloud_main(args + ["--max-epsilon", "inf", "--max-samples", "100000000"])
     assert code == 0 and out.exists()
