@@ -126,13 +126,20 @@ class Recorder:
         return out
 
 
-def raw_public_key(folder: Path) -> str:
+def _cloud_key():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+    from cloud.keys import SigningKey
+
+    return SigningKey(Ed25519PrivateKey.generate())
+
+
+CLOUD_KEY = _cloud_key()  # signs the probes: a device answers only probes signed by a key it trusts
+
+
+def raw_public_key(folder: Path) -> str:
     path = folder / "cloud.pub"
-    raw = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    path.write_text(raw.hex() + "\n")
+    path.write_text(CLOUD_KEY.public_hex + "\n")
     return str(path)
 
 
@@ -152,7 +159,8 @@ def make_agent(state: Path, keys: Path, digits_root: Path, encoder_path: Path):
 def probe_of(pool_index, probe_id: str) -> Probe:
     index, _ = pool_index
     p = index.probe()
-    return Probe(probe_id, p.encoder_sha256, p.centroids, p.codec, p.max_distance, p.created)
+    return Probe.from_bytes(Probe(probe_id, p.encoder_sha256, p.centroids, p.codec, p.max_distance,
+                                  p.created).to_bytes(signer=CLOUD_KEY))
 
 
 def assert_no_local_path(text: str, *paths: Path) -> None:
