@@ -51,13 +51,14 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
     _threads(args)
     cfg = EncoderConfig(feature_dim=args.feature_dim, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, domain_weight=args.domain_weight, seed=args.seed)
+                        lr=args.lr, domain_weight=args.domain_weight, label_weight=args.label_weight,
+                        objective=args.objective, seed=args.seed)
     data = load_folder(args.pool)
     LOG.info("training encoder on %d images: %d labels, %d domains", len(data.images), len(data.label_names), len(data.domain_names))
     encoder, report = train_encoder(data, cfg)
     digest = export_onnx(encoder, encoder_meta(cfg, data, report), args.out, output_name="features")
     print(f"encoder -> {args.out} (sha256 {digest[:16]}..., {os.path.getsize(args.out)} bytes); held-out 1-NN accuracy: "
-          f"label {report['val_label_acc']:.3f}, domain {report['val_domain_acc']:.3f}")
+          f"label {report['val_label_acc']:.3f}, domain {report['val_domain_acc']:.3f} (nan: the pool has none)")
     return 0
 
 
@@ -67,7 +68,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     index = build_index(args.pool, args.encoder, k=args.k, iters=args.iters, seed=args.seed,
                         cache_dir=args.cache_dir, threads=args.threads or os.cpu_count() or 1)
     index.save(args.out)
-    probe = index.probe(codec=args.codec, max_distance=args.max_distance).to_bytes()
+    probe = index.probe(codec=args.codec, max_distance=args.max_distance,
+                        radius_quantile=args.radius_quantile or None).to_bytes()
     probe = _signed_probe(probe, args.signing_key)
     atomic_write_bytes(args.probe, probe)
     print(f"index -> {args.out} ({len(index.paths)} images, k={index.k}); probe {index.probe_id[:12]} -> {args.probe} ({len(probe)} bytes)")
@@ -77,7 +79,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     from .index import PoolIndex
 
-    probe = PoolIndex.load(args.index).probe(codec=args.codec, max_distance=args.max_distance).to_bytes()
+    probe = PoolIndex.load(args.index).probe(codec=args.codec, max_distance=args.max_distance,
+                                             radius_quantile=args.radius_quantile or None).to_bytes()
     probe = _signed_probe(probe, args.signing_key)
     atomic_write_bytes(args.out, probe)
     print(f"probe -> {args.out} ({len(probe)} bytes)")
@@ -104,8 +107,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     index = PoolIndex.load(args.index)
     limits = Plausibility.for_round(args.max_epsilon, args.delta, args.max_samples)
-    scores = combine_scores(index, load_scores(args.scores or []), limits=limits)
-    config = {"threshold_sigmas": args.threshold_sigmas, "oversample": args.oversample} if args.method == "ecos" else {}
+    scores = combine_scores(index, load_scores(args.scores or []), radius_quantile=args.radius_quantile or 0.95,
+                            limits=limits)
+    config = {"threshold_sigmas": args.threshold_sigmas, "oversample": args.oversample,
+              "coverage": bool(args.radius_quantile)} if args.method == "ecos" else {}
     picks = select(index, args.method, args.budget, scores, seed=args.seed, **config)
     write_selection_csv(index, picks, args.out)
     mix = composition(index, picks)
@@ -118,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecos-cloud", description="ECOS cloud side: encoder, pool index and probe, proxy-set sampling, teacher/student training and export, and the MQTT daemon.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    p = sub.add_parser("train-encoder", help="train the feature encoder on the labelled pool and export it to ONNX",
-                       description="Train phi on POOL (labels = image parent folders, domains = the levels above) and export "
-                                   "it as one ONNX file with its metadata, plus a .json sidecar with its sha256.")
+    p = sub.add_parser("train-encoder", help="train the feature encoder on the pool and export it to ONNX",
+                       description="Train phi on POOL and export it as one ONNX file with its metadata, plus a .json "
+                                   "sidecar with its sha256. No labels or domain folders are needed (contrastive "
+                                   "learning on the images); where the pool has them (labels = image parent folders, "
+                                   "domains = the levels above) they are used as extra signal.")
     p.add_argument("pool", help="open-source pool image folder")
     p.add_argument("--out", required=True, help="output .onnx path")
     enc = EncoderConfig()
@@ -129,8 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=enc.epochs, help=f"training epochs (default {enc.epochs})")
     p.add_argument("--batch-size", type=int, default=enc.batch_size)
     p.add_argument("--lr", type=float, default=enc.lr)
+    p.add_argument("--objective", choices=("auto", "contrastive", "supervised"), default=enc.objective,
+                   help="auto (default): contrastive learning on the pool's pixels, plus a domain head when the pool "
+                        "has domain folders (and a label head with --label-weight > 0); contrastive: pixels only; "
+                        "supervised: the heads only (the first version's encoder; needs labels or domains)")
+    p.add_argument("--label-weight", type=float, default=enc.label_weight,
+                   help=f"weight of a label head's loss next to the contrastive one (default {enc.label_weight}: "
+                        "no label head; it blurs the domains ECOS must tell apart, see docs/sampling.md)")
     p.add_argument("--domain-weight", type=float, default=enc.domain_weight,
-                   help=f"weight of the domain head's loss (default {enc.domain_weight}; 0 = label head only)")
+                   help=f"weight of the domain head's loss (default {enc.domain_weight}; 0 = no domain head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     add_common(p)
@@ -148,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codec", choices=("float16", "int8", "float32"), default="float16", help="centroid compression (default float16)")
     p.add_argument("--max-distance", type=float, default=None, help="devices vote only within this cosine distance of a centroid")
+    p.add_argument("--radius-quantile", type=float, default=0.95, metavar="Q",
+                   help="coverage: each centroid's radius holds this share of its own pool points; devices count "
+                        "samples outside every radius in one extra far bin, at no extra privacy cost (default 0.95; "
+                        "0 = no coverage, the first version's probe)")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: no cache)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     p.add_argument("--signing-key", metavar="PRIVATE_KEY",
@@ -161,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--codec", choices=("float16", "int8", "float32"), default="float16")
     p.add_argument("--max-distance", type=float, default=None)
+    p.add_argument("--radius-quantile", type=float, default=0.95, metavar="Q",
+                   help="coverage: each centroid's radius holds this share of its own pool points; devices count "
+                        "samples outside every radius in one extra far bin, at no extra privacy cost (default 0.95; "
+                        "0 = no coverage, the first version's probe)")
     p.add_argument("--signing-key", metavar="PRIVATE_KEY",
                    help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
                         "devices with a trust store refuse unsigned probes")
@@ -178,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold-sigmas", type=float, default=2.0, help="ecos: keep clusters scoring above this many noise sigmas")
     p.add_argument("--oversample", type=float, default=2.0, help="ecos: candidate pool per cluster, as a multiple of its quota")
+    p.add_argument("--radius-quantile", type=float, default=0.95, metavar="Q",
+                   help="ecos: the radius quantile the probe was made with (default 0.95, as `index`); the share of "
+                        "the devices' samples beyond it that the pool does not explain goes to a uniform draw. "
+                        "0 = ignore the far counts")
     from .config import RoundConfig  # light (no numpy): the defaults of a daemon's round
 
     rounds = RoundConfig()

@@ -75,6 +75,7 @@ class RoundConfig:
     min_responses: int = 1  # scores needed to go on at the deadline
     codec: str = "float16"
     max_distance: Optional[float] = None
+    radius_quantile: float = 0.95  # coverage (docs/sampling.md): probes carry radii, devices a far count; 0 = off
     threshold_sigmas: float = 2.0
     seed: int = 0
     # Plausibility of answers (docs/security.md): scores noisier than (max_epsilon, delta)-DP needs, from at most
@@ -160,6 +161,8 @@ def validate(cfg: CloudConfig) -> None:
     _need(r.max_epsilon > 0 and 0 < r.delta < 1 and r.max_samples >= 1,
           f"[rounds] need max_epsilon > 0 (inf: any noise), 0 < delta < 1 and max_samples >= 1, got {r.max_epsilon}, "
           f"{r.delta}, {r.max_samples}")
+    _need(0.0 <= r.radius_quantile <= 1.0, f"[rounds] radius_quantile must lie in [0, 1] (0 = no coverage), "
+                                            f"got {r.radius_quantile!r}")
     _need(r.probe_resend_seconds > 0, f"[rounds] probe_resend_seconds must be > 0, got {r.probe_resend_seconds}")
     _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
     _need(MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,

@@ -331,8 +331,10 @@ class Daemon:
 
     def _send_probe(self, r: RoundRecord, devices: List[str], resend: str = "") -> None:
         p = r.params
+        quantile = p.get("radius_quantile") or None  # rounds created before coverage existed have none
         probe = Probe(r.round_id, self.index.encoder_sha256, self.index.centroids, p["codec"], p["max_distance"],
-                      time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline)
+                      time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline,
+                      radii=None if quantile is None else self.index.radii(quantile))
         payload = probe.to_bytes(signer=self.keyring.current)
         for device in devices:
             if self._key_update is not None:  # trusted before anything is signed with the next key
@@ -359,9 +361,11 @@ class Daemon:
                     self.metrics.scores_refused.inc(check=err.check)
                     continue
                 answers.append(answer)
-        scores = combine_scores(index, answers, limits=limits) if r.params["ask_devices"] else None
         p = r.params
-        config = {"threshold_sigmas": p["threshold_sigmas"]} if p["method"] == "ecos" else {}
+        quantile = p.get("radius_quantile") or None
+        scores = (combine_scores(index, answers, radius_quantile=quantile or 0.95, limits=limits)
+                  if p["ask_devices"] else None)
+        config = {"threshold_sigmas": p["threshold_sigmas"], "coverage": quantile is not None} if p["method"] == "ecos" else {}
         picks = select(index, p["method"], p["budget"], scores, seed=p["seed"], **config)
         path = self._round_dir(r) / "selection.csv"
         write_selection_csv(index, picks, str(path))

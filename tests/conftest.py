@@ -27,7 +27,8 @@ def digits_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder_path(digits_root, tmp_path_factory) -> Path:
-    """A tiny encoder trained for a few epochs on the small pool, exported to ONNX."""
+    """A tiny encoder trained for a few epochs on the small pool, exported to ONNX (10 epochs: the
+    contrastive objective needs more steps than 5 batches a few times to find the domains)."""
     import torch
 
     from device_sdk.artifact import ArtifactMeta
@@ -37,7 +38,7 @@ def encoder_path(digits_root, tmp_path_factory) -> Path:
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = load_folder(str(digits_root / "pool"))
-    cfg = EncoderConfig(feature_dim=16, width=8, epochs=4, batch_size=64, seed=0)
+    cfg = EncoderConfig(feature_dim=16, width=8, epochs=10, batch_size=64, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder, report = train_encoder(data, cfg)

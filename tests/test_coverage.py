@@ -97,7 +97,8 @@ def test_radii_hold_the_quantile_of_the_pools_own_points(pool_index):
     radii = index.radii(0.9)
     distance = 1.0 - np.einsum("ij,ij->i", index.features, index.centroids[index.assign])
     inside = distance <= radii[index.assign]
-    assert radii.shape == (index.k,) and 0.88 <= inside.mean() <= 0.97
+    # about 0.9: quantiles of clusters of a few dozen points interpolate between members
+    assert radii.shape == (index.k,) and 0.85 <= inside.mean() <= 0.97
 
 
 # ---- cloud: the coverage rule ----------------------------------------------------------------
