@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight of a label head's loss next to the contrastive one (default {enc.label_weight}: "
                         "no label head; it blurs the domains ECOS must tell apart, see docs/sampling.md)")
     p.add_argument("--domain-weight", type=float, default=enc.domain_weight,
-                   help=f"weight of the domain head's loss (default {enc.domain_weight}; 0 = no domain head)")
+                   help=f"weight of the domain head's loss (default {enc.domain_weight}; with --objective auto, 0 = no "
+                        "domain head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     add_common(p)

@@ -4,8 +4,10 @@ ECOS senses the device's distribution through the encoder, so its features must 
 visual *domains* (style: colour, stroke, texture, background) as well as *content*. A scraped
 pool has no domain folders and often no labels, so the core objective needs neither:
 contrastive instance discrimination (NT-Xent, SimCLR-style) between two *geometric* views of
-each image (shift, scale, small rotation). No colour or texture augmentation is applied on
-purpose: to tell two images apart the encoder must keep the style cues ECOS needs.
+each image (shift, crop-zoom, small rotation) whose colour channels are put in a random order.
+No colour jitter, greyscale, blur or texture augmentation: to tell two images apart the encoder
+must keep the style cues ECOS needs (texture, stroke, saturation, brightness, background), and the
+channel shuffle only takes away one image's particular hue as an identity.
 
 Labels (the image's folder name) and domains (the folder levels above it) are extra signal
 when the pool has them: one cosine-classifier head each on the unit-norm output, dropped at
@@ -69,7 +71,7 @@ def random_views(x: torch.Tensor, gen: torch.Generator, shift: float = 0.125, sc
                  degrees: float = 12.0) -> torch.Tensor:
     """One random geometric view per image (batched affine warp: shift, zoom, rotation).
 
-    Colours and textures are left alone on purpose (see the module docstring)."""
+    Pixel values are only resampled, never recoloured (see the module docstring)."""
     n = x.shape[0]
     u = torch.rand(n, 4, generator=gen)
     zoom = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -89,7 +91,9 @@ def permute_channels(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     Hue alone then no longer identifies an image, so the contrastive loss must rely on what a
     domain shares (texture, stroke, saturation, brightness, background) rather than on one
-    image's particular colour; grey images stay grey."""
+    image's particular colour. Training applies it to normalised tensors, so a grey image stays
+    grey only up to the difference between the pool's per-channel means and deviations (small
+    for most pools)."""
     if x.shape[1] != 3:
         return x
     perm = _PERMUTATIONS[torch.randint(0, len(_PERMUTATIONS), (x.shape[0],), generator=gen)]

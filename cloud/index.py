@@ -66,7 +66,8 @@ class PoolIndex:
             radii[k] = np.quantile(distance[members], quantile) if len(members) >= 5 else np.nan
         fill = np.nanmedian(radii) if np.isfinite(radii).any() else 0.0
         radii = np.where(np.isfinite(radii), radii, fill)
-        # float16 on the wire: round up so no member inside the radius falls out of it
+        # float16 on the wire: round up so that float16/float32 centroids keep every member inside its radius
+        # (int8 centroids move by up to ~1e-3 in cosine, which can push a boundary member out)
         return np.nextafter(radii.astype(np.float16), np.float16(np.inf)).astype(np.float32)
 
     def save(self, path: str) -> None:

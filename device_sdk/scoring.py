@@ -24,7 +24,8 @@ def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: O
     """Votes per centroid: ``counts[k]`` = local samples whose nearest centroid is ``k``.
 
     With ``radii`` (K cosine distances) the result has K + 1 entries: the last one counts the
-    samples that lie outside the radius of their nearest centroid (and vote nowhere else).
+    samples that lie outside the radius of their nearest centroid (and vote nowhere else); a
+    ``max_distance`` given as well tightens every radius to it.
     """
     if features.ndim != 2 or centroids.ndim != 2 or features.shape[1] != centroids.shape[1]:
         raise MismatchError(f"features {features.shape} and centroids {centroids.shape} have different dimensions")
@@ -38,7 +39,10 @@ def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: O
         nearest = sims.argmax(axis=1)
         distance = 1.0 - sims[np.arange(len(nearest)), nearest]
         if radii is not None:
-            nearest = np.where(distance <= np.asarray(radii, dtype=np.float32)[nearest], nearest, len(c))
+            limit = np.asarray(radii, dtype=np.float32)[nearest]
+            if max_distance is not None:  # both given: the tighter one decides what counts as near
+                limit = np.minimum(limit, np.float32(max_distance))
+            nearest = np.where(distance <= limit, nearest, len(c))
         elif max_distance is not None:
             nearest = nearest[distance <= max_distance]
         counts += np.bincount(nearest, minlength=bins)

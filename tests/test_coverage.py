@@ -150,3 +150,11 @@ def test_coverage_can_be_switched_off():
     pool = make_pool()
     plan = get_sampler("ecos", coverage=False).plan(pool, 300, _scores(pool, far=1e6))
     assert plan.uncovered == 0.0 and plan.diverse is None
+
+
+def test_max_distance_tightens_the_radii():
+    c = np.eye(2, dtype=np.float32)
+    f = _unit(np.array([[1, 0.01], [1, 0.6], [0, 1]], np.float32))  # distances 0.00005, 0.14, 0
+    radii = np.array([0.5, 0.5], np.float32)
+    np.testing.assert_array_equal(coverage_counts(f, c, radii=radii), [2, 1, 0])
+    np.testing.assert_array_equal(coverage_counts(f, c, max_distance=0.1, radii=radii), [1, 1, 1])
