@@ -23,8 +23,10 @@ from .tflite_meta import read_tflite_metadata
 
 RUNTIMES = ("auto", "onnxruntime", "litert", "tflite-runtime")
 _TFLITE_RUNTIMES = {
-    "litert": ("ai_edge_litert.interpreter", "pip install 'ecos[litert]' (ai-edge-litert; 64-bit Linux, macOS, Windows)"),
-    "tflite-runtime": ("tflite_runtime.interpreter", "pip install 'ecos[tflite]' (tflite-runtime; needs numpy < 2, e.g. armv7 Pi OS)"),
+    "litert": ("ai_edge_litert.interpreter",
+               "pip install 'ecos-fleet-device[litert]' (ai-edge-litert; 64-bit Linux, macOS, Windows)"),
+    "tflite-runtime": ("tflite_runtime.interpreter",
+                       "pip install 'ecos-fleet-device[tflite]' (tflite-runtime with numpy < 2, e.g. armv7 Pi OS)"),
 }
 
 
@@ -56,7 +58,7 @@ class OnnxModel(Model):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise RuntimeUnavailable("onnxruntime is not installed (pip install 'ecos[onnx]')") from None
+            raise RuntimeUnavailable("onnxruntime is not installed (pip install 'ecos-fleet-device[onnx]')") from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -50,7 +50,7 @@ def test_no_heavy_imports_in_device_sdk(module):
 def test_base_dependencies_pull_no_torch():
     if tomllib is None:
         pytest.skip("tomllib needs Python 3.11")
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((ROOT / "packaging/device/pyproject.toml").read_text())["project"]["dependencies"]
     assert not [d for d in deps if d.split(">")[0].split("=")[0].split("<")[0].strip().lower() in ("torch", "torchvision")]
 
 

@@ -152,10 +152,10 @@ def _without_metadata(flatbuffer: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("blocked,name,runtime,hint", [
-    (("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "enc.tflite", "auto", "ecos[litert]"),
-    (("ai_edge_litert.interpreter",), "enc.tflite", "litert", "ecos[litert]"),
-    (("tflite_runtime.interpreter",), "enc.tflite", "tflite-runtime", "ecos[tflite]"),
-    (("onnxruntime",), "enc.onnx", "auto", "ecos[onnx]"),
+    (("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "enc.tflite", "auto", "ecos-fleet-device[litert]"),
+    (("ai_edge_litert.interpreter",), "enc.tflite", "litert", "ecos-fleet-device[litert]"),
+    (("tflite_runtime.interpreter",), "enc.tflite", "tflite-runtime", "ecos-fleet-device[tflite]"),
+    (("onnxruntime",), "enc.onnx", "auto", "ecos-fleet-device[onnx]"),
 ])
 def test_missing_runtime_is_a_typed_error_with_an_install_hint(encoder_artifacts, monkeypatch, blocked, name, runtime, hint):
     _, folder = encoder_artifacts

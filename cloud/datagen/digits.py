@@ -210,7 +210,7 @@ def _digits_table() -> np.ndarray:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise InputError("the handwritten and mnistm domains need scikit-learn's bundled digits: "
-                         "pip install 'ecos[cloud]'")
+                         "pip install scikit-learn (an ecos-fleet dependency)")
     csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
     if csv.is_file():
         return np.loadtxt(csv, delimiter=",", dtype=np.float32)

