@@ -107,7 +107,7 @@ def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, t
     if os.path.exists(stats_path):  # a work folder is reused only for the same settings
         with open(stats_path) as fh:
             used = json.load(fh)
-        if used.get("settings") != json.loads(json.dumps(settings)):
+        if "settings" in used and used["settings"] != json.loads(json.dumps(settings)):
             raise SystemExit(f"{folder} holds an encoder/index made with other settings; use another --workdir "
                              f"or delete it\n  then: {used.get('settings')}\n  now:  {settings}")
     if not os.path.exists(path):
@@ -152,23 +152,25 @@ def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str,
         noise_seed = 1000 * seed + d_i
         scoresets = {"ecos": device_scores(index, model, features, args.epsilon, noise_seed, True),
                      "ecos-nocov": device_scores(index, model, features, args.epsilon, noise_seed, False)}
-        if with_accuracy:
+        if with_accuracy and "local-only" in args.methods:
             key = ("local", domain, seed)
             if key not in cache:
                 cache[key] = train_and_eval(local_x, local_y, test_x, test_y, len(labels), epochs=args.epochs, seed=seed)
             rows.append(dict(regime=regime, domain=domain, budget=0, method="local-only", seed=seed, share=1.0,
                              accuracy=cache[key], uncovered=None))
         for budget in args.budgets:
-            picks = {m: select(index, "ecos", budget, s, seed=seed) for m, s in scoresets.items()}
+            picks = {m: select(index, "ecos", budget, s, seed=seed, **args.ecos_config) for m, s in scoresets.items()}
             picks["random"] = select(index, "random", budget, None, seed=seed)
             picks["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
             if len(own) >= budget:
                 picks["oracle"] = np.random.default_rng(seed).choice(own, size=budget, replace=False)
             from cloud.sampling import get_sampler, PoolView
 
-            plan = get_sampler("ecos").plan(PoolView(index.features, index.assign, index.centroids), budget,
-                                            scoresets["ecos"])
+            plan = get_sampler("ecos", **args.ecos_config).plan(
+                PoolView(index.features, index.assign, index.centroids), budget, scoresets["ecos"])
             for method, p in picks.items():
+                if method not in args.methods:
+                    continue
                 share = float(np.mean(index.domains[p] == domain))
                 acc = None
                 train_only = method in ("ecos-nocov",) and not args.ablation_accuracy
@@ -319,7 +321,11 @@ def merge(args) -> int:
         with open(path) as fh:
             parts.append(json.load(fh))
     result = dict(parts[0])
-    result["rows"] = [r for part in parts for r in part["rows"]]
+    rows: Dict = {}  # a later file's row replaces an earlier one for the same cell (a re-run of some methods)
+    for part in parts:
+        for r in part["rows"]:
+            rows[(r["regime"], r["domain"], r["budget"], r["method"], r["seed"])] = r
+    result["rows"] = list(rows.values())
     result["encoder_train_seconds"] = {k: v for part in parts for k, v in part["encoder_train_seconds"].items()}
     result["seconds"] = max(part["seconds"] for part in parts)
     result["command"] = " + ".join(part["command"] for part in parts)
@@ -355,6 +361,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/eval_pools_<source>.json)")
     p.add_argument("--docs", default="docs/results")
+    p.add_argument("--methods", nargs="+", default=["ecos", "ecos-nocov", "random", "kcenter", "oracle", "local-only"],
+                   help="methods to run (default: all)")
+    p.add_argument("--ecos-config", type=json.loads, default={}, metavar="JSON",
+                   help='ECOS sampler settings, e.g. \'{"uncovered_far_share": 0.5}\' (default: the defaults)')
     p.add_argument("--tag", default="", help="suffix of the output names (to run regimes in parallel processes)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into one report")
     args = p.parse_args(argv)

@@ -158,3 +158,14 @@ def test_max_distance_tightens_the_radii():
     radii = np.array([0.5, 0.5], np.float32)
     np.testing.assert_array_equal(coverage_counts(f, c, radii=radii), [2, 1, 0])
     np.testing.assert_array_equal(coverage_counts(f, c, max_distance=0.1, radii=radii), [1, 1, 1])
+
+
+def test_uncovered_far_share_scales_the_rule():
+    """If data from a missing domain shows only f1 < 1 of its samples far, a far share of f1
+    already means 'nothing covered'."""
+    pool = make_pool()
+    s = _scores(pool, far=180.0)  # f = 0.5
+    assert get_sampler("ecos", uncovered_far_share=0.5).plan(pool, 300, s).uncovered == pytest.approx(1.0)
+    assert get_sampler("ecos", uncovered_far_share=0.7).plan(pool, 300, s).uncovered == pytest.approx(0.4 / 0.6)
+    with pytest.raises(Exception):
+        get_sampler("ecos", uncovered_far_share=0.0)

@@ -60,6 +60,7 @@ class EcosSampler(Sampler):
     oversample: float = 2.0
     coverage: bool = True  # use the far count, when the scores have one
     far_slack: float = 2.0  # far shares up to far_slack * (1 - radius_quantile) count as covered
+    uncovered_far_share: float = 1.0  # far share of data from a domain the pool lacks (docs/sampling.md)
     purity_power: float = 2.0  # 0: budget in proportion to score (the first version)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class EcosSampler(Sampler):
             raise UsageError(f"min_count must be a finite number > 0; got {self.min_count!r}")
         if not (math.isfinite(self.oversample) and self.oversample >= 1):
             raise UsageError(f"oversample must be a finite number >= 1; got {self.oversample!r}")
+        if not 0.0 < self.uncovered_far_share <= 1.0:
+            raise UsageError(f"uncovered_far_share must lie in (0, 1]; got {self.uncovered_far_share!r}")
 
     def plan(self, pool: PoolView, budget: int, scores: Optional[ScoreSet]) -> SamplingPlan:
         """The per-cluster quotas :meth:`select` would draw, without drawing them."""
@@ -98,7 +101,7 @@ class EcosSampler(Sampler):
     def _plan(self, pool: PoolView, budget: int, scores: ScoreSet) -> SamplingPlan:
         sizes = pool.cluster_sizes()
         kept, threshold, fallback = self._filter(scores, sizes, budget)
-        uncovered = self.uncovered(scores, kept, self.far_slack) if self.coverage else 0.0
+        uncovered = self.uncovered(scores, kept, self.far_slack, self.uncovered_far_share) if self.coverage else 0.0
         n_diverse = int(round(uncovered * budget))
         weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, sizes, kept) ** self.purity_power
         proximal = _allocate(scores.scores, kept, sizes, budget - n_diverse, pool.centroids, weights)
@@ -110,15 +113,17 @@ class EcosSampler(Sampler):
                             diverse=diverse, uncovered=uncovered)
 
     @staticmethod
-    def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0) -> float:
+    def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0, uncovered_far_share: float = 1.0) -> float:
         """Share of the devices' samples the pool does not cover, from the far count.
 
         ``near`` = the (clipped) scores of the kept clusters, ``far`` = the far count (both
         noisy); the far share ``f = far / (near + far)`` is discounted by the share
         ``f0 = slack * (1 - radius_quantile)`` that well-covered data shows by chance (pool points
         lie outside their radius ``1 - q`` of the time by construction; a device's unseen images,
-        measured, up to about twice that): ``u = clip((f - f0) / (1 - f0), 0, 1)``. No far count:
-        0 (plain ECOS). Nothing clearly scored at all: 1.
+        measured, up to about twice that). Data from a domain the pool lacks shows a far share
+        ``f1`` (``uncovered_far_share``); a mixture of the two gives
+        ``u = clip((f - f0) / (f1 - f0), 0, 1)``. No far count: 0 (plain ECOS). Nothing clearly
+        scored at all: 1.
         """
         if scores.far is None:
             return 0.0
@@ -127,7 +132,8 @@ class EcosSampler(Sampler):
         if near + far <= 0.0:
             return 1.0
         f0 = min(slack * (1.0 - scores.radius_quantile), 0.5)
-        return float(np.clip((far / (near + far) - f0) / (1.0 - f0), 0.0, 1.0))
+        f1 = max(min(uncovered_far_share, 1.0), f0 + 0.05)
+        return float(np.clip((far / (near + far) - f0) / (f1 - f0), 0.0, 1.0))
 
     def _filter(self, scores: ScoreSet, sizes: np.ndarray, budget: int) -> Tuple[np.ndarray, float, bool]:
         """Clusters clearly covered by the devices; the top-scored ones if none is."""
