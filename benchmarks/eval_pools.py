@@ -51,6 +51,7 @@ from cloud.dataset import ImageSet, load_image_set  # noqa: E402
 from cloud.encoder_config import EncoderConfig  # noqa: E402
 from cloud.index import PoolIndex, build_index_from_items  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
+from cloud.sampling import PoolView, get_sampler  # noqa: E402
 from cloud.selection import combine_scores, select  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
@@ -164,8 +165,6 @@ def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str,
             picks["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
             if len(own) >= budget:
                 picks["oracle"] = np.random.default_rng(seed).choice(own, size=budget, replace=False)
-            from cloud.sampling import get_sampler, PoolView
-
             plan = get_sampler("ecos", **args.ecos_config).plan(
                 PoolView(index.features, index.assign, index.centroids), budget, scoresets["ecos"])
             for method, p in picks.items():

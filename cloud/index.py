@@ -95,9 +95,8 @@ def build_index_from_items(items, encoder_path: str, k: int, iters: int = 20, se
                            cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512,
                            where: str = "a list") -> PoolIndex:
     """:func:`build_index` over a given list of images (e.g. a manifest, or a pool minus one domain)."""
-    pool_root = where
     model = load_model(encoder_path, threads=threads)
-    LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), pool_root, model.sha256[:12], model.meta.feature_dim)
+    LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), where, model.sha256[:12], model.meta.feature_dim)
     features = encode_pool(model, items, cache_dir, batch)
     LOG.info("clustering %d features into k=%d", len(features), k)
     km = spherical_kmeans(features, k, iters=iters, seed=seed,

@@ -6,6 +6,7 @@ data -> encoder -> index. Each step writes its outputs atomically.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -67,7 +68,7 @@ def encoder_meta(cfg, data, report) -> ArtifactMeta:
 
 def _finite_or_none(value: float):
     """Metadata is strict JSON: an accuracy the pool cannot measure (no labels / domains) is null."""
-    return value if value == value and abs(value) != float("inf") else None
+    return value if math.isfinite(value) else None
 
 
 def ensure_index(workdir: str, pool_root: str, encoder_path: str, cfg: PipelineConfig):

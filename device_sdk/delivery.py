@@ -41,7 +41,7 @@ from .fsutil import PathLike, atomic_write_bytes, atomic_write_text
 from .logsafe import clean
 from .protocol import Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, clip_reason
 from .signing import as_trust_store
-from .wire import parse_json
+from .wire import read_json_file
 
 LOG = logging.getLogger("ecos.delivery")
 DEFAULT_MAX_ARTIFACT_BYTES = 256 << 20
@@ -82,11 +82,7 @@ class ModelStore:
         if not self.state_path.exists():
             return {"slots": {}}
         source = f"model store state {self.state_path}"
-        try:
-            raw = self.state_path.read_bytes()
-        except OSError as exc:
-            raise MessageError(f"{source} is unreadable ({exc.strerror})") from None
-        state = parse_json(raw, source)
+        state = read_json_file(self.state_path, source)
         problem = _state_problem(state)
         if problem is not None:
             raise MessageError(f"{source} is unreadable ({problem})")

@@ -32,7 +32,7 @@ from .messages import Probe
 from .protocol import MAX_REVOKED, MAX_TRUST_KEYS, KeyUpdate
 from .signing import (TrustStore, is_key_id, is_public_hex, key_id, key_id_of_raw, load_public_key, public_key_from_hex,
                       public_raw)
-from .wire import parse_json
+from .wire import read_json_file
 
 LOG = logging.getLogger("ecos.trust")
 STATE_NAME = "trust.json"
@@ -138,11 +138,7 @@ class DeviceTrust:
         if self.state_path is None or not self.state_path.exists():
             return 0, {}, frozenset()
         source = f"trust state {self.state_path}"
-        try:
-            raw = self.state_path.read_bytes()
-        except OSError as exc:
-            raise MessageError(f"{source} is unreadable ({exc.strerror})") from None
-        doc = parse_json(raw, source)
+        doc = read_json_file(self.state_path, source)
         if not isinstance(doc, dict) or doc.get("kind") != STATE_KIND:
             raise MessageError(f"{source} is not a trust state file; fix or restore it (never reset automatically)")
         serial, keys, revoked = doc.get("serial"), doc.get("keys"), doc.get("revoked")

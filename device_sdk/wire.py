@@ -206,6 +206,16 @@ def json_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     return bool(depth.max() > max_depth or depth.min() < 0 or depth[-1] != 0)  # too deep, or unbalanced
 
 
+def read_json_file(path: Any, source: str, error: Type[EcosError] = MessageError) -> Any:
+    """Read and :func:`parse_json` a state file; an unreadable file is ``error`` naming ``source``."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise error(f"{source} is unreadable ({exc.strerror})") from None
+    return parse_json(raw, source, error)
+
+
 def _parse_int(text: str) -> int:
     if len(text) > MAX_INT_DIGITS:  # before int(): converting a long digit string costs quadratic time
         raise _Refused(f"an integer of {len(text)} digits (limit: |n| <= 2**53)")
