@@ -112,6 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from device_sdk import sdnotify
+
     from .agent import DeviceAgent
     from .config import load_device_config
 
@@ -123,7 +125,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not agent.wait_connected(args.connect_timeout):
         LOG.warning("broker %s:%d not reachable yet; retrying in the background", config.broker.host, config.broker.port)
     LOG.info("device %s running (inbox %s); Ctrl-C to stop", config.device_id, agent.transport.subscriptions[0])
-    stop.wait()
+    # Under systemd (Type=notify, WatchdogSec=): ready now; then a watchdog ping every half period
+    # while the message worker lives, so a dead or hung agent is restarted. Outside systemd: no-ops.
+    sdnotify.notify(f"READY=1\nSTATUS=device {config.device_id} running")
+    interval = sdnotify.watchdog_interval()
+    while not stop.wait(interval / 2 if interval else None):
+        if agent._worker is not None and agent._worker.is_alive():
+            sdnotify.notify("WATCHDOG=1")
+    sdnotify.notify("STOPPING=1")
     agent.stop()
     print(f"stopped; {agent.stats.messages_in} messages in ({agent.stats.bytes_in} bytes), "
           f"{agent.stats.messages_out} out ({agent.stats.bytes_out} bytes)")
