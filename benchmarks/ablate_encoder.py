@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.dataset import load_folder, load_image_set  # noqa: E402
-from cloud.encoder_config import EncoderConfig  # noqa: E402
-from cloud.kmeans import spherical_kmeans  # noqa: E402
+from cloud.pool.dataset import load_folder, load_image_set  # noqa: E402
+from cloud.training.encoder_config import EncoderConfig  # noqa: E402
+from cloud.pool.clustering import spherical_kmeans  # noqa: E402
 from cloud.log import setup_logging  # noqa: E402
 from cloud.sampling import PoolView, ScoreSet, get_sampler  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
@@ -59,7 +59,7 @@ def featurizer(variant: str, pool, threads: int):
     """A function images -> unit features, trained on the pool with labels and domains hidden."""
     import torch
 
-    from cloud.encoder_train import _to_tensor, embed, train_encoder
+    from cloud.training.encoder import _to_tensor, embed, train_encoder
 
     if VARIANTS[variant] is None:
         def pixels(images):

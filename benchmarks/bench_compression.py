@@ -33,16 +33,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.compress import ExportConfig, GateConfig, export_classifier, gate, runtime_logits  # noqa: E402
-from cloud.dataset import ImageSet, load_image_set  # noqa: E402
-from cloud.export import export_onnx  # noqa: E402
+from cloud.export.gate import ExportConfig, GateConfig, export_classifier, gate, runtime_logits  # noqa: E402
+from cloud.pool.dataset import ImageSet, load_image_set  # noqa: E402
+from cloud.export.formats import export_onnx  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
-from cloud.quantize import QuantConfig, calibration_batch, quantize_onnx  # noqa: E402
-from cloud.train import (DistillConfig, TeacherConfig, Trained, accuracy, distill, load_checkpoint,  # noqa: E402
-                         load_selection, predict_logits, save_checkpoint, train_teacher)
+from cloud.export.quantize import QuantConfig, calibration_batch, quantize_onnx  # noqa: E402
+from cloud.training.classifier import DistillConfig, TeacherConfig, Trained, accuracy, distill, load_checkpoint, load_selection, predict_logits, save_checkpoint, train_teacher
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
-from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.runtime.models import load_model  # noqa: E402
 from models import get_model  # noqa: E402
 
 METHODS = {"ecos": "ecos-b{b}-eps0.58.csv", "random": "random-b{b}-eps0.csv", "kcenter": "kcenter-b{b}-eps0.csv",

@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
-from device_sdk.messages import Probe, Scores  # noqa: E402
-from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.protocol.round import Probe, Scores  # noqa: E402
+from device_sdk.runtime.models import load_model  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -70,7 +70,7 @@ def in_process_scoring(encoder: str, items, probe: Probe, images: np.ndarray = N
     decoding step is skipped.
     """
     from device_sdk.device import answer_probe
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
     from device_sdk.scoring import encode_items
 
     model = load_model(encoder, threads=1)

@@ -23,18 +23,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.dataset import load_folder  # noqa: E402
-from cloud.encoder_train import EncoderConfig, train_encoder  # noqa: E402
-from cloud.export import export_onnx  # noqa: E402
-from cloud.features import encode_pool  # noqa: E402
-from cloud.kmeans import spherical_kmeans  # noqa: E402
+from cloud.pool.dataset import load_folder  # noqa: E402
+from cloud.training.encoder import EncoderConfig, train_encoder  # noqa: E402
+from cloud.export.formats import export_onnx  # noqa: E402
+from cloud.pool.features import encode_pool  # noqa: E402
+from cloud.pool.clustering import spherical_kmeans  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
-from cloud.pipeline import encoder_meta  # noqa: E402
+from cloud.tools.pipeline import encoder_meta  # noqa: E402
 from cloud.sampling import PoolView, ScoreSet, get_sampler  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
-from device_sdk.messages import Probe  # noqa: E402
-from device_sdk.privacy import calibrate_sigma  # noqa: E402
-from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.protocol.round import Probe  # noqa: E402
+from device_sdk.privacy.accounting import calibrate_sigma  # noqa: E402
+from device_sdk.runtime.models import load_model  # noqa: E402
 from device_sdk.scoring import coverage_counts, encode_items  # noqa: E402
 
 

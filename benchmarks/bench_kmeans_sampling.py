@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.kmeans import spherical_kmeans  # noqa: E402
+from cloud.pool.clustering import spherical_kmeans  # noqa: E402
 from cloud.sampling import PoolView, ScoreSet, get_sampler  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
 

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.export import export_onnx, export_tflite  # noqa: E402
-from cloud.quantize import QuantConfig, calibration_batch, quantize_onnx, quantize_tflite  # noqa: E402
-from cloud.train import Trained  # noqa: E402
+from cloud.export.formats import export_onnx, export_tflite  # noqa: E402
+from cloud.export.quantize import QuantConfig, calibration_batch, quantize_onnx, quantize_tflite  # noqa: E402
+from cloud.training.classifier import Trained  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
 from models import get_model  # noqa: E402
 

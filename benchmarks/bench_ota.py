@@ -27,13 +27,12 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.broker import start_mosquitto  # noqa: E402
-from cloud.config import (BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig,  # noqa: E402
-                          TrainerConfig)
-from cloud.daemon import build_daemon  # noqa: E402
-from cloud.demo import simulated_device_config  # noqa: E402
-from cloud.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
-from cloud.store import RoundState  # noqa: E402
+from cloud.tools.broker import start_mosquitto  # noqa: E402
+from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
+from cloud.serve.daemon import build_daemon  # noqa: E402
+from cloud.tools.demo import simulated_device_config  # noqa: E402
+from cloud.tools.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
+from cloud.serve.store import RoundState  # noqa: E402
 from device_sdk.agent import DeviceAgent  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402

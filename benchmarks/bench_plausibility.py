@@ -5,7 +5,7 @@
 Honest answers are what ``device_sdk.device.answer_probe`` sends: a histogram of n samples over
 K bins plus the far bin, plus N(0, sigma^2) per bin, for n up to the cap and sigma from the
 round's minimum up. Forged answers are each attack class of docs/security.md. For each, the share
-refused by ``cloud.selection.check_plausible`` (defaults of ``[rounds]`` unless said), and for the
+refused by ``cloud.sampling.selection.check_plausible`` (defaults of ``[rounds]`` unless said), and for the
 forgeries that pass, the largest L1 change they make to a fleet sum after ``clip_contribution``.
 
 Writes benchmarks/results/plausibility.json.
@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.selection import Plausibility, check_plausible, clip_contribution  # noqa: E402
+from cloud.sampling.selection import Plausibility, check_plausible, clip_contribution  # noqa: E402
 from device_sdk.errors import ImplausibleScores  # noqa: E402
-from device_sdk.messages import Scores  # noqa: E402
+from device_sdk.protocol.round import Scores  # noqa: E402
 
 
 def scores(values: np.ndarray, sigma: float, far=None, sensitivity: float = 1.0) -> Scores:

@@ -47,16 +47,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.classifier import train_and_eval  # noqa: E402
-from cloud.dataset import ImageSet, load_image_set  # noqa: E402
-from cloud.encoder_config import EncoderConfig  # noqa: E402
-from cloud.index import PoolIndex, build_index_from_items  # noqa: E402
+from cloud.pool.dataset import ImageSet, load_image_set  # noqa: E402
+from cloud.training.encoder_config import EncoderConfig  # noqa: E402
+from cloud.pool.index import PoolIndex, build_index_from_items  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
 from cloud.sampling import PoolView, get_sampler  # noqa: E402
-from cloud.selection import combine_scores, select  # noqa: E402
+from cloud.sampling.selection import combine_scores, select  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
-from device_sdk.privacy import PrivacyLedger  # noqa: E402
-from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
+from device_sdk.runtime.models import load_model  # noqa: E402
 from device_sdk.scoring import encode_items  # noqa: E402
 
 REGIMES = ("flat", "lodo", "unlabelled", "domains")
@@ -68,12 +68,12 @@ def ensure_data(workdir: str, source: str, quick: bool) -> str:
     if os.path.exists(os.path.join(root, "dataset.json")):
         return root
     if source == "real":
-        from cloud.datagen.realdigits import generate_real
+        from cloud.tools.datagen.realdigits import generate_real
 
         kwargs = dict(per_domain=120, device_local=80, device_test=80, junk=120) if quick else {}
         generate_real(root, seed=0, **(kwargs or {"per_domain": 1000}))
     else:
-        from cloud.datagen.digits import DOMAINS, generate
+        from cloud.tools.datagen.digits import DOMAINS, generate
 
         n, local, test = (300, 80, 80) if quick else (2000, 300, 300)
         generate(root, per_domain=n, domains=DOMAINS, seed=0, layout="benchmark", device_local=local,
@@ -97,9 +97,9 @@ def subset(data: ImageSet, keep: np.ndarray) -> ImageSet:
 
 def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, threads: int):
     """Train (unless present), export and index; returns (index, device-side model, train seconds)."""
-    from cloud.encoder_train import train_encoder
-    from cloud.export import export_onnx
-    from cloud.pipeline import encoder_meta
+    from cloud.training.encoder import train_encoder
+    from cloud.export.formats import export_onnx
+    from cloud.tools.pipeline import encoder_meta
 
     os.makedirs(folder, exist_ok=True)
     path, index_path = os.path.join(folder, "encoder.onnx"), os.path.join(folder, "pool.index.npz")

@@ -33,15 +33,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.classifier import train_and_eval  # noqa: E402
-from cloud.index import PoolIndex  # noqa: E402
+from cloud.pool.index import PoolIndex  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
-from cloud.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
+from cloud.tools.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
 from cloud.sampling import ScoreSet  # noqa: E402
-from cloud.selection import combine_scores, select, write_selection_csv  # noqa: E402
+from cloud.sampling.selection import combine_scores, select, write_selection_csv  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
-from device_sdk.privacy import PrivacyLedger  # noqa: E402
-from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
+from device_sdk.runtime.models import load_model  # noqa: E402
 from device_sdk.scoring import coverage_counts, encode_items  # noqa: E402
 
 NO_NOISE = math.inf

@@ -14,7 +14,7 @@ and the daemon (online mode, over MQTT; see docs/operations.md):
     ecos-cloud status --config cloud.toml
     ecos-cloud keys show|next|promote|update|revoke [KEY_ID] --config cloud.toml   (signing keys, docs/security.md)
 
-and the broker's security (TLS, one identity per device, topic ACL; see cloud/brokerconf.py):
+and the broker's security (TLS, one identity per device, topic ACL; see cloud/security/brokerconf.py):
 
     ecos-cloud broker-config --dir ecos-broker --mode certificate --hostname broker.example.com
     ecos-cloud enroll DEVICE_ID --dir ecos-broker [--rotate | --revoke]
@@ -31,9 +31,9 @@ from typing import Optional, Sequence
 from device_sdk.clikit import add_common, run_cli, setup_logging
 from device_sdk.fsutil import atomic_write_bytes
 
-from .brokerconf import add_commands as add_broker_commands
-from .encoder_config import EncoderConfig
-from .log import LOG
+from cloud.security.brokerconf import add_commands as add_broker_commands
+from cloud.training.encoder_config import EncoderConfig
+from cloud.log import LOG
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -44,10 +44,10 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from .dataset import load_folder
-    from .encoder_train import train_encoder
-    from .export import export_onnx
-    from .pipeline import encoder_meta
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import train_encoder
+    from cloud.export.formats import export_onnx
+    from cloud.tools.pipeline import encoder_meta
 
     _threads(args)
     cfg = EncoderConfig(feature_dim=args.feature_dim, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
@@ -63,7 +63,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .index import build_index
+    from cloud.pool.index import build_index
 
     index = build_index(args.pool, args.encoder, k=args.k, iters=args.iters, seed=args.seed,
                         cache_dir=args.cache_dir, threads=args.threads or os.cpu_count() or 1)
@@ -77,7 +77,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .index import PoolIndex
+    from cloud.pool.index import PoolIndex
 
     probe = PoolIndex.load(args.index).probe(codec=args.codec, max_distance=args.max_distance,
                                              radius_quantile=args.radius_quantile or None).to_bytes()
@@ -92,9 +92,9 @@ def _signed_probe(payload: bytes, signing_key: Optional[str]) -> bytes:
     if not signing_key:
         LOG.warning("probe not signed (no --signing-key): a device with a trust store refuses it")
         return payload
-    from device_sdk.messages import Probe
+    from device_sdk.protocol.round import Probe
 
-    from .keys import SigningKey
+    from cloud.security.keys import SigningKey
 
     key = SigningKey.load(signing_key)
     LOG.info("probe signed with key %s", key.key_id)
@@ -102,8 +102,8 @@ def _signed_probe(payload: bytes, signing_key: Optional[str]) -> bytes:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .index import PoolIndex
-    from .selection import Plausibility, combine_scores, composition, load_scores, select, write_selection_csv
+    from cloud.pool.index import PoolIndex
+    from cloud.sampling.selection import Plausibility, combine_scores, composition, load_scores, select, write_selection_csv
 
     index = PoolIndex.load(args.index)
     limits = Plausibility.for_round(args.max_epsilon, args.delta, args.max_samples)
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ecos: the radius quantile the probe was made with (default 0.95, as `index`); the share of "
                         "the devices' samples beyond it that the pool does not explain goes to a uniform draw. "
                         "0 = ignore the far counts")
-    from .config import RoundConfig  # light (no numpy): the defaults of a daemon's round
+    from cloud.serve.config import RoundConfig  # light (no numpy): the defaults of a daemon's round
 
     rounds = RoundConfig()
     p.add_argument("--max-epsilon", type=float, default=rounds.max_epsilon,
@@ -229,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from .config import load_config
-    from .daemon import build_daemon
-    from .eventlog import setup_structured_logging
+    from cloud.serve.config import load_config
+    from cloud.serve.daemon import build_daemon
+    from cloud.serve.eventlog import setup_structured_logging
 
     cfg = load_config(args.config)
     setup_structured_logging(cfg.log_format, args.verbose, args.quiet)
@@ -243,10 +243,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from .config import load_config, require_index
-    from .daemon import create_round
-    from .index import PoolIndex
-    from .store import open_store
+    from cloud.serve.config import load_config, require_index
+    from cloud.serve.daemon import create_round
+    from cloud.pool.index import PoolIndex
+    from cloud.serve.store import open_store
 
     cfg = load_config(args.config)
     store = open_store(cfg.store.database)
@@ -264,8 +264,8 @@ def cmd_round(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .store import open_store
+    from cloud.serve.config import load_config
+    from cloud.serve.store import open_store
 
     store = open_store(load_config(args.config).store.database)
     rounds, devices = store.list_rounds()[-args.last:], store.list_devices()
@@ -318,8 +318,8 @@ def _add_daemon_commands(sub) -> None:
 # ---- models: teacher, distillation, int8 export (docs/models.md) ----------------------------------
 
 def cmd_train_teacher(args: argparse.Namespace) -> int:
-    from .dataset import load_folder
-    from .train import TeacherConfig, save_checkpoint, train_teacher
+    from cloud.pool.dataset import load_folder
+    from cloud.training.classifier import TeacherConfig, save_checkpoint, train_teacher
 
     _threads(args)
     cfg = TeacherConfig(arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -335,7 +335,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from models import get_model
 
-    from .train import DistillConfig, distill, load_checkpoint, load_selection, save_checkpoint
+    from cloud.training.classifier import DistillConfig, distill, load_checkpoint, load_selection, save_checkpoint
 
     _threads(args)
     cfg = DistillConfig(arch=args.arch, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -352,7 +352,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .train import load_checkpoint, load_selection
+    from cloud.training.classifier import load_checkpoint, load_selection
 
     _threads(args)
     export_cfg = _export_config(args)
@@ -362,8 +362,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_config(args: argparse.Namespace):
-    from .compress import ExportConfig, GateConfig
-    from .quantize import QuantConfig
+    from cloud.export.gate import ExportConfig, GateConfig
+    from cloud.export.quantize import QuantConfig
 
     quant = QuantConfig(calibration_size=args.calibration_size, quant_format=args.quant_format, per_channel=not args.per_tensor,
                         reduce_range=not args.full_range, calibrate_method=args.calibrate_method)
@@ -375,13 +375,13 @@ def _eval_set(args: argparse.Namespace, labels, proxy):
     """The gate's evaluation images: ``--eval FOLDER`` (labels from folder names), else the proxy set."""
     from device_sdk.imagefolder import scan_image_folder
 
-    from .dataset import load_image_set
+    from cloud.pool.dataset import load_image_set
 
     return load_image_set(scan_image_folder(args.eval), label_names=labels) if args.eval else proxy
 
 
 def _export_and_print(trained, calib_images, evaluation, out_dir: str, cfg) -> int:
-    from .compress import export_classifier
+    from cloud.export.gate import export_classifier
 
     report = export_classifier(trained, out_dir, calib_images, evaluation.images, evaluation.labels, cfg)
     for key, info in sorted(report["files"].items()):
@@ -459,8 +459,8 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
 # ---- signing keys: rotation and revocation (docs/security.md) ------------------------------------
 
 def _keyring(args: argparse.Namespace, create: bool = False):
-    from .config import load_config
-    from .keys import KeyRing
+    from cloud.serve.config import load_config
+    from cloud.security.keys import KeyRing
 
     keys_dir = args.keys_dir or load_config(args.config).store.key_dir
     return KeyRing(keys_dir, create=create)

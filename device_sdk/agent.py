@@ -37,22 +37,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .config import DeviceConfig, broker_password, broker_tls
-from .delivery import DeliveryReceiver, InstalledModel, ModelStore
-from .device import answer_probe, check_probe_conflict
-from .errors import ArtifactError, DeadlinePassed, EcosError, LedgerCorrupt, LedgerUnavailable, MessageError
-from .imagefolder import scan_image_folder
-from .logsafe import clean
-from .messages import Probe
-from .predict import Predictor, evaluate
-from .privacy import PrivacyLedger
-from .errors import SignatureError
-from .protocol import (ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal,
-                       Status, clip_reason, decode_for_device, device_status, inbox, outbox)
-from .runtime import Model, load_model
-from .scoring import check_compatible, encode_items
-from .trust import trust_from_settings, verify_probe
-from .transport import MqttTransport
+from device_sdk.config import DeviceConfig, broker_password, broker_tls
+from device_sdk.delivery.install import DeliveryReceiver, InstalledModel, ModelStore
+from device_sdk.device import answer_probe, check_probe_conflict
+from device_sdk.errors import ArtifactError, DeadlinePassed, EcosError, LedgerCorrupt, LedgerUnavailable, MessageError
+from device_sdk.imagefolder import scan_image_folder
+from device_sdk.logsafe import clean
+from device_sdk.protocol.round import Probe
+from device_sdk.predict import Predictor, evaluate
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.errors import SignatureError
+from device_sdk.protocol.messages import ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal, Status, clip_reason, decode_for_device, device_status, inbox, outbox
+from device_sdk.runtime.models import Model, load_model
+from device_sdk.scoring import check_compatible, encode_items
+from device_sdk.trust import trust_from_settings, verify_probe
+from device_sdk.transport import MqttTransport
 
 LOG = logging.getLogger("ecos.agent")
 _LOCAL_PATH = re.compile(r"(?<![\w.:/])(?:~|[A-Za-z]:)?[/\\][^\s'\"(),;]+")  # what is left of a path after the known ones

@@ -16,18 +16,19 @@ import logging
 import time
 from typing import Optional, Sequence
 
-from . import __version__
-from .clikit import add_common, run_cli, setup_logging
-from .device import answer_probe, check_probe_conflict
-from .fsutil import atomic_write_bytes
-from .imagefolder import scan_image_folder
-from .messages import Probe
-from .privacy import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, PrivacyLedger
-from .protocol import check_probe
-from .runtime import load_model
-from .scoring import check_compatible, encode_items
-from .trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe
-from .wire import read_file
+from device_sdk import __version__
+from device_sdk.clikit import add_common, run_cli, setup_logging
+from device_sdk.device import answer_probe, check_probe_conflict
+from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.imagefolder import scan_image_folder
+from device_sdk.protocol.round import Probe
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
+from device_sdk.protocol.messages import check_probe
+from device_sdk.runtime.models import load_model
+from device_sdk.scoring import check_compatible, encode_items
+from device_sdk.trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe
+from device_sdk.protocol.envelope import read_file
 
 LOG = logging.getLogger("ecos.device")
 
@@ -37,7 +38,7 @@ def _score_trust(args: argparse.Namespace) -> Optional[DeviceTrust]:
     if args.trusted_key:
         return DeviceTrust.from_files(args.trusted_key, args.revoked_key or ())
     if args.revoked_key:
-        from .errors import UsageError
+        from device_sdk.errors import UsageError
 
         raise UsageError("--revoked-key needs --trusted-key (the keys to trust)")
     return None
@@ -90,7 +91,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Show the signing keys a configured device trusts; apply a key update file with ``--apply``."""
-    from .config import load_device_config
+    from device_sdk.config import load_device_config
 
     trust = trust_from_settings(load_device_config(args.config).models)
     if args.apply:
@@ -113,15 +114,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     import threading
 
     from device_sdk import sdnotify
-
-    from .agent import DeviceAgent
-    from .config import load_device_config
+    from device_sdk.agent import DeviceAgent
+    from device_sdk.config import load_device_config
 
     config = load_device_config(args.config)
-    agent = DeviceAgent(config, on_event=lambda event: LOG.info("%s %s", event.kind, event.detail)).start()
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before start: a SIGTERM right after "online" still stops cleanly
         signal.signal(sig, lambda *_: stop.set())
+    agent = DeviceAgent(config, on_event=lambda event: LOG.info("%s %s", event.kind, event.detail)).start()
     if not agent.wait_connected(args.connect_timeout):
         LOG.warning("broker %s:%d not reachable yet; retrying in the background", config.broker.host, config.broker.port)
     LOG.info("device %s running (inbox %s); Ctrl-C to stop", config.device_id, agent.transport.subscriptions[0])
@@ -201,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- predict: run a shipped classifier (docs/models.md) ---------------------------------------
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .errors import UsageError
-    from .imagefolder import ImageItem
-    from .predict import Predictor, evaluate
+    from device_sdk.errors import UsageError
+    from device_sdk.imagefolder import ImageItem
+    from device_sdk.predict import Predictor, evaluate
 
     if bool(args.images) == bool(args.folder):
         raise UsageError("give image files or --folder DIR, not both and not neither")
@@ -226,7 +226,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_predict_command(sub) -> None:
-    from .runtime import RUNTIMES
+    from device_sdk.runtime.models import RUNTIMES
 
     p = sub.add_parser("predict", help="classify images with a shipped model (ONNX or TFLite, fp32 or int8)",
                        description="Run a classifier artifact on IMAGE files or on every image under --folder. Prints "

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from .errors import EcosError
+from device_sdk.errors import EcosError
 
 INTERRUPTED = 130
 

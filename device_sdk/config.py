@@ -21,10 +21,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from .errors import UsageError
-from .privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
-from .protocol import is_valid_id
-from .transport import PROTOCOLS, TLS_VERSIONS, TlsConfig
+from device_sdk.errors import UsageError
+from device_sdk.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
+from device_sdk.protocol.messages import is_valid_id
+from device_sdk.transport import PROTOCOLS, TLS_VERSIONS, TlsConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,12 +18,13 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
-from .errors import ProbeConflict, UsageError
-from .messages import Probe, Scores
-from .privacy import PrivacyLedger, ReleaseResult, calibrate_sigma, epsilon as compose_epsilon, gaussian_noise
-from .runtime import Model
-from .scoring import check_compatible, coverage_counts
-from .trust import verify_probe
+from device_sdk.errors import ProbeConflict, UsageError
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.privacy.ledger import PrivacyLedger, ReleaseResult
+from device_sdk.privacy.accounting import calibrate_sigma, epsilon as compose_epsilon, gaussian_noise
+from device_sdk.runtime.models import Model
+from device_sdk.scoring import check_compatible, coverage_counts
+from device_sdk.trust import verify_probe
 
 
 def resolve_sigma(ledger: PrivacyLedger, epsilon: Optional[float], sigma: Optional[float]) -> float:

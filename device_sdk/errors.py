@@ -134,7 +134,7 @@ class ImplausibleScores(MessageError):
     """Scores no honest device could have sent (too little noise, counts no sample count explains); never summed.
 
     ``check`` names the check that failed (``not_finite``, ``sensitivity``, ``noise_too_low``,
-    ``noise_too_high``, ``count_range``, ``total``; cloud/selection.py ``check_plausible``).
+    ``noise_too_high``, ``count_range``, ``total``; cloud/sampling/selection.py ``check_plausible``).
     """
 
     code = "implausible_scores"

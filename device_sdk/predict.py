@@ -13,9 +13,9 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import ArtifactError, MismatchError
-from .imagefolder import ImageItem, batched, load_images
-from .runtime import Model, load_model
+from device_sdk.errors import ArtifactError, MismatchError
+from device_sdk.imagefolder import ImageItem, batched, load_images
+from device_sdk.runtime.models import Model, load_model
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import MismatchError
-from .imagefolder import ImageItem, load_images
-from .messages import Probe
-from .runtime import Model
+from device_sdk.errors import MismatchError
+from device_sdk.imagefolder import ImageItem, load_images
+from device_sdk.protocol.round import Probe
+from device_sdk.runtime.models import Model
 
 
 def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: Optional[float] = None,

@@ -1,6 +1,6 @@
 """Ed25519 verification on the device: key ids, a trust store of several keys, revocation.
 
-The cloud signs (``cloud/keys.py`` generates keys and signs; nothing here can); the device
+The cloud signs (``cloud/security/keys.py`` generates keys and signs; nothing here can); the device
 verifies. Every signature travels with a **key id**, the first 16 hex digits of the sha256 of
 the signer's raw 32-byte public key, so a device can trust several keys at once (the current
 one and the next one during a rotation) and refuse a revoked one by id. A ``TrustStore`` holds
@@ -27,8 +27,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import RevokedKey, SignatureError, UnknownKey, Unsigned, UsageError
-from .fsutil import PathLike
+from device_sdk.errors import RevokedKey, SignatureError, UnknownKey, Unsigned, UsageError
+from device_sdk.fsutil import PathLike
 
 KEY_ID_CHARS = 16
 _KEY_ID = re.compile(r"[0-9a-f]{%d}" % KEY_ID_CHARS)
@@ -37,7 +37,7 @@ _RAW_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class Signer(Protocol):
-    """What signs on the cloud's side (``cloud.keys.SigningKey``): a key id and ``sign(data) -> hex``."""
+    """What signs on the cloud's side (``cloud.security.keys.SigningKey``): a key id and ``sign(data) -> hex``."""
 
     key_id: str
 

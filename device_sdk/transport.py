@@ -29,8 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import UsageError
-from .logsafe import clean
+from device_sdk.errors import UsageError
+from device_sdk.logsafe import clean
 
 LOG = logging.getLogger("ecos.transport")
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}

@@ -18,7 +18,7 @@ SMALL_DOMAINS = ("handwritten", "printed", "street", "lcd")
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """``pool/<domain>/<label>`` (80 per domain) and ``devices/<domain>/{local,test}/<label>``."""
-    from cloud.datagen.digits import generate
+    from cloud.tools.datagen.digits import generate
 
     root = tmp_path_factory.mktemp("digits")
     generate(root, per_domain=80, domains=SMALL_DOMAINS, seed=1, layout="benchmark", device_local=40, device_test=40)
@@ -31,10 +31,10 @@ def encoder_path(digits_root, tmp_path_factory) -> Path:
     contrastive objective needs more steps than 5 batches a few times to find the domains)."""
     import torch
 
-    from device_sdk.artifact import ArtifactMeta
-    from cloud.dataset import load_folder
-    from cloud.encoder_train import EncoderConfig, train_encoder
-    from cloud.export import export_onnx
+    from device_sdk.runtime.artifact import ArtifactMeta
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import EncoderConfig, train_encoder
+    from cloud.export.formats import export_onnx
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = load_folder(str(digits_root / "pool"))
@@ -52,7 +52,7 @@ def encoder_path(digits_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pool_index(digits_root, encoder_path, tmp_path_factory):
     """The small pool encoded and clustered (k=16), saved to disk; returns ``(index, path)``."""
-    from cloud.index import build_index
+    from cloud.pool.index import build_index
 
     index = build_index(str(digits_root / "pool"), str(encoder_path), k=16, iters=10, seed=0, threads=1)
     path = tmp_path_factory.mktemp("index") / "pool.index.npz"

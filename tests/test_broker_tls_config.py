@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from cloud import pki
-from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig, load_config
+from cloud.security import pki
+from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig, load_config
 from device_sdk.config import broker_password, broker_tls, load_device_config
 from device_sdk.errors import UsageError
 from device_sdk.transport import TlsConfig
@@ -130,7 +130,7 @@ def test_the_tls_context_verifies_the_chain_and_host_and_sets_the_lowest_version
 
 
 def test_the_daemon_hands_tls_and_the_password_to_its_transport(certs, tmp_path):
-    from cloud.daemon import Daemon
+    from cloud.serve.daemon import Daemon
 
     seen = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloud.config import CloudConfig, load_config, require_index
+from cloud.serve.config import CloudConfig, load_config, require_index
 from device_sdk.errors import UsageError
 
 

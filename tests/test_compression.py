@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from cloud import cli as cloud_cli
-from cloud.compress import ExportConfig, GateConfig, export_classifier, gate, runtime_logits
-from cloud.dataset import load_image_set
-from cloud.selection import CSV_COLUMNS
-from cloud.train import load_checkpoint, predict_logits
+from cloud.export.gate import ExportConfig, GateConfig, export_classifier, gate, runtime_logits
+from cloud.pool.dataset import load_image_set
+from cloud.sampling.selection import CSV_COLUMNS
+from cloud.training.classifier import load_checkpoint, predict_logits
 from device_sdk import cli as device_cli
 from device_sdk.errors import QualityGateError
 from device_sdk.imagefolder import scan_image_folder

@@ -9,9 +9,10 @@ from cloud.sampling import PoolView, ScoreSet, get_sampler
 from device_sdk.device import answer_probe, release_key
 from device_sdk.errors import MessageError, MismatchError
 from device_sdk.imagefolder import scan_image_folder
-from device_sdk.messages import Probe, Scores
-from device_sdk.privacy import PrivacyLedger, epsilon
-from device_sdk.runtime import load_model
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.privacy.accounting import epsilon
+from device_sdk.runtime.models import load_model
 from device_sdk.scoring import coverage_counts, encode_items
 
 from test_sampling import make_pool

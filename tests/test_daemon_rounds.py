@@ -15,13 +15,13 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
-from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
-from cloud.daemon import Daemon, build_daemon, create_round
-from cloud.store import RoundState
+from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
+from cloud.serve.daemon import Daemon, build_daemon, create_round
+from cloud.serve.store import RoundState
 from device_sdk.errors import BudgetError, UsageError
-from device_sdk.messages import Probe, Scores
-from device_sdk.protocol import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
-from device_sdk.wire import decode
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.protocol.messages import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
+from device_sdk.protocol.envelope import decode
 
 TINY_TRAINER = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1},
                 "quant": {"calibration_size": 16}, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.datagen import cli, digits
-from cloud.datagen.digits import DOMAINS, PREVIEW_NAME, generate, image_rng, render
+from cloud.tools.datagen import cli
+from cloud.tools.datagen import digits
+from cloud.tools.datagen.digits import DOMAINS, PREVIEW_NAME, generate, image_rng, render
 from device_sdk.errors import UsageError
 from device_sdk.imagefolder import load_image, scan_image_folder
 

@@ -41,7 +41,7 @@ def _imports(path: Path):
             yield node.module
 
 
-@pytest.mark.parametrize("module", sorted(p.name for p in (ROOT / "device_sdk").glob("*.py")))
+@pytest.mark.parametrize("module", sorted(p.relative_to(ROOT / "device_sdk").as_posix() for p in (ROOT / "device_sdk").rglob("*.py")))
 def test_no_heavy_imports_in_device_sdk(module):
     bad = [m for m in _imports(ROOT / "device_sdk" / module) if m.split(".")[0] in FORBIDDEN]
     assert not bad, f"device_sdk/{module} imports {bad}"
@@ -57,8 +57,8 @@ def test_base_dependencies_pull_no_torch():
 def test_device_scores_without_cloud_packages(pool_index, encoder_path, digits_root, tmp_path):
     _, index_path = pool_index
     probe = tmp_path / "p.probe"
-    from cloud.index import PoolIndex
-    from cloud.keys import KeyRing
+    from cloud.pool.index import PoolIndex
+    from cloud.security.keys import KeyRing
 
     ring = KeyRing(tmp_path / "keys")  # the cloud signs; the device only verifies, without cloud code
     probe.write_bytes(PoolIndex.load(str(index_path)).probe().to_bytes(signer=ring.current))

@@ -10,7 +10,7 @@ import pytest
 
 from device_sdk.errors import ArtifactError, MismatchError
 from device_sdk.imagefolder import load_images, scan_image_folder
-from device_sdk.runtime import load_model
+from device_sdk.runtime.models import load_model
 
 
 def test_metadata_sidecar_and_hash(encoder_path):
@@ -25,8 +25,8 @@ def test_features_are_unit_norm_and_match_torch(encoder_path, digits_root):
     """Device (onnxruntime) features equal the cloud's (PyTorch) ones: cosine >= 0.999."""
     import torch
 
-    from cloud.dataset import load_folder
-    from cloud.encoder_train import EncoderConfig, train_encoder
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import EncoderConfig, train_encoder
 
     model = load_model(str(encoder_path))
     items = scan_image_folder(digits_root / "devices" / "lcd" / "test")[:64]
@@ -36,7 +36,7 @@ def test_features_are_unit_norm_and_match_torch(encoder_path, digits_root):
     torch.set_num_threads(1)
     data = load_folder(str(digits_root / "pool"))
     encoder, _ = train_encoder(data, EncoderConfig(feature_dim=16, width=8, epochs=1, batch_size=64, seed=3))
-    from cloud.export import export_onnx
+    from cloud.export.formats import export_onnx
     from device_sdk.imagefolder import normalize
 
     path = encoder_path.parent / "check.onnx"
@@ -88,9 +88,9 @@ def test_contrastive_encoder_needs_neither_labels_nor_domains(digits_root):
     still tell the pool's domains apart (4 domains: chance 0.25)."""
     import torch
 
-    from cloud.dataset import load_folder
-    from cloud.encoder_train import EncoderConfig, _to_tensor, embed, nt_xent, permute_channels, random_views
-    from cloud.encoder_train import train_encoder
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import EncoderConfig, _to_tensor, embed, nt_xent, permute_channels, random_views
+    from cloud.training.encoder import train_encoder
     from models import get_model
 
     torch.set_num_threads(1)
@@ -118,8 +118,8 @@ def test_contrastive_encoder_needs_neither_labels_nor_domains(digits_root):
 
 
 def test_objectives_follow_the_pool_and_the_config(digits_root):
-    from cloud.dataset import load_folder
-    from cloud.encoder_train import EncoderConfig, objectives
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import EncoderConfig, objectives
     from device_sdk.errors import InputError
 
     data = load_folder(str(digits_root / "pool"))
@@ -140,7 +140,7 @@ def test_views_keep_colour_statistics_and_shape():
     """Channel shuffles and geometric views change neither the set of colours nor the shape."""
     import torch
 
-    from cloud.encoder_train import permute_channels, random_views
+    from cloud.training.encoder import permute_channels, random_views
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 32, 32)

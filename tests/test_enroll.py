@@ -15,11 +15,11 @@ import sys
 import pytest
 from cryptography import x509
 
-from cloud import pki
-from cloud.brokerconf import render_acl, write_broker_config
+from cloud.security import pki
+from cloud.security.brokerconf import render_acl, write_broker_config
 from cloud.cli import main as cloud_main
-from cloud.config import BrokerConfig
-from cloud.enroll import Deployment, check_mosquitto_hash, enroll, mosquitto_hash, read_password_file, revoke
+from cloud.serve.config import BrokerConfig
+from cloud.security.enroll import Deployment, check_mosquitto_hash, enroll, mosquitto_hash, read_password_file, revoke
 from device_sdk.config import BrokerSettings, broker_password, broker_tls, from_mapping, read_toml
 from device_sdk.errors import UsageError
 

@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from device_sdk import protocol as P
-from device_sdk import wire
-from device_sdk.artifact import ArtifactMeta
+from device_sdk.protocol import messages as P
+from device_sdk.protocol import envelope as wire
+from device_sdk.runtime.artifact import ArtifactMeta
 from device_sdk.errors import EcosError
-from device_sdk.messages import Probe, Scores
+from device_sdk.protocol.round import Probe, Scores
 
 FUZZ_EXAMPLES = int(os.environ.get("ECOS_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize="ECOS_FUZZ_EXAMPLES" not in os.environ,
@@ -58,7 +58,7 @@ def _signing_key():
     """A fixed signing key (issue 8: signed probes, manifests and key updates are in the corpus too)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from cloud.keys import SigningKey
+    from cloud.security.keys import SigningKey
 
     return SigningKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
 
@@ -319,8 +319,8 @@ def files(tmp_path_factory) -> Path:
 
 
 def test_every_value_of_every_json_file_replaced_by_every_hostile_value_gives_only_typed_errors(files):
-    from device_sdk.delivery import ModelStore
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.delivery.install import ModelStore
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     def ledger(data: bytes) -> None:
         (files / "ledger.json").write_bytes(data)
@@ -340,7 +340,7 @@ def test_every_value_of_every_json_file_replaced_by_every_hostile_value_gives_on
         DeviceTrust([_signing_key().public], state_path=files / "trust.json").key_ids
 
     def ring(data: bytes) -> None:
-        from cloud.keys import KeyRing
+        from cloud.security.keys import KeyRing
 
         (files / "ring").mkdir(exist_ok=True)
         (files / "ring" / "keyring.json").write_bytes(data)
@@ -379,7 +379,7 @@ def _ledger_doc() -> dict:
 @FUZZ
 @given(json_files(_ledger_doc()))
 def test_the_privacy_ledger_file_gives_only_typed_errors(files, data):
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     path = files / "ledger.json"
     path.write_bytes(data)
@@ -399,7 +399,7 @@ def _state_doc() -> dict:
 @FUZZ
 @given(json_files(_state_doc()))
 def test_the_model_store_state_gives_only_typed_errors(files, data):
-    from device_sdk.delivery import ModelStore
+    from device_sdk.delivery.install import ModelStore
 
     root = files / "models"
     root.mkdir(exist_ok=True)
@@ -415,7 +415,7 @@ def test_the_model_store_state_gives_only_typed_errors(files, data):
 @FUZZ
 @given(st.one_of(rewritten(), mutated(), st.binary(max_size=300)))
 def test_probe_scores_and_manifest_files_give_only_typed_errors(files, data):
-    from cloud.selection import load_scores
+    from cloud.sampling.selection import load_scores
 
     path = files / "message.bin"
     path.write_bytes(data)
@@ -461,7 +461,7 @@ def index_files(draw) -> bytes:
 @FUZZ
 @given(index_files())
 def test_the_pool_index_file_gives_only_typed_errors(files, data):
-    from cloud.index import PoolIndex
+    from cloud.pool.index import PoolIndex
 
     path = files / "pool.npz"
     path.write_bytes(data)
@@ -476,7 +476,7 @@ def key_pems(tmp_path_factory) -> List[bytes]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from cloud.keys import generate_keypair
+    from cloud.security.keys import generate_keypair
     from device_sdk.signing import load_public_key
 
     private, public = generate_keypair(tmp_path_factory.mktemp("fuzz-keys"))
@@ -490,7 +490,7 @@ def key_pems(tmp_path_factory) -> List[bytes]:
 @given(st.data())
 def test_key_files_give_only_usage_errors(files, key_pems, data):
     """A damaged key file: bit flips anywhere, the base64 body included (its DER then names odd key types)."""
-    from cloud.keys import load_private_key
+    from cloud.security.keys import load_private_key
     from device_sdk.signing import load_public_key
 
     pem = bytearray(data.draw(st.sampled_from(key_pems)))
@@ -505,7 +505,7 @@ def test_key_files_give_only_usage_errors(files, key_pems, data):
 @FUZZ
 @given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=2 ** 32 - 1), max_size=24))
 def test_tflite_metadata_gives_only_artifact_errors(tail, words):
-    from device_sdk.tflite_meta import read_tflite_metadata
+    from device_sdk.runtime.tflite_meta import read_tflite_metadata
 
     data = struct.pack("<I", 8) + b"TFL3" + b"".join(struct.pack("<I", w) for w in words) + tail
     typed_only(read_tflite_metadata, data)
@@ -515,7 +515,7 @@ def test_tflite_metadata_gives_only_artifact_errors(tail, words):
 @given(st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=20)),
        st.one_of(st.text(max_size=20), st.sampled_from(["\ud800", "a\x00b"]), st.integers()))
 def test_store_inputs_give_only_store_errors(number, text):
-    from cloud.store import SqliteStore
+    from cloud.serve.store import SqliteStore
 
     store = SqliteStore(":memory:")
     store.add_delivery("art-1", DEV, "r1", 3)

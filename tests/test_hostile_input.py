@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_sdk import protocol as P
-from device_sdk import wire
-from device_sdk.artifact import ArtifactMeta
+from device_sdk.protocol import messages as P
+from device_sdk.protocol import envelope as wire
+from device_sdk.runtime.artifact import ArtifactMeta
 from device_sdk.errors import ArtifactError, EcosError, MessageError, StoreError
-from device_sdk.messages import Probe, Scores
+from device_sdk.protocol.round import Probe, Scores
 from test_daemon_rounds import RecordingTransport
 
 DEV = "pi-1"
@@ -171,7 +171,7 @@ def test_artifact_metadata_is_an_artifact_error(text):
 
 
 def test_tflite_metadata_of_garbage_is_an_artifact_error():
-    from device_sdk.tflite_meta import read_tflite_metadata
+    from device_sdk.runtime.tflite_meta import read_tflite_metadata
 
     data = bytearray(64)
     data[4:8] = b"TFL3"
@@ -188,7 +188,7 @@ def test_tflite_metadata_of_garbage_is_an_artifact_error():
                                           "sha256": "s", "format": "onnx", "path": "/x", "installed_utc": ""}}}},
 ])
 def test_a_corrupt_model_store_state_is_a_message_error(tmp_path, state):
-    from device_sdk.delivery import ModelStore
+    from device_sdk.delivery.install import ModelStore
 
     store = ModelStore(tmp_path)
     (tmp_path / "state.json").write_text(json.dumps(state))
@@ -199,7 +199,7 @@ def test_a_corrupt_model_store_state_is_a_message_error(tmp_path, state):
 
 
 def test_a_deeply_nested_model_store_state_is_a_message_error(tmp_path):
-    from device_sdk.delivery import ModelStore
+    from device_sdk.delivery.install import ModelStore
 
     (tmp_path / "state.json").write_text('{"slots":' + nested(50_000) + "}")
     with pytest.raises(MessageError):
@@ -207,7 +207,7 @@ def test_a_deeply_nested_model_store_state_is_a_message_error(tmp_path):
 
 
 def _ledger(tmp_path: Path, **changes) -> Path:
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     path = tmp_path / "ledger.json"
     PrivacyLedger.open(path, device_id="pi-1")
@@ -228,7 +228,7 @@ def _ledger(tmp_path: Path, **changes) -> Path:
     {"release__n_values": 10 ** 400}, {"top__device_id": "d" * 100_000}, {"release__key": 5},
 ])
 def test_a_hostile_ledger_is_read_as_a_typed_error_or_a_finite_number(tmp_path, changes):
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     path = _ledger(tmp_path, **changes)
     try:
@@ -239,7 +239,7 @@ def test_a_hostile_ledger_is_read_as_a_typed_error_or_a_finite_number(tmp_path, 
 
 
 def test_a_ledger_keeps_reading_large_released_payloads(tmp_path):
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", device_id=DEV)
     payload = bytes(range(256)) * 1000  # scores of a large k: base64 longer than any string in a message header
@@ -248,7 +248,7 @@ def test_a_ledger_keeps_reading_large_released_payloads(tmp_path):
 
 
 def test_a_ledger_nested_too_deep_is_a_message_error(tmp_path):
-    from device_sdk.privacy import PrivacyLedger
+    from device_sdk.privacy.ledger import PrivacyLedger
 
     path = tmp_path / "ledger.json"
     path.write_text('{"kind":' + nested(100_000) + "}")
@@ -275,7 +275,7 @@ def _index_bytes(**changes) -> bytes:
     {"meta": np.array(json.dumps({"format": 1, "encoder_sha256": 5, "probe_id": "p1", "created": ""}))},
 ])
 def test_a_hostile_index_file_is_a_message_error(tmp_path, changes):
-    from cloud.index import PoolIndex
+    from cloud.pool.index import PoolIndex
 
     path = tmp_path / "pool.npz"
     path.write_bytes(_index_bytes(**changes))
@@ -284,7 +284,7 @@ def test_a_hostile_index_file_is_a_message_error(tmp_path, changes):
 
 
 def test_a_damaged_index_zip_is_a_message_error(tmp_path):
-    from cloud.index import PoolIndex
+    from cloud.pool.index import PoolIndex
 
     good = _index_bytes()
     path = tmp_path / "pool.npz"
@@ -307,7 +307,7 @@ def test_a_damaged_index_zip_is_a_message_error(tmp_path):
 # ---- the store refuses what SQLite cannot hold --------------------------------------------------------
 
 def test_the_store_refuses_integers_sqlite_cannot_hold():
-    from cloud.store import SqliteStore
+    from cloud.serve.store import SqliteStore
 
     store = SqliteStore(":memory:")
     store.add_delivery("art-1", DEV, "r1", 3)
@@ -330,10 +330,10 @@ class NoTrainer:
 
 def small_daemon(state_dir: Path):
     """A daemon on a tiny in-memory pool (k=4, d=6) and store, with artifact ``art-1`` being sent to DEV."""
-    from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig
-    from cloud.daemon import Daemon
-    from cloud.index import PoolIndex
-    from cloud.store import ArtifactRecord, SqliteStore
+    from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig
+    from cloud.serve.daemon import Daemon
+    from cloud.pool.index import PoolIndex
+    from cloud.serve.store import ArtifactRecord, SqliteStore
 
     index = PoolIndex(paths=np.array(["a", "b"]), labels=np.array(["0", "1"]), domains=np.array(["d", "d"]),
                       features=np.eye(2, 6, dtype=np.float32), assign=np.array([0, 1], np.int32),
@@ -418,7 +418,7 @@ def offline_agent(state_dir: Path):
     """An agent of DEV (no encoder, no broker: it is never started) whose replies go nowhere."""
     from device_sdk.agent import DeviceAgent
     from device_sdk.config import DeviceConfig, ModelSettings, PrivacySettings
-    from cloud.keys import generate_keypair
+    from cloud.security.keys import generate_keypair
 
     _, public = generate_keypair(state_dir / "keys")
     cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(state_dir / "ledger.json")),
@@ -449,7 +449,7 @@ def test_the_agent_survives_hostile_messages_and_its_own_bugs(agent, caplog, mon
 
 @pytest.mark.parametrize("sidecar", [b"[1]", b"\xff", b'{"meta": 5}', b'{"meta": {}, "sha256": 7}', b"[" * 5000])
 def test_a_hostile_artifact_sidecar_is_a_usage_error(tmp_path, sidecar):
-    from cloud.delivery import _read_meta
+    from cloud.serve.delivery import _read_meta
     from device_sdk.errors import UsageError
 
     artifact = tmp_path / "model.onnx"

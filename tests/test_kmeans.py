@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud import kmeans
-from cloud.kmeans import spherical_kmeans
+from cloud.pool import clustering as kmeans
+from cloud.pool.clustering import spherical_kmeans
 from device_sdk.errors import UsageError
 
 

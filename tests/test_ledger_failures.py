@@ -23,10 +23,10 @@ import pytest
 
 from device_sdk import fsutil
 from device_sdk.errors import LedgerCorrupt, LedgerUnavailable, MessageError
-from device_sdk.messages import Probe, Scores
-from device_sdk.privacy import PrivacyLedger
-from device_sdk.protocol import Refusal, outbox
-from device_sdk.wire import decode
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol.messages import Refusal, outbox
+from device_sdk.protocol.envelope import decode
 from fullfs import fill, remount, requires_mount, small_tmpfs
 
 
@@ -129,7 +129,7 @@ class Recorder:
 def _cloud_key():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from cloud.keys import SigningKey
+    from cloud.security.keys import SigningKey
 
     return SigningKey(Ed25519PrivateKey.generate())
 
@@ -144,8 +144,8 @@ def raw_public_key(folder: Path) -> str:
 
 
 def make_agent(state: Path, keys: Path, digits_root: Path, encoder_path: Path):
-    from cloud.broker import Broker
-    from cloud.demo import simulated_device_config
+    from cloud.tools.broker import Broker
+    from cloud.tools.demo import simulated_device_config
     from device_sdk.agent import DeviceAgent
 
     folder = digits_root / "devices" / "street"
@@ -194,7 +194,7 @@ def test_agent_refusal_after_a_corrupt_ledger_names_no_path(tmp_path, pool_index
 
 
 def _probe_message(agent, probe: Probe) -> Tuple[str, bytes]:
-    from device_sdk.protocol import inbox
+    from device_sdk.protocol.messages import inbox
 
     return inbox(agent.device_id), probe.to_bytes()
 

@@ -11,8 +11,8 @@ import urllib.request
 
 import pytest
 
-from cloud.eventlog import StructuredFormatter, log_event
-from cloud.metrics import DaemonMetrics, MetricsServer, Registry
+from cloud.serve.eventlog import StructuredFormatter, log_event
+from cloud.serve.metrics import DaemonMetrics, MetricsServer, Registry
 
 LINE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? (-?[0-9.e+]+|NaN|[+-]Inf)$')
 

@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from cloud import cli as cloud_cli
-from cloud.export import export_onnx, export_tflite
-from cloud.train import (DistillConfig, Trained, distill, distillation_loss, load_checkpoint, load_selection,
-                         save_checkpoint)
+from cloud.export.formats import export_onnx, export_tflite
+from cloud.training.classifier import DistillConfig, Trained, distill, distillation_loss, load_checkpoint, load_selection, save_checkpoint
 from device_sdk import cli as device_cli
-from device_sdk.artifact import META_KEY, ArtifactMeta
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.errors import ArtifactError, InputError, MismatchError, RuntimeUnavailable, UsageError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.predict import Predictor
-from device_sdk.runtime import load_model
-from device_sdk.tflite_meta import read_tflite_metadata
+from device_sdk.runtime.models import load_model
+from device_sdk.runtime.tflite_meta import read_tflite_metadata
 from models import get_model, list_models, model_info
 
 LABELS = [str(i) for i in range(10)]
@@ -248,7 +247,7 @@ def test_distillation_loss_terms():
 
 
 def test_distill_refuses_a_student_that_its_checkpoint_could_not_rebuild(digits_root):
-    from cloud.dataset import load_image_set
+    from cloud.pool.dataset import load_image_set
 
     data = load_image_set(scan_image_folder(str(digits_root / "pool"))[:8], label_names=LABELS)
     with pytest.raises(UsageError, match="not small_cnn"):
@@ -258,7 +257,7 @@ def test_distill_refuses_a_student_that_its_checkpoint_could_not_rebuild(digits_
 
 
 def test_quant_config_is_validated():
-    from cloud.quantize import QuantConfig
+    from cloud.export.quantize import QuantConfig
 
     with pytest.raises(UsageError, match="quant_format must be one of QDQ, QOperator"):
         QuantConfig(quant_format="QInt4")

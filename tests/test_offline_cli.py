@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_sdk.messages import Probe
-from device_sdk.privacy import PrivacyLedger
+from device_sdk.protocol.round import Probe
+from device_sdk.privacy.ledger import PrivacyLedger
 
 BIN = Path(sys.executable).parent
 
@@ -183,7 +183,7 @@ def test_signed_probes_on_the_command_line(round_files, encoder_path, digits_roo
 
 
 def _key(keys: Path):
-    from cloud.keys import SigningKey
+    from cloud.security.keys import SigningKey
 
     return SigningKey.load(keys / "cloud_ed25519.pem")
 

@@ -100,7 +100,7 @@ def test_device_wheel_holds_only_device_sdk(wheels):
     outside = [f for f in w.files if not (f.startswith("device_sdk/") or f.startswith(w.dist_info + "/"))]
     assert not outside, f"the device wheel ships {outside}"
     shipped = {f for f in w.files if f.startswith("device_sdk/")}
-    source = {f"device_sdk/{p.name}" for p in (ROOT / "device_sdk").glob("*.py")}
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "device_sdk").rglob("*.py")}
     assert shipped == source, f"missing: {sorted(source - shipped)}, extra: {sorted(shipped - source)}"
     print(f"\n{w.path.name}: {len(w.files)} files, {w.path.stat().st_size / 1024:.0f} KiB")
 

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from cloud.cli import main as cloud_main
-from cloud.selection import Plausibility, check_plausible, combine_scores
+from cloud.sampling.selection import Plausibility, check_plausible, combine_scores
 from device_sdk.errors import ImplausibleScores
-from device_sdk.messages import Scores
-from device_sdk.privacy import calibrate_sigma
-from device_sdk.protocol import outbox
-from device_sdk.wire import decode
+from device_sdk.protocol.round import Scores
+from device_sdk.privacy.accounting import calibrate_sigma
+from device_sdk.protocol.messages import outbox
+from device_sdk.protocol.envelope import decode
 from test_daemon_rounds import cache  # noqa: F401 - a fixture: the trainer cache of the module
 
 K = 16
@@ -121,7 +121,7 @@ def test_combine_scores_with_limits_refuses_implausible_answers():
 
 def test_the_daemon_refuses_forged_scores_and_the_round_is_not_poisoned(tmp_path, pool_index, cache, caplog):
     from test_daemon_rounds import make_daemon, tick_until
-    from cloud.store import RoundState
+    from cloud.serve.store import RoundState
 
     daemon = make_daemon(tmp_path, pool_index, cache, max_epsilon=1.0, max_samples=1000)
     r = daemon.submit_round(["a", "b"], fleet=True)
@@ -156,7 +156,7 @@ def test_the_daemon_refuses_forged_scores_and_the_round_is_not_poisoned(tmp_path
 
 def test_a_round_records_why_a_device_counts_as_missing(tmp_path, pool_index, cache):
     from test_daemon_rounds import make_daemon, tick_until
-    from cloud.store import RoundState
+    from cloud.serve.store import RoundState
 
     daemon = make_daemon(tmp_path, pool_index, cache, collect_seconds=0.5)
     r = daemon.submit_round(["a"])

@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 
 from device_sdk.errors import MessageError, PrivacyBudgetExceeded, UsageError
-from device_sdk.privacy import (
-    DEFAULT_RDP_ORDERS,
-    PrivacyLedger,
-    calibrate_sigma,
-    epsilon,
-    gaussian_delta,
-    gaussian_noise,
-)
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.privacy.accounting import DEFAULT_RDP_ORDERS, calibrate_sigma, epsilon, gaussian_delta, gaussian_noise
 
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.pld import PLDAccountant  # noqa: E402

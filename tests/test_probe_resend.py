@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from cloud.store import RoundState
-from device_sdk.messages import Probe, Scores
-from device_sdk.protocol import Status, device_status, inbox, outbox
+from cloud.serve.store import RoundState
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.protocol.messages import Status, device_status, inbox, outbox
 from test_daemon_rounds import cache, make_daemon, tick_until  # noqa: F401 - cache is a fixture
 
 

@@ -10,14 +10,14 @@ import stat
 import numpy as np
 import pytest
 
-from cloud.delivery import ArtifactSender, build_manifest
-from cloud.keys import ensure_keypair, generate_keypair, sign
-from device_sdk import protocol as P
-from device_sdk import wire
+from cloud.serve.delivery import ArtifactSender, build_manifest
+from cloud.security.keys import ensure_keypair, generate_keypair, sign
+from device_sdk.protocol import messages as P
+from device_sdk.protocol import envelope as wire
 from device_sdk.config import load_device_config
-from device_sdk.delivery import DeliveryReceiver, ModelStore
+from device_sdk.delivery.install import DeliveryReceiver, ModelStore
 from device_sdk.errors import MessageError, SignatureError, UsageError
-from device_sdk.messages import Probe, Scores
+from device_sdk.protocol.round import Probe, Scores
 from device_sdk.signing import load_public_key, verify
 
 META = {"kind": "classifier", "arch": "linear", "input_shape": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3,

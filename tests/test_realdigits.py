@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cloud.datagen import cli, realdigits
-from cloud.datagen.digits import PREVIEW_NAME
-from cloud.datagen.realdigits import JUNK_DOMAIN, JUNK_LABEL, REAL_DOMAINS, MissingSourceError, generate_real
+from cloud.tools.datagen import cli
+from cloud.tools.datagen import realdigits
+from cloud.tools.datagen.digits import PREVIEW_NAME
+from cloud.tools.datagen.realdigits import JUNK_DOMAIN, JUNK_LABEL, REAL_DOMAINS, MissingSourceError, generate_real
 from device_sdk.errors import InputError, UsageError
 from device_sdk.imagefolder import scan_image_folder
 

@@ -9,8 +9,7 @@ import threading
 
 import pytest
 
-from cloud.store import (ArtifactRecord, NewRound, ResponseRecord, RoundState, SqliteStore, Store, TRANSITIONS,
-                         open_store)
+from cloud.serve.store import ArtifactRecord, NewRound, ResponseRecord, RoundState, SqliteStore, Store, TRANSITIONS, open_store
 from device_sdk.errors import StoreError
 
 BACKENDS = ["sqlite-file", "sqlite-memory"]
@@ -205,7 +204,7 @@ def test_traffic_accumulates_per_device_round_direction_and_type(store):
 def test_committed_writes_survive_a_killed_process(tmp_path):
     """A process that commits and dies without closing (like kill -9) loses nothing."""
     db = tmp_path / "state.db"
-    code = ("import os; from cloud.store import *; s = SqliteStore(%r); "
+    code = ("import os; from cloud.serve.store import *; s = SqliteStore(%r); "
             "s.create_round(NewRound('r1', 'device', ['a'])); "
             "s.add_response(ResponseRecord('r1', 'a', 'scores', 'm', b'x', 1.0)); os._exit(9)") % str(db)
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9

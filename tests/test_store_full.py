@@ -21,12 +21,12 @@ import time
 import numpy as np
 import pytest
 
-from cloud.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
-from cloud.daemon import build_daemon
-from cloud.store import NewRound, ResponseRecord, RoundState, SqliteStore
+from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
+from cloud.serve.daemon import build_daemon
+from cloud.serve.store import NewRound, ResponseRecord, RoundState, SqliteStore
 from device_sdk.errors import StoreError, StoreUnavailable
-from device_sdk.messages import Scores
-from device_sdk.protocol import inbox, outbox
+from device_sdk.protocol.round import Scores
+from device_sdk.protocol.messages import inbox, outbox
 from fullfs import fill, requires_mount, small_tmpfs
 from test_daemon_rounds import TINY_TRAINER, RecordingTransport, cache, tick_until  # noqa: F401 - cache: a fixture
 

@@ -20,16 +20,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cloud.delivery import build_manifest
-from cloud.keys import KeyRing, SigningKey, generate_keypair
-from device_sdk import protocol as P
-from device_sdk import wire
-from device_sdk.delivery import DeliveryReceiver, ModelStore
+from cloud.serve.delivery import build_manifest
+from cloud.security.keys import KeyRing, SigningKey, generate_keypair
+from device_sdk.protocol import messages as P
+from device_sdk.protocol import envelope as wire
+from device_sdk.delivery.install import DeliveryReceiver, ModelStore
 from device_sdk.device import answer_probe
 from device_sdk.errors import (MessageError, ProbeConflict, RevokedKey, SignatureError, TrustError, UnknownKey,
                                Unsigned, UsageError)
-from device_sdk.messages import Probe
-from device_sdk.privacy import PrivacyLedger
+from device_sdk.protocol.round import Probe
+from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.signing import TrustStore, key_id, load_public_key
 from device_sdk.trust import DeviceTrust
 
@@ -417,7 +417,7 @@ from test_daemon_rounds import cache, make_daemon, tick_until  # noqa: E402,F401
 
 
 def test_the_daemon_signs_probes_and_sends_the_next_key_ahead_of_them(tmp_path, pool_index, cache):  # noqa: F811
-    from cloud.store import RoundState
+    from cloud.serve.store import RoundState
 
     ring = KeyRing(tmp_path / "cloud" / "keys")  # the daemon's default keys folder
     nxt = ring.new_next()
@@ -436,7 +436,7 @@ def test_the_daemon_signs_probes_and_sends_the_next_key_ahead_of_them(tmp_path, 
 
 
 def test_the_daemon_versions_go_up_per_device_across_device_and_fleet_models(tmp_path, pool_index, cache):  # noqa: F811
-    from cloud.store import ArtifactRecord
+    from cloud.serve.store import ArtifactRecord
 
     daemon = make_daemon(tmp_path, pool_index, cache)
     model = _artifact(tmp_path, "model.onnx", 1)

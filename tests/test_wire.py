@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 
-from device_sdk import wire
+from device_sdk.protocol import envelope as wire
 from device_sdk.errors import MessageError
-from device_sdk.messages import Probe, Scores
+from device_sdk.protocol.round import Probe, Scores
 
 
 def _msg() -> bytes:

@@ -6,10 +6,10 @@ after ``import cloud.sampling``.
 
 from __future__ import annotations
 
-from . import ecos, kcenter, random  # noqa: F401  (registers the samplers)
-from .base import PoolView, Sampler, ScoreSet, get_sampler, list_samplers, register_sampler
-from .ecos import EcosSampler, SamplingPlan, proportional_quotas
-from .farthest import farthest_first
+from cloud.sampling import ecos, kcenter, random  # noqa: F401  (registers the samplers)
+from cloud.sampling.base import PoolView, Sampler, ScoreSet, get_sampler, list_samplers, register_sampler
+from cloud.sampling.ecos import EcosSampler, SamplingPlan, proportional_quotas
+from cloud.sampling.farthest import farthest_first
 
 __all__ = [
     "EcosSampler",

@@ -23,8 +23,8 @@ import numpy as np
 
 from device_sdk.errors import UsageError
 
-from .base import PoolView, Sampler, ScoreSet, register_sampler
-from .farthest import farthest_first
+from cloud.sampling.base import PoolView, Sampler, ScoreSet, register_sampler
+from cloud.sampling.farthest import farthest_first
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Optional
 
 import numpy as np
 
-from .base import PoolView, Sampler, ScoreSet, register_sampler
-from .farthest import farthest_first
+from cloud.sampling.base import PoolView, Sampler, ScoreSet, register_sampler
+from cloud.sampling.farthest import farthest_first
 
 
 @register_sampler

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from .base import PoolView, Sampler, ScoreSet, register_sampler
+from cloud.sampling.base import PoolView, Sampler, ScoreSet, register_sampler
 
 
 @register_sampler

@@ -17,16 +17,16 @@ import pytest
 
 from broker import (CloudClient, private_broker, requires_broker, shared_broker, unique_id,  # noqa: F401 (fixtures)
                     wait_until)
-from cloud.delivery import ArtifactSender, build_manifest
-from cloud.keys import KeyRing, SigningKey, generate_keypair, sign
+from cloud.serve.delivery import ArtifactSender, build_manifest
+from cloud.security.keys import KeyRing, SigningKey, generate_keypair, sign
 from device_sdk.agent import DeviceAgent
-from device_sdk.artifact import META_KEY, ArtifactMeta
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.config import load_device_config
 from device_sdk.imagefolder import load_images, scan_image_folder
-from device_sdk.messages import Probe, Scores, new_id
-from device_sdk.protocol import Ack, Installed, InstallFailed, Refusal, Status, inbox
-from device_sdk.runtime import load_model
-from device_sdk.wire import encode
+from device_sdk.protocol.round import Probe, Scores, new_id
+from device_sdk.protocol.messages import Ack, Installed, InstallFailed, Refusal, Status, inbox
+from device_sdk.runtime.models import load_model
+from device_sdk.protocol.envelope import encode
 
 pytestmark = [pytest.mark.integration, requires_broker]
 DOMAIN = "printed"

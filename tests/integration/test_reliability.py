@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from broker import private_broker, requires_broker, shared_broker, unique_id, wait_until  # noqa: F401 - fixtures
-from cloud.broker import free_port
-from cloud.daemon import build_daemon
-from cloud.store import ResponseRecord, RoundState, SqliteStore
+from cloud.tools.broker import free_port
+from cloud.serve.daemon import build_daemon
+from cloud.serve.store import ResponseRecord, RoundState, SqliteStore
 from device_sdk.errors import StoreUnavailable
 from fullfs import fill, requires_mount, small_tmpfs
 from test_daemon import _serve, _up, _write_toml, cloud_config, metric, scrape, start_agent

@@ -1,5 +1,0 @@
-"""Generated multi-domain digit images, because no data set can be downloaded where ECOS is tested."""
-
-from .digits import DOMAINS, generate, render
-
-__all__ = ["DOMAINS", "generate", "render"]

@@ -1,0 +1,110 @@
+"""The pool index: the pool's images, their features, the k-means clusters and the probe.
+
+Stored as one ``.npz`` (no object arrays, read with ``allow_pickle=False``) written atomically.
+The probe id is fixed when the index is built, so every scores file can be matched to it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from device_sdk.errors import InputError
+from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.imagefolder import scan_image_folder
+from device_sdk.protocol.round import Probe, new_id, utc_now
+from device_sdk.runtime.models import load_model
+
+from cloud.pool.features import encode_pool
+from cloud.pool.index_file import read_index_file
+from cloud.pool.clustering import spherical_kmeans
+from cloud.log import LOG
+
+INDEX_FORMAT = 1
+
+
+@dataclass
+class PoolIndex:
+    paths: np.ndarray  # str, as given on the command line
+    labels: np.ndarray  # str
+    domains: np.ndarray  # str
+    features: np.ndarray  # N x d float32, unit norm
+    assign: np.ndarray  # N int32
+    centroids: np.ndarray  # K x d float32, unit norm
+    encoder_sha256: str
+    probe_id: str
+    created: str
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def probe(self, codec: str = "float16", max_distance: Optional[float] = None,
+              radius_quantile: Optional[float] = None) -> Probe:
+        """The probe of this index; with ``radius_quantile`` it asks for coverage (see :meth:`radii`)."""
+        radii = None if radius_quantile is None else self.radii(radius_quantile)
+        return Probe(self.probe_id, self.encoder_sha256, self.centroids, codec, max_distance, self.created,
+                     radii=radii)
+
+    def radii(self, quantile: float = 0.95) -> np.ndarray:
+        """Per cluster, the cosine distance within which ``quantile`` of its own members lie.
+
+        A device sample farther than that from its nearest centroid is "far": the pool has
+        nothing quite like it. Tiny clusters borrow the median radius of all clusters.
+        """
+        if not 0.0 < quantile <= 1.0:
+            raise InputError(f"radius quantile must lie in (0, 1]; got {quantile}")
+        distance = 1.0 - np.einsum("ij,ij->i", self.features, self.centroids[self.assign])
+        radii = np.zeros(self.k, dtype=np.float64)
+        sizes = np.bincount(self.assign, minlength=self.k)
+        order = np.argsort(self.assign, kind="stable")
+        for k, members in enumerate(np.split(order, np.cumsum(sizes)[:-1])):
+            radii[k] = np.quantile(distance[members], quantile) if len(members) >= 5 else np.nan
+        fill = np.nanmedian(radii) if np.isfinite(radii).any() else 0.0
+        radii = np.where(np.isfinite(radii), radii, fill)
+        # float16 on the wire: round up so that float16/float32 centroids keep every member inside its radius
+        # (int8 centroids move by up to ~1e-3 in cosine, which can push a boundary member out)
+        return np.nextafter(radii.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+
+    def save(self, path: str) -> None:
+        meta = {"format": INDEX_FORMAT, "encoder_sha256": self.encoder_sha256, "probe_id": self.probe_id, "created": self.created}
+        buf = io.BytesIO()
+        np.savez(buf, paths=self.paths, labels=self.labels, domains=self.domains, features=self.features,
+                 assign=self.assign, centroids=self.centroids, meta=np.array(json.dumps(meta)))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> "PoolIndex":
+        """Read an index file; a missing one is an ``InputError``, any other defect a ``MessageError``."""
+        arrays, meta = read_index_file(path, INDEX_FORMAT)
+        return cls(**arrays, **meta)
+
+
+def build_index(pool_root: str, encoder_path: str, k: int, iters: int = 20, seed: int = 0,
+                cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512) -> PoolIndex:
+    """Scan, encode (cached) and cluster the pool; the result carries a fresh probe id."""
+    return build_index_from_items(scan_image_folder(pool_root), encoder_path, k, iters, seed, cache_dir, threads, batch,
+                                  where=pool_root)
+
+
+def build_index_from_items(items, encoder_path: str, k: int, iters: int = 20, seed: int = 0,
+                           cache_dir: Optional[str] = None, threads: int = 0, batch: int = 512,
+                           where: str = "a list") -> PoolIndex:
+    """:func:`build_index` over a given list of images (e.g. a manifest, or a pool minus one domain)."""
+    model = load_model(encoder_path, threads=threads)
+    LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), where, model.sha256[:12], model.meta.feature_dim)
+    features = encode_pool(model, items, cache_dir, batch)
+    LOG.info("clustering %d features into k=%d", len(features), k)
+    km = spherical_kmeans(features, k, iters=iters, seed=seed,
+                          progress=lambda it, total, change: LOG.info("k-means iteration %d/%d: %.2f%% reassigned", it, total, 100 * change))
+    return PoolIndex(
+        paths=np.array([it.path for it in items], dtype=str),
+        labels=np.array([it.label for it in items], dtype=str),
+        domains=np.array([it.domain for it in items], dtype=str),
+        features=features, assign=km.assign.astype(np.int32), centroids=km.centroids.astype(np.float32),
+        encoder_sha256=model.sha256, probe_id=new_id(), created=utc_now(),
+    )

@@ -1,0 +1,1 @@
+"""Receiving models: chunked download, signature and hash verification, install and rollback."""
