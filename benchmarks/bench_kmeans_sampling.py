@@ -1,4 +1,4 @@
-"""Benchmark the cloud's compress and sample steps at pool scale (ECOS.md, steps 1, 2 and 4).
+"""Benchmark the cloud's compress and sample steps at pool scale (the ECOS round's steps 1, 2 and 4; docs/sampling.md).
 
 A synthetic pool of unit-norm features drawn from a mixture of blobs is clustered with
 spherical k-means; a simulated device holding samples from a few of the blobs sends noisy

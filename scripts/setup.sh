@@ -15,7 +15,7 @@ fi
 echo "setting up .venv (extras: $EXTRAS); the first time this installs PyTorch and takes a few minutes" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch/torchvision pinned to the versions known to work together here (see docs/install.md).
+# torch/torchvision pinned to the versions known to work together here (see docs/toolchain.md).
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 # The distribution was called "ecos" before (PyPI's name of an unrelated solver): drop that editable install
 # and its build metadata (from /, so that pip does not take ./ecos.egg-info for the installed one).

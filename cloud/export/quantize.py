@@ -40,7 +40,7 @@ ACTIVATIONS = ("uint8", "int8")
 @dataclass(frozen=True)
 class QuantConfig:
     """Static int8 settings. ``reduce_range`` (7-bit weights) avoids the u8*s8 saturation of
-    x86 CPUs without VNNI (TOOLCHAIN.md, gotcha 2); ``per_channel`` keeps small conv layers
+    x86 CPUs without VNNI (docs/toolchain.md, trap 2); ``per_channel`` keeps small conv layers
     accurate. TFLite's PT2E path is always symmetric int8, per channel as configured."""
 
     calibration_size: int = 256

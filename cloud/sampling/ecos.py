@@ -1,4 +1,4 @@
-"""ECOS sampling: "compress -> filter -> diversely decompress" (docs: ECOS.md, "Cloud, sample").
+"""ECOS sampling: "compress -> filter -> diversely decompress" (the paper's sampling step; docs/sampling.md).
 
 The pool is already compressed into K clusters; the devices sent one noisy coverage count per
 cluster. This module (a) filters out clusters whose score is not clearly above the noise,
