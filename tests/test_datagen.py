@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cloud.tools.datagen import cli
-from cloud.tools.datagen import digits
+from cloud.tools.datagen import digits, renderers
 from cloud.tools.datagen.digits import DOMAINS, PREVIEW_NAME, generate, image_rng, render
 from device_sdk.errors import UsageError
 from device_sdk.imagefolder import load_image, scan_image_folder
@@ -32,7 +32,7 @@ def test_every_label_renders_a_32x32_rgb_image(domain):
 
 
 def test_font_domains_fall_back_to_pillows_font_without_truetype_files(monkeypatch):
-    monkeypatch.setattr(digits, "_font_paths", lambda: (None,))
+    monkeypatch.setattr(renderers, "_font_paths", lambda: (None,))
     for domain in ("printed", "street", "synthetic"):
         image = render(domain, 4, np.random.default_rng(1))
         assert image.shape == (32, 32, 3) and image.std() > 10

