@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
-from device_sdk.errors import UsageError
+from device_sdk.registry import Registry
 
 KINDS = ("encoder", "teacher", "student")
 
@@ -18,7 +18,7 @@ class ModelInfo:
     doc: str
 
 
-_REGISTRY: Dict[str, ModelInfo] = {}
+MODELS: Registry[ModelInfo] = Registry("model")
 
 
 def register_model(name: str, kind: str) -> Callable[[Callable], Callable]:
@@ -27,20 +27,15 @@ def register_model(name: str, kind: str) -> Callable[[Callable], Callable]:
         raise ValueError(f"kind must be one of {KINDS}")
 
     def wrap(builder: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
         summary = (builder.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = ModelInfo(name, kind, builder, summary)
+        MODELS.register(name, ModelInfo(name, kind, builder, summary))
         return builder
 
     return wrap
 
 
 def model_info(name: str) -> ModelInfo:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return MODELS.get(name)
 
 
 def get_model(name: str, **kwargs):
@@ -49,4 +44,4 @@ def get_model(name: str, **kwargs):
 
 
 def list_models(kind: Optional[str] = None) -> List[str]:
-    return sorted(n for n, info in _REGISTRY.items() if kind is None or info.kind == kind)
+    return [name for name, info in MODELS.items() if kind is None or info.kind == kind]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Type, TypeVar
+from typing import ClassVar, List, Optional, Type, TypeVar
 
 import numpy as np
 
 from device_sdk.errors import BudgetError, MismatchError, UsageError
+from device_sdk.registry import Registry
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,31 +114,24 @@ class Sampler(ABC):
         """The sampler's own logic; ``budget`` is already known to lie in 1..N."""
 
 
-_REGISTRY: Dict[str, Type[Sampler]] = {}
+SAMPLERS: Registry[Type[Sampler]] = Registry("sampler")
 SamplerType = TypeVar("SamplerType", bound=Type[Sampler])
 
 
 def register_sampler(cls: SamplerType) -> SamplerType:
     """Class decorator: make ``cls`` available to :func:`get_sampler` under ``cls.name``."""
-    name = getattr(cls, "name", None)
-    if not name or name in _REGISTRY:
-        raise ValueError(f"sampler class {cls.__name__} needs a unique name; got {name!r}")
-    _REGISTRY[name] = cls
-    return cls
+    return SAMPLERS.register(cls)
 
 
 def list_samplers() -> List[str]:
-    return sorted(_REGISTRY)
+    return SAMPLERS.names()
 
 
 def get_sampler(name: str, **config: object) -> Sampler:
     """A sampler by registry name, built with ``config`` (e.g. ``threshold_sigmas=3.0``)."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(list_samplers())}")
+    cls = SAMPLERS.get(name)
     try:
         inspect.signature(cls).bind(**config)
     except TypeError as exc:
         raise UsageError(f"sampler {name!r} does not take this configuration: {exc}") from None
     return cls(**config)
-

@@ -22,10 +22,10 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Type
 
+from cloud.log import LOG
 from device_sdk.errors import QualityGateError, UsageError
 from device_sdk.imagefolder import ImageItem
-
-from cloud.log import LOG
+from device_sdk.registry import Registry
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, what is happening)
 PRECISIONS = ("int8", "fp32")
@@ -51,26 +51,22 @@ class Trainer(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def train(self, selection_csv: str, device_id: str, workdir: str,
-              progress: Optional[ProgressFn] = None) -> TrainResult:
+    def train(
+        self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
+    ) -> TrainResult:
         """Train on the images ``selection_csv`` lists; write the artifact under ``workdir``."""
 
 
-_REGISTRY: Dict[str, Type[Trainer]] = {}
+TRAINERS: Registry[Type[Trainer]] = Registry("trainer")
 
 
 def register_trainer(cls: Type[Trainer]) -> Type[Trainer]:
-    if cls.name in _REGISTRY:
-        raise ValueError(f"trainer {cls.name!r} is registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return TRAINERS.register(cls)
 
 
 def get_trainer(name: str, context: TrainerContext, options: Optional[Dict[str, Any]] = None) -> Trainer:
     """The trainer ``name`` built with ``options`` (from ``[trainer.options]`` of cloud.toml)."""
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise UsageError(f"unknown trainer {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    cls = TRAINERS.get(name)
     try:
         inspect.signature(cls).bind(context, **(options or {}))
     except TypeError as exc:
@@ -82,7 +78,9 @@ def _typed(cls: type, values: Dict[str, Any], what: str) -> Any:
     try:
         return cls(**values)
     except TypeError as exc:
-        raise UsageError(f"[trainer.options.{what}]: {exc}; valid keys: {', '.join(cls.__dataclass_fields__)}") from None
+        raise UsageError(
+            f"[trainer.options.{what}]: {exc}; valid keys: {', '.join(cls.__dataclass_fields__)}"
+        ) from None
 
 
 # _import_order: onnxruntime.quantization appends onnxruntime/transformers to sys.path, whose
@@ -106,23 +104,36 @@ class DistillTrainer(Trainer):
 
     name = "distill"
 
-    def __init__(self, context: TrainerContext, teacher: Optional[Dict[str, Any]] = None,
-                 student: Optional[Dict[str, Any]] = None, quant: Optional[Dict[str, Any]] = None,
-                 gate: Optional[Dict[str, Any]] = None, precision: str = "int8", format: str = "onnx",
-                 on_gate_failure: str = "fp32"):
-        from cloud.training.classifier import DistillConfig, TeacherConfig  # before .compress: see _import_order above
+    def __init__(
+        self,
+        context: TrainerContext,
+        teacher: Optional[Dict[str, Any]] = None,
+        student: Optional[Dict[str, Any]] = None,
+        quant: Optional[Dict[str, Any]] = None,
+        gate: Optional[Dict[str, Any]] = None,
+        precision: str = "int8",
+        format: str = "onnx",
+        on_gate_failure: str = "fp32",
+    ):
         from cloud.export.gate import RUNTIME_FORMATS, ExportConfig, GateConfig
         from cloud.export.quantize import QuantConfig
+        from cloud.training.classifier import DistillConfig, TeacherConfig  # before .compress: see _import_order above
 
         if precision not in PRECISIONS or format not in RUNTIME_FORMATS or on_gate_failure not in GATE_POLICIES:
-            raise UsageError(f"[trainer.options] precision must be one of {', '.join(PRECISIONS)}, format one of "
-                             f"{', '.join(RUNTIME_FORMATS)}, on_gate_failure one of {', '.join(GATE_POLICIES)}; "
-                             f"got {precision!r}, {format!r}, {on_gate_failure!r}")
+            raise UsageError(
+                f"[trainer.options] precision must be one of {', '.join(PRECISIONS)}, format one of "
+                f"{', '.join(RUNTIME_FORMATS)}, on_gate_failure one of {', '.join(GATE_POLICIES)}; "
+                f"got {precision!r}, {format!r}, {on_gate_failure!r}"
+            )
         self.context, self.precision, self.format, self.on_gate_failure = context, precision, format, on_gate_failure
         self.teacher_cfg = _typed(TeacherConfig, teacher or {}, "teacher")
         self.student_cfg = _typed(DistillConfig, student or {}, "student")
-        self.export_cfg = ExportConfig(name="student", formats=(format,), quant=_typed(QuantConfig, quant or {}, "quant"),
-                                       gate=_typed(GateConfig, gate or {}, "gate"))
+        self.export_cfg = ExportConfig(
+            name="student",
+            formats=(format,),
+            quant=_typed(QuantConfig, quant or {}, "quant"),
+            gate=_typed(GateConfig, gate or {}, "gate"),
+        )
         self._teacher = None
         self._lock = threading.Lock()
 
@@ -135,7 +146,9 @@ class DistillTrainer(Trainer):
             if self._teacher is not None:
                 return self._teacher
             index = PoolIndex.load(self.context.index_path)
-            key = hashlib.sha256(json.dumps([asdict(self.teacher_cfg), index.probe_id], sort_keys=True).encode()).hexdigest()
+            key = hashlib.sha256(
+                json.dumps([asdict(self.teacher_cfg), index.probe_id], sort_keys=True).encode()
+            ).hexdigest()
             path = os.path.join(self.context.cache_dir, f"teacher-{key[:16]}.safetensors")
             if os.path.exists(path):
                 self._teacher = load_checkpoint(path)
@@ -145,12 +158,12 @@ class DistillTrainer(Trainer):
             save_checkpoint(self._teacher, path)
             return self._teacher
 
-    def train(self, selection_csv: str, device_id: str, workdir: str,
-              progress: Optional[ProgressFn] = None) -> TrainResult:
-        from models import get_model
-
-        from cloud.training.classifier import distill, load_selection
+    def train(
+        self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
+    ) -> TrainResult:
         from cloud.export.gate import export_classifier
+        from cloud.training.classifier import distill, load_selection
+        from models import get_model
 
         steps = _Steps(progress, 3)
         steps.step("teacher")
@@ -162,16 +175,28 @@ class DistillTrainer(Trainer):
         steps.step("export, int8 and gate")
         try:
             report = export_classifier(trained, workdir, data.images, data.images, data.labels, self.export_cfg)
-            path, precision, gate = report["files"][f"{self.format}_{self.precision}"]["path"], self.precision, report["gate"]
+            path, precision, gate = (
+                report["files"][f"{self.format}_{self.precision}"]["path"],
+                self.precision,
+                report["gate"],
+            )
         except QualityGateError as err:
             if self.on_gate_failure == "fail":
                 raise
-            LOG.warning("%s; shipping the fp32 model instead (on_gate_failure = \"fp32\")", err)
+            LOG.warning('%s; shipping the fp32 model instead (on_gate_failure = "fp32")', err)
             path, precision, gate = self._export_fp32(trained, workdir), "fp32", {"failed": str(err)}
-        return TrainResult(path, {
-            "student": {k: v for k, v in trained.report.items() if k != "history"},
-            "teacher_val_acc": teacher.report.get("val_acc"), "gate": gate, "precision": precision,
-            "format": self.format, "bytes": os.path.getsize(path), "proxy_images": len(data.images)})
+        return TrainResult(
+            path,
+            {
+                "student": {k: v for k, v in trained.report.items() if k != "history"},
+                "teacher_val_acc": teacher.report.get("val_acc"),
+                "gate": gate,
+                "precision": precision,
+                "format": self.format,
+                "bytes": os.path.getsize(path),
+                "proxy_images": len(data.images),
+            },
+        )
 
     def _export_fp32(self, trained, workdir: str) -> str:
         from cloud.export.formats import export_onnx, export_tflite

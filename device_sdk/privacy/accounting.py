@@ -34,26 +34,15 @@ an independent check.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-import errno
-import hashlib
-import json
 import math
-import os
-import uuid
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Sequence, Tuple, Union
 
 import numpy as np
 
-from device_sdk.errors import MessageError, PrivacyBudgetExceeded, ProbeConflict, RuntimeUnavailable, UsageError
-from device_sdk.errors import LedgerCorrupt, LedgerUnavailable
-from device_sdk.fsutil import atomic_write_bytes, atomic_write_text
-from device_sdk.protocol.envelope import parse_json
+from device_sdk.errors import (
+    UsageError,
+)
+from device_sdk.registry import Registry
 
 __all__ = [
     "ACCOUNTANTS",
@@ -69,15 +58,13 @@ __all__ = [
     "rdp_epsilon",
 ]
 
-ACCOUNTANTS = ("gaussian", "rdp")
 DEFAULT_ACCOUNTANT = "gaussian"
 DEFAULT_BUDGET_EPSILON = 3.0
 DEFAULT_BUDGET_DELTA = 1e-5
 
 # The same orders as dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS (0.6.0).
 DEFAULT_RDP_ORDERS: Tuple[float, ...] = tuple(
-    [1 + x / 10.0 for x in range(1, 100)] + [float(x) for x in range(11, 64)]
-    + [128.0, 256.0, 512.0, 1024.0]
+    [1 + x / 10.0 for x in range(1, 100)] + [float(x) for x in range(11, 64)] + [128.0, 256.0, 512.0, 1024.0]
 )
 
 ReleaseLike = Union[Tuple[float, float], Sequence[float]]
@@ -89,6 +76,7 @@ _SQRT_PI = math.sqrt(math.pi)
 # --------------------------------------------------------------------------------------------
 # Special functions (no scipy on the device)
 # --------------------------------------------------------------------------------------------
+
 
 def _erfcx(x: float) -> float:
     """Scaled complementary error function ``exp(x^2) * erfc(x)``, without overflow for x >= 0.
@@ -123,9 +111,13 @@ def _phi_cdf(x: float) -> float:
 # Accountants
 # --------------------------------------------------------------------------------------------
 
+# An accountant maps (sum of mu_i^2, delta) to the epsilon of the composition; the functions are
+# registered below, after the maths they use.
+_ACCOUNTANTS: Registry[Callable[[float, float], float]] = Registry("privacy accountant", ordered=True)
+
+
 def _check_accountant(accountant: str) -> str:
-    if accountant not in ACCOUNTANTS:
-        raise UsageError(f"unknown privacy accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+    _ACCOUNTANTS.get(accountant)
     return accountant
 
 
@@ -217,8 +209,9 @@ def _gaussian_epsilon(mu: float, delta: float) -> float:
     return hi  # the smallest representable eps found with delta(eps) <= target
 
 
-def rdp_epsilon(rdp: Sequence[float], delta: float,
-                orders: Sequence[float] = DEFAULT_RDP_ORDERS) -> Tuple[float, float]:
+def rdp_epsilon(
+    rdp: Sequence[float], delta: float, orders: Sequence[float] = DEFAULT_RDP_ORDERS
+) -> Tuple[float, float]:
     """(eps, optimal order) from Renyi DP values at ``orders``.
 
     Conversion of Canonne, Kamath & Steinke 2020 (Prop. 12), also Asoodeh et al. 2020 (Eq. 20):
@@ -250,15 +243,25 @@ def rdp_epsilon(rdp: Sequence[float], delta: float,
     return max(0.0, best_eps), best_order
 
 
-def _epsilon_from_mu2(mu2: float, delta: float, accountant: str) -> float:
-    if accountant == "gaussian":
-        return _gaussian_epsilon(math.sqrt(mu2), delta)
+@_ACCOUNTANTS.register("gaussian")
+def _gaussian_accountant(mu2: float, delta: float) -> float:
+    return _gaussian_epsilon(math.sqrt(mu2), delta)
+
+
+@_ACCOUNTANTS.register("rdp")
+def _rdp_accountant(mu2: float, delta: float) -> float:
     rdp = [a * mu2 / 2.0 for a in DEFAULT_RDP_ORDERS]
     return rdp_epsilon(rdp, delta)[0]
 
 
-def epsilon(releases: Iterable[ReleaseLike], delta: float,
-            accountant: str = DEFAULT_ACCOUNTANT) -> float:
+ACCOUNTANTS: Tuple[str, ...] = tuple(_ACCOUNTANTS.names())  # ("gaussian", "rdp")
+
+
+def _epsilon_from_mu2(mu2: float, delta: float, accountant: str) -> float:
+    return _ACCOUNTANTS.get(accountant)(mu2, delta)
+
+
+def epsilon(releases: Iterable[ReleaseLike], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
     """Epsilon at ``delta`` of the composition of Gaussian releases ``(sigma, sensitivity)``.
 
     No releases cost 0. ``accountant`` is ``"gaussian"`` (exact) or ``"rdp"``.
@@ -268,8 +271,9 @@ def epsilon(releases: Iterable[ReleaseLike], delta: float,
     return _epsilon_from_mu2(_mu_squared(releases), delta, accountant)
 
 
-def calibrate_sigma(epsilon: float, delta: float, sensitivity: float = 1.0,
-                    accountant: str = DEFAULT_ACCOUNTANT) -> float:
+def calibrate_sigma(
+    epsilon: float, delta: float, sensitivity: float = 1.0, accountant: str = DEFAULT_ACCOUNTANT
+) -> float:
     """The smallest sigma for which ONE release of ``sensitivity`` is (epsilon, delta)-DP.
 
     Epsilon grows with ``mu = sensitivity / sigma``; the largest mu meeting the target is found by
@@ -311,8 +315,8 @@ def calibrate_sigma(epsilon: float, delta: float, sensitivity: float = 1.0,
 # Noise
 # --------------------------------------------------------------------------------------------
 
-def gaussian_noise(n: int, sigma: float,
-                   rng: Union[np.random.Generator, int, None] = None) -> np.ndarray:
+
+def gaussian_noise(n: int, sigma: float, rng: Union[np.random.Generator, int, None] = None) -> np.ndarray:
     """``n`` draws of N(0, sigma^2) as float64.
 
     By default a fresh ``numpy.random.default_rng()`` seeded from OS entropy is used: that is the
