@@ -1,6 +1,6 @@
 """``ecos-cloud``: the cloud's side of ECOS from the command line (offline mode).
 
-    ecos-cloud train-encoder POOL --out encoder.onnx
+    ecos-cloud train-encoder POOL --out encoder.onnx     (and encoder.tflite, parity-checked)
     ecos-cloud index POOL --encoder encoder.onnx --out pool.index.npz --probe round.probe
     ecos-cloud sample --index pool.index.npz --scores dev1.scores [...] --method ecos --budget 1000 --out sel.csv
     ecos-cloud train-teacher POOL --out teacher.safetensors
@@ -56,9 +56,20 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     data = load_folder(args.pool)
     LOG.info("training encoder on %d images: %d labels, %d domains", len(data.images), len(data.label_names), len(data.domain_names))
     encoder, report = train_encoder(data, cfg)
-    digest = export_onnx(encoder, encoder_meta(cfg, data, report), args.out, output_name="features")
+    meta = encoder_meta(cfg, data, report)
+    digest = export_onnx(encoder, meta, args.out, output_name="features")
     print(f"encoder -> {args.out} (sha256 {digest[:16]}..., {os.path.getsize(args.out)} bytes); held-out 1-NN accuracy: "
           f"label {report['val_label_acc']:.3f}, domain {report['val_domain_acc']:.3f} (nan: the pool has none)")
+    if not args.no_tflite:
+        from cloud.export.parity import calibration_images, export_encoder_tflite
+
+        tflite = args.tflite or os.path.splitext(args.out)[0] + ".tflite"
+        images = calibration_images(data.images, args.parity_images, seed=args.seed)
+        LOG.info("exporting the encoder to TFLite and checking parity on %d pool images", len(images))
+        parity = export_encoder_tflite(encoder, meta, args.out, tflite, images, seed=args.seed)
+        print(f"encoder -> {tflite} (sha256 {parity.candidate_sha256[:16]}...); parity with the ONNX encoder on "
+              f"{parity.n} images: max cosine distance {parity.max_cosine_distance:.1e}, same nearest centroid "
+              f"{100 * parity.agreement:.1f}%; probes of indexes built with either accept both")
     return 0
 
 
@@ -123,13 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecos-cloud", description="ECOS cloud side: encoder, pool index and probe, proxy-set sampling, teacher/student training and export, and the MQTT daemon.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    p = sub.add_parser("train-encoder", help="train the feature encoder on the pool and export it to ONNX",
+    p = sub.add_parser("train-encoder", help="train the feature encoder on the pool and export it to ONNX and TFLite",
                        description="Train phi on POOL and export it as one ONNX file with its metadata, plus a .json "
-                                   "sidecar with its sha256. No labels or domain folders are needed (contrastive "
+                                   "sidecar with its sha256; then as TFLite (for devices with ai-edge-litert or "
+                                   "tflite-runtime only), admitted only if its features match the ONNX ones on pool "
+                                   "images (parity gate, else exit 13); both sidecars record the other's sha256 so "
+                                   "probes accept either. No labels or domain folders are needed (contrastive "
                                    "learning on the images); where the pool has them (labels = image parent folders, "
                                    "domains = the levels above) they are used as extra signal.")
     p.add_argument("pool", help="open-source pool image folder")
     p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--tflite", help="output .tflite path (default: --out with .tflite)")
+    p.add_argument("--no-tflite", action="store_true", help="export ONNX only (probes then accept only that file)")
+    p.add_argument("--parity-images", type=int, default=512,
+                   help="pool images the TFLite parity gate compares on (default 512): max cosine distance <= 1e-3 "
+                        "and the same nearest centroid for >= 99%% of them")
     enc = EncoderConfig()
     p.add_argument("--feature-dim", type=int, default=enc.feature_dim, help=f"feature dimension d (default {enc.feature_dim})")
     p.add_argument("--width", type=int, default=enc.width, help=f"channels of the first conv stage (default {enc.width})")

@@ -5,6 +5,7 @@
     ecos-device ledger ledger.json
     ecos-device keys --config device.toml [--apply update.keys]
     ecos-device run --config device.toml
+    ecos-device doctor|status|models --config device.toml [--rollback classifier]
     ecos-device predict student.int8.tflite (IMAGE... | --folder DIR) [--runtime auto|onnxruntime|litert|tflite-runtime]
 """
 
@@ -21,6 +22,7 @@ from device_sdk.clikit import add_common, run_cli, setup_logging
 from device_sdk.device import answer_probe, check_probe_conflict
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.imagefolder import scan_image_folder
+from device_sdk.labelling_cli import add_command as add_label_vote_command
 from device_sdk.protocol.round import Probe
 from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
@@ -148,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode FOLDER with the encoder, count votes per probe centroid, add Gaussian noise "
                                    "calibrated to --epsilon (or --sigma), charge the privacy ledger, write the scores message.")
     p.add_argument("folder", help="local image folder (any layout; labels are not used)")
-    p.add_argument("--encoder", required=True, help="ONNX encoder artifact (must be the one the probe was made for)")
+    p.add_argument("--encoder", required=True, help="encoder artifact, .onnx or .tflite (one the probe accepts: it names them)")
     p.add_argument("--probe", required=True, help="probe message file from 'ecos-cloud index'")
     p.add_argument("--out", required=True, help="where to write the scores message")
     p.add_argument("--ledger", required=True, help="this device's privacy ledger (JSON; created on first use)")
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_run)
     _add_predict_command(sub)
+    add_label_vote_command(sub, add_common)
+    _add_inspection_commands(sub)
     return parser
 
 
@@ -245,6 +249,105 @@ def _add_predict_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_predict)
+
+
+# ---- doctor, status, models: look after a configured device (device_sdk/doctor.py) ---------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from device_sdk.doctor import FAIL, run_checks
+
+    checks = run_checks(args.config, timeout=args.timeout)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(c.line())
+    failed = [c.name for c in checks if c.status == FAIL]
+    if failed and not args.json:
+        print(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from device_sdk.config import load_device_config
+    from device_sdk.doctor import device_report
+
+    report = device_report(load_device_config(args.config))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"device {report['device_id']}: broker {report['broker']} ({'TLS' if report['tls'] else 'no TLS'}); "
+          f"runtimes {', '.join(report['runtimes']) or 'none'}")
+    _print_models(report["models"])
+    ledger = report["ledger"]
+    print("ledger: not created yet" if ledger is None else
+          f"ledger: spent epsilon {ledger['spent_epsilon']:.3f} of {ledger['budget_epsilon']:g}, remaining "
+          f"{ledger['remaining_epsilon']:.3f} ({ledger['releases']} releases)")
+    keys = report["trusted_keys"]
+    print(f"trusted keys: {', '.join(keys) if isinstance(keys, list) else keys}")
+    return 0
+
+
+def _print_models(models: dict) -> None:
+    if not models:
+        print("models: none installed")
+    for kind, slots in sorted(models.items()):
+        for which in ("current", "previous"):
+            m = slots.get(which)
+            if m is None:
+                continue
+            what = (f"{m['name']} v{m['version']} ({m['format']}, sha256 {m['sha256'][:12]}..., installed "
+                    f"{m['installed_utc']})" if "version" in m else f"{m['path']} (configured, not installed)")
+            print(f"{kind:>10} {which:<8} {what}")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from device_sdk.config import load_device_config
+    from device_sdk.delivery.install import ModelStore
+    from device_sdk.doctor import models_report
+
+    config = load_device_config(args.config)
+    if args.rollback:
+        restored = ModelStore(config.models.store).rollback(args.rollback)
+        print(f"rolled back {args.rollback} to {restored.name} v{restored.version} (a running agent uses it from its "
+              "next prediction or probe; the status it publishes says so after its restart)")
+    report = models_report(config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_models(report)
+    return 0
+
+
+def _add_inspection_commands(sub) -> None:
+    p = sub.add_parser("doctor", help="check a configured device: config, broker, keys, runtime, ledger, disk, clock",
+                       description="One line per check (ok, warn or fail); exits 1 if any check failed. The broker "
+                                   "check connects and completes the TLS handshake but does not log in (a login "
+                                   "would take over the running agent's session). A clock not synchronised only "
+                                   "warns; one before 2025 fails.")
+    p.add_argument("--config", required=True, help="device configuration (TOML)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for the broker connection (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("status", help="what this device has: identity, broker, models, ledger, trusted keys",
+                       description="Local state only (nothing is sent): the configured broker, the runtimes "
+                                   "installed, the current and previous model per kind, the privacy ledger's "
+                                   "spending and the signing keys trusted.")
+    p.add_argument("--config", required=True, help="device configuration (TOML)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="list the installed models; roll one back",
+                       description="List the current and previous model of each kind in the model store; with "
+                                   "--rollback KIND make the previous one current again.")
+    p.add_argument("--config", required=True, help="device configuration (TOML)")
+    p.add_argument("--rollback", metavar="KIND", help="roll back this kind (classifier or encoder) to its previous model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_models)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

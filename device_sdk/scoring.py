@@ -54,9 +54,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def check_compatible(probe: Probe, model: Model) -> None:
-    """The probe's centroids live in the feature space of one encoder: it must be ours."""
-    if probe.encoder_sha256 != model.sha256:
-        raise MismatchError(f"probe was made for encoder {probe.encoder_sha256[:12]}..., this device runs {model.sha256[:12]}...")
+    """The probe's centroids live in the feature space of one encoder: ours must be one it accepts.
+
+    A probe accepts its ``encoder_sha256`` and the artifacts it names in ``encoders`` (the same
+    encoder in other formats, e.g. TFLite next to ONNX, checked for parity by the cloud).
+    """
+    accepted = probe.accepted_encoders
+    if model.sha256 not in accepted:
+        names = ", ".join(f"{e[:12]}..." for e in accepted)
+        raise MismatchError(f"probe was made for encoder {names}, this device runs {model.sha256[:12]}...")
     if model.meta.feature_dim is not None and probe.feature_dim != model.meta.feature_dim:
         raise MismatchError(f"probe has {probe.feature_dim}-d centroids, the encoder outputs {model.meta.feature_dim}-d features")
 

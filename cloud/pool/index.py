@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from device_sdk.imagefolder import scan_image_folder
 from device_sdk.protocol.round import Probe, new_id, utc_now
 from device_sdk.runtime.models import load_model
 
+from cloud.export.parity import accepted_encoders
 from cloud.pool.features import encode_pool
 from cloud.pool.index_file import read_index_file
 from cloud.pool.clustering import spherical_kmeans
@@ -38,17 +39,24 @@ class PoolIndex:
     encoder_sha256: str
     probe_id: str
     created: str
+    # the same encoder in other formats, admitted by the parity gate (cloud.export.parity): probes name them too
+    encoder_variants: Tuple[str, ...] = ()
 
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def accepted_encoders(self) -> Tuple[str, ...]:
+        """The encoder this index was built with, then its variants: what a device may score with."""
+        return (self.encoder_sha256,) + tuple(v for v in self.encoder_variants if v != self.encoder_sha256)
 
     def probe(self, codec: str = "float16", max_distance: Optional[float] = None,
               radius_quantile: Optional[float] = None) -> Probe:
         """The probe of this index; with ``radius_quantile`` it asks for coverage (see :meth:`radii`)."""
         radii = None if radius_quantile is None else self.radii(radius_quantile)
         return Probe(self.probe_id, self.encoder_sha256, self.centroids, codec, max_distance, self.created,
-                     radii=radii)
+                     radii=radii, encoders=self.accepted_encoders[1:] or None)
 
     def radii(self, quantile: float = 0.95) -> np.ndarray:
         """Per cluster, the cosine distance within which ``quantile`` of its own members lie.
@@ -72,6 +80,8 @@ class PoolIndex:
 
     def save(self, path: str) -> None:
         meta = {"format": INDEX_FORMAT, "encoder_sha256": self.encoder_sha256, "probe_id": self.probe_id, "created": self.created}
+        if self.encoder_variants:
+            meta["encoder_variants"] = list(self.encoder_variants)
         buf = io.BytesIO()
         np.savez(buf, paths=self.paths, labels=self.labels, domains=self.domains, features=self.features,
                  assign=self.assign, centroids=self.centroids, meta=np.array(json.dumps(meta)))
@@ -96,7 +106,9 @@ def build_index_from_items(items, encoder_path: str, k: int, iters: int = 20, se
                            where: str = "a list") -> PoolIndex:
     """:func:`build_index` over a given list of images (e.g. a manifest, or a pool minus one domain)."""
     model = load_model(encoder_path, threads=threads)
-    LOG.info("pool: %d images under %s; encoder %s (%d-d)", len(items), where, model.sha256[:12], model.meta.feature_dim)
+    variants = accepted_encoders(encoder_path)
+    LOG.info("pool: %d images under %s; encoder %s (%d-d)%s", len(items), where, model.sha256[:12], model.meta.feature_dim,
+             "".join(f"; also accepts {v[:12]}" for v in variants))
     features = encode_pool(model, items, cache_dir, batch)
     LOG.info("clustering %d features into k=%d", len(features), k)
     km = spherical_kmeans(features, k, iters=iters, seed=seed,
@@ -106,5 +118,5 @@ def build_index_from_items(items, encoder_path: str, k: int, iters: int = 20, se
         labels=np.array([it.label for it in items], dtype=str),
         domains=np.array([it.domain for it in items], dtype=str),
         features=features, assign=km.assign.astype(np.int32), centroids=km.centroids.astype(np.float32),
-        encoder_sha256=model.sha256, probe_id=new_id(), created=utc_now(),
+        encoder_sha256=model.sha256, probe_id=new_id(), created=utc_now(), encoder_variants=variants,
     )

@@ -71,6 +71,12 @@ def _meta(raw: np.ndarray, path: str, index_format: int) -> Dict[str, str]:
         if not isinstance(value, str) or len(value) > MAX_TEXT or (key != "created" and not value):
             raise MessageError(f"{path}: index metadata {key} is not a string of at most {MAX_TEXT} characters")
         out[key] = value
+    variants = meta.get("encoder_variants", [])  # other artifacts of the same encoder (cloud.export.parity)
+    if not isinstance(variants, list) or len(variants) > 8 or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in variants):
+        raise MessageError(f"{path}: index metadata encoder_variants is not a list of at most 8 sha256 digests")
+    if variants:
+        out["encoder_variants"] = tuple(variants)
     return out
 
 

@@ -332,7 +332,8 @@ class Daemon:
         quantile = p.get("radius_quantile") or None  # rounds created before coverage existed have none
         probe = Probe(r.round_id, self.index.encoder_sha256, self.index.centroids, p["codec"], p["max_distance"],
                       time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(r.created)), r.deadline,
-                      radii=None if quantile is None else self.index.radii(quantile))
+                      radii=None if quantile is None else self.index.radii(quantile),
+                      encoders=self.index.accepted_encoders[1:] or None)  # e.g. the TFLite encoder next to the ONNX one
         payload = probe.to_bytes(signer=self.keyring.current)
         for device in devices:
             if self._key_update is not None:  # trusted before anything is signed with the next key

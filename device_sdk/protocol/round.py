@@ -13,12 +13,12 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from device_sdk.protocol import envelope as wire
 from device_sdk.errors import MessageError
+from device_sdk.protocol import envelope as wire
 
 PROBE = "probe"
 SCORES = "scores"
@@ -26,6 +26,8 @@ CENTROID_CODECS = ("float16", "int8", "float32")
 PROBE_SIGNING_DOMAIN = b"ecos-probe-v1\n"
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 _SIGNATURE = re.compile(r"[0-9a-f]{128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_ENCODERS = 8  # encoder artifacts one probe may name (ONNX, TFLite, ... of the same encoder)
 
 
 def new_id() -> str:
@@ -51,6 +53,10 @@ class Probe:
     ``key_id`` and ``signature`` (optional on the wire, required by a device with a trust store)
     are the cloud's Ed25519 signature of :meth:`signed_bytes`, checked before anything is
     computed or charged (docs/security.md).
+    ``encoders`` (optional, omitted from the wire when None) names further encoder artifacts whose
+    features the probe accepts: the same encoder exported in other formats (e.g. TFLite next to
+    ONNX) that passed the cloud's parity gate. A device runs whichever of them its runtime can
+    load; see :attr:`accepted_encoders`.
     """
 
     probe_id: str
@@ -63,10 +69,16 @@ class Probe:
     radii: Optional[np.ndarray] = None
     key_id: Optional[str] = None
     signature: Optional[str] = None
+    encoders: Optional[Tuple[str, ...]] = None
 
     @property
     def k(self) -> int:
         return int(self.centroids.shape[0])
+
+    @property
+    def accepted_encoders(self) -> Tuple[str, ...]:
+        """sha256 of every encoder artifact whose features this probe's centroids are meant for."""
+        return (self.encoder_sha256,) + tuple(e for e in (self.encoders or ()) if e != self.encoder_sha256)
 
     @property
     def signed(self) -> bool:
@@ -77,8 +89,9 @@ class Probe:
 
         A domain tag, then sorted-key compact JSON of the id, encoder hash, k, feature_dim, codec,
         max_distance, created, deadline and the sha256 of the decoded float32 centroids and radii
-        (null without radii). The message ``id`` is the probe id, so it is covered; the key id and
-        the signature are not. Computed from the content each time (never cached), so a probe
+        (null without radii), and the list of ``encoders`` when the probe names one (a probe without
+        it signs the same bytes as before the field existed). The message ``id`` is the probe id, so
+        it is covered; the key id and the signature are not. Computed from the content each time (never cached), so a probe
         changed after signing no longer verifies.
         """
         centroids = np.ascontiguousarray(self.centroids, dtype="<f4")
@@ -89,6 +102,8 @@ class Probe:
             "centroids_sha256": hashlib.sha256(centroids.tobytes()).hexdigest(),
             "radii_sha256": None if radii is None else hashlib.sha256(radii.tobytes()).hexdigest(),
         }
+        if self.encoders is not None:
+            content["encoders"] = list(self.encoders)
         try:
             text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -119,6 +134,8 @@ class Probe:
             fields["deadline"] = float(self.deadline)
         if self.radii is not None:
             arrays["radii"] = np.asarray(self.radii, dtype=np.float16)
+        if self.encoders is not None:  # omitted when absent: a probe without it keeps its old bytes
+            fields["encoders"] = list(self.encoders)
         if signer is not None:
             received = Probe.from_bytes(wire.encode(PROBE, fields, arrays), "outgoing probe")
             fields["key_id"] = signer.key_id
@@ -169,8 +186,14 @@ class Probe:
         created = f.get("created", "")
         if not isinstance(created, str):
             raise MessageError(f"{source}: created must be a string")
+        encoders = f.get("encoders")
+        if encoders is not None:
+            if (not isinstance(encoders, list) or not 1 <= len(encoders) <= MAX_ENCODERS
+                    or not all(isinstance(e, str) and _SHA256.fullmatch(e) for e in encoders)):
+                raise MessageError(f"{source}: encoders must be a list of 1 to {MAX_ENCODERS} sha256 hex digests")
+            encoders = tuple(encoders)
         return cls(f["id"], f["encoder_sha256"], centroids, f["codec"], max_distance, created,
-                   None if deadline is None else float(deadline), radii, key_id, signature)
+                   None if deadline is None else float(deadline), radii, key_id, signature, encoders)
 
 
 @dataclass(frozen=True)
