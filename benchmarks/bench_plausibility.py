@@ -24,14 +24,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cloud.errors import ImplausibleScores  # noqa: E402
 from cloud.sampling.selection import Plausibility, check_plausible, clip_contribution  # noqa: E402
-from device_sdk.errors import ImplausibleScores  # noqa: E402
 from device_sdk.protocol.round import Scores  # noqa: E402
 
 
 def scores(values: np.ndarray, sigma: float, far=None, sensitivity: float = 1.0) -> Scores:
-    return Scores("p", "d", "e" * 64, np.asarray(values, dtype=np.float64), float(sigma), sensitivity,
-                  far=None if far is None else float(far))
+    return Scores(
+        "p",
+        "d",
+        "e" * 64,
+        np.asarray(values, dtype=np.float64),
+        float(sigma),
+        sensitivity,
+        far=None if far is None else float(far),
+    )
 
 
 def verdict(s: Scores, limits: Plausibility) -> str:
@@ -77,7 +84,8 @@ def forged(rng: np.random.Generator, k: int, limits: Plausibility, per_class: in
         "sigma above the cap (says nothing)": lambda: scores(np.zeros(k), cap * 2.0),
         "random vectors in [-1e4, 1e6]": lambda: scores(rng.uniform(-1e4, 1e6, k), float(rng.uniform(lo, 50))),
         "largest within the bounds, huge declared sigma": lambda: scores(
-            np.r_[cap + 5.9 * cap * 0.9, np.full(k - 1, -5.9 * cap * 0.9 / np.sqrt(k))], cap * 0.9),
+            np.r_[cap + 5.9 * cap * 0.9, np.full(k - 1, -5.9 * cap * 0.9 / np.sqrt(k))], cap * 0.9
+        ),
     }
     out = {}
     for name, make in classes.items():
@@ -89,8 +97,12 @@ def forged(rng: np.random.Generator, k: int, limits: Plausibility, per_class: in
             if v == "accepted":
                 c = clip_contribution(s, cap)
                 worst = max(worst, float(np.abs(c.scores).sum() + (abs(c.far) if c.far is not None else 0.0)))
-        out[name] = {"tried": per_class, "refused": per_class - verdicts["accepted"], "checks": dict(verdicts),
-                     "max_l1_change_of_a_sum_when_accepted": worst if verdicts["accepted"] else None}
+        out[name] = {
+            "tried": per_class,
+            "refused": per_class - verdicts["accepted"],
+            "checks": dict(verdicts),
+            "max_l1_change_of_a_sum_when_accepted": worst if verdicts["accepted"] else None,
+        }
     return out
 
 
@@ -104,11 +116,17 @@ def main() -> None:
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
     report = {"k": args.k, "seed": args.seed}
-    for name, limits in (("defaults (max_epsilon 5, max_samples 100000)", Plausibility.for_round()),
-                         ("strict (max_epsilon 0.58, max_samples 10000)", Plausibility.for_round(0.58, 1e-5, 10_000))):
+    for name, limits in (
+        ("defaults (max_epsilon 5, max_samples 100000)", Plausibility.for_round()),
+        ("strict (max_epsilon 0.58, max_samples 10000)", Plausibility.for_round(0.58, 1e-5, 10_000)),
+    ):
         started = time.perf_counter()
-        report[name] = {"min_sigma": limits.min_sigma, "max_samples": limits.max_samples,
-                        "honest": honest(rng, args.k, limits, args.honest), "forged": forged(rng, args.k, limits, args.forged)}
+        report[name] = {
+            "min_sigma": limits.min_sigma,
+            "max_samples": limits.max_samples,
+            "honest": honest(rng, args.k, limits, args.honest),
+            "forged": forged(rng, args.k, limits, args.forged),
+        }
         report[name]["seconds"] = round(time.perf_counter() - started, 1)
     s = scores(np.zeros(args.k), 1.0, far=0.0)
     started = time.perf_counter()

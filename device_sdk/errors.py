@@ -2,7 +2,9 @@
 
 Every error the user can cause (bad input, bad files, exhausted budget) is an ``EcosError``
 subclass carrying a stable string ``code`` and a process ``exit_code``; the command-line tools
-print ``error[<code>]: <message>`` on one line and exit with that code.
+print ``error[<code>]: <message>`` on one line and exit with that code. The errors only the cloud
+raises (budget, transport, quality_gate, store, implausible_scores) are in ``cloud/errors.py``;
+the table of all of them is in docs/offline.md ("Checks and errors").
 """
 
 from __future__ import annotations
@@ -64,13 +66,6 @@ class RuntimeUnavailable(EcosError):
     exit_code = 8
 
 
-class BudgetError(EcosError):
-    """A sampling budget that cannot be met (larger than the pool, not positive)."""
-
-    code = "budget"
-    exit_code = 9
-
-
 class DeliveryError(EcosError):
     """A delivered artifact failed verification; the device keeps its installed model."""
 
@@ -96,31 +91,10 @@ class ChunkError(DeliveryError):
     code = "bad_chunk"
 
 
-class TransportError(EcosError):
-    """The MQTT broker cannot be reached or refused the connection."""
-
-    code = "transport"
-    exit_code = 11
-
-
-class StoreError(EcosError):
-    """The cloud's state database cannot be opened or was asked for something inconsistent."""
-
-    code = "store"
-    exit_code = 14
-
-
 class ArtifactRejected(DeliveryError):
     """The device's policy refuses an artifact: too large, unsupported format, or a downgrade."""
 
     code = "rejected"
-
-
-class QualityGateError(EcosError):
-    """A compressed model failed its acceptance gate (agreement or accuracy vs fp32); not shipped."""
-
-    code = "quality_gate"
-    exit_code = 13
 
 
 class DeadlinePassed(EcosError):
@@ -128,20 +102,6 @@ class DeadlinePassed(EcosError):
 
     code = "deadline"
     exit_code = 12
-
-
-class ImplausibleScores(MessageError):
-    """Scores no honest device could have sent (too little noise, counts no sample count explains); never summed.
-
-    ``check`` names the check that failed (``not_finite``, ``sensitivity``, ``noise_too_low``,
-    ``noise_too_high``, ``count_range``, ``total``; cloud/sampling/selection.py ``check_plausible``).
-    """
-
-    code = "implausible_scores"
-
-    def __init__(self, message: str, check: str = ""):
-        super().__init__(message)
-        self.check = check
 
 
 class LedgerUnavailable(EcosError):
@@ -167,19 +127,6 @@ class LedgerCorrupt(MessageError):
     def __init__(self, message: str, public: str = ""):
         super().__init__(message)
         self.public = public or message
-
-
-class StoreUnavailable(StoreError):
-    """The cloud's state database cannot be written now (disk full, read-only, I/O error, busy): retry later.
-
-    ``reason`` is one of ``disk_full``, ``read_only``, ``io_error``, ``busy``, ``cant_open``.
-    """
-
-    code = "store_unavailable"
-
-    def __init__(self, message: str, reason: str = "io_error"):
-        super().__init__(message)
-        self.reason = reason
 
 
 class UnknownKey(SignatureError):

@@ -9,8 +9,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud.tools.broker import amqtt_available, ensure_broker, free_port, mosquitto_binary, port_open, start_amqtt, start_mosquitto
-from device_sdk.errors import TransportError
+from cloud.errors import TransportError
+from cloud.tools.broker import (
+    amqtt_available,
+    ensure_broker,
+    free_port,
+    mosquitto_binary,
+    port_open,
+    start_amqtt,
+    start_mosquitto,
+)
 
 needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="no mosquitto binary")
 

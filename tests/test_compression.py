@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from cloud import cli as cloud_cli
+from cloud.errors import QualityGateError
 from cloud.export.gate import ExportConfig, GateConfig, export_classifier, gate, runtime_logits
 from cloud.pool.dataset import load_image_set
 from cloud.sampling.selection import CSV_COLUMNS
 from cloud.training.classifier import load_checkpoint, predict_logits
 from device_sdk import cli as device_cli
-from device_sdk.errors import QualityGateError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.predict import Predictor, evaluate
 
@@ -38,13 +38,34 @@ def shipped(digits_root, tmp_path_factory):
     with open(selection, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
-        writer.writerows([it.path, it.label, it.domain, 0, rank] for rank, it in enumerate(scan_image_folder(str(digits_root / "pool"))))
+        writer.writerows(
+            [it.path, it.label, it.domain, 0, rank]
+            for rank, it in enumerate(scan_image_folder(str(digits_root / "pool")))
+        )
     teacher = work / "teacher.safetensors"
     fit = ["--width", "8", "--epochs", str(EPOCHS), "--batch-size", "32", "--lr", "0.01", "--threads", "2", "-q"]
-    assert cloud_cli.main(["train-teacher", str(digits_root / "pool"), "--out", str(teacher), "--arch", "small_cnn", *fit]) == 0
+    assert (
+        cloud_cli.main(["train-teacher", str(digits_root / "pool"), "--out", str(teacher), "--arch", "small_cnn", *fit])
+        == 0
+    )
     out = work / "student"
-    assert cloud_cli.main(["distill", "--selection", str(selection), "--teacher", str(teacher), "--out-dir", str(out), *fit,
-                           "--eval", str(digits_root / "devices")]) == 0
+    assert (
+        cloud_cli.main(
+            [
+                "distill",
+                "--selection",
+                str(selection),
+                "--teacher",
+                str(teacher),
+                "--out-dir",
+                str(out),
+                *fit,
+                "--eval",
+                str(digits_root / "devices"),
+            ]
+        )
+        == 0
+    )
     return work, out
 
 
@@ -74,7 +95,10 @@ def test_student_learned_from_the_teacher(shipped, evaluation):
 
     Measured here: teacher 0.88, student 0.83, agreement 0.83 on the 320 device images."""
     work, out = shipped
-    teacher, student = load_checkpoint(str(work / "teacher.safetensors")), load_checkpoint(str(out / "student.safetensors"))
+    teacher, student = (
+        load_checkpoint(str(work / "teacher.safetensors")),
+        load_checkpoint(str(out / "student.safetensors")),
+    )
     t_pred = predict_logits(teacher.model, teacher.inputs(evaluation.images)).argmax(1)
     s_pred = predict_logits(student.model, student.inputs(evaluation.images)).argmax(1)
     assert np.mean(s_pred == evaluation.labels) > 0.7
@@ -95,8 +119,12 @@ def test_fp32_runtimes_match_torch(shipped, evaluation, fmt, runtime):
 def test_onnx_and_tflite_fp32_agree(shipped, evaluation):
     _, out = shipped
     images = evaluation.images[:40]
-    np.testing.assert_allclose(runtime_logits(str(out / "student.onnx"), "onnxruntime", images),
-                               runtime_logits(str(out / "student.tflite"), "litert", images), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        runtime_logits(str(out / "student.onnx"), "onnxruntime", images),
+        runtime_logits(str(out / "student.tflite"), "litert", images),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("fmt,runtime", [("onnx", "onnxruntime"), ("tflite", "litert")])
@@ -126,14 +154,29 @@ def test_failed_gate_ships_nothing(shipped, evaluation, tmp_path):
     student = load_checkpoint(str(out / "student.safetensors"))
     impossible = ExportConfig(formats=("onnx",), gate=GateConfig(max_accuracy_drop=-1.0))  # int8 would need +100 points
     with pytest.raises(QualityGateError, match="onnx int8 accuracy"):
-        export_classifier(student, str(tmp_path / "dist"), evaluation.images, evaluation.images, evaluation.labels, impossible)
+        export_classifier(
+            student, str(tmp_path / "dist"), evaluation.images, evaluation.images, evaluation.labels, impossible
+        )
     assert os.listdir(tmp_path / "dist") == []
 
 
 def test_export_cli_exits_with_the_gate_code(shipped, tmp_path, capsys):
     work, out = shipped
-    code = cloud_cli.main(["export", str(out / "student.safetensors"), "--selection", str(work / "sel.csv"), "--out-dir",
-                           str(tmp_path / "x"), "--formats", "onnx", "--min-agreement", "1.01", "-q"])
+    code = cloud_cli.main(
+        [
+            "export",
+            str(out / "student.safetensors"),
+            "--selection",
+            str(work / "sel.csv"),
+            "--out-dir",
+            str(tmp_path / "x"),
+            "--formats",
+            "onnx",
+            "--min-agreement",
+            "1.01",
+            "-q",
+        ]
+    )
     assert code == QualityGateError.exit_code
     assert "error[quality_gate]:" in capsys.readouterr().err
     assert os.listdir(tmp_path / "x") == []
@@ -158,4 +201,5 @@ def test_predict_cli_prints_accuracy_on_a_labelled_folder(shipped, digits_root, 
     predictor = Predictor.open(str(out / "student.int8.tflite"))
     result = evaluate(predictor.predict_items(scan_image_folder(str(folder))), predictor.labels)
     assert capsys.readouterr().out.strip().splitlines() == [
-        f"accuracy {result.accuracy:.4f} ({result.correct}/40 labelled images; small_cnn int8 on litert)"]
+        f"accuracy {result.accuracy:.4f} ({result.correct}/40 labelled images; small_cnn int8 on litert)"
+    ]

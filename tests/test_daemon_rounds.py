@@ -15,16 +15,21 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
+from cloud.errors import BudgetError
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import Daemon, build_daemon, create_round
 from cloud.serve.store import RoundState
-from device_sdk.errors import BudgetError, UsageError
-from device_sdk.protocol.round import Probe, Scores
-from device_sdk.protocol.messages import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
+from device_sdk.errors import UsageError
 from device_sdk.protocol.envelope import decode
+from device_sdk.protocol.messages import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
+from device_sdk.protocol.round import Probe, Scores
 
-TINY_TRAINER = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1},
-                "quant": {"calibration_size": 16}, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}
+TINY_TRAINER = {
+    "teacher": {"width": 4, "epochs": 1},
+    "student": {"width": 4, "epochs": 1},
+    "quant": {"calibration_size": 16},
+    "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0},
+}
 
 
 class RecordingTransport:
@@ -53,9 +58,13 @@ def cache(tmp_path_factory):
 
 def make_daemon(tmp_path, pool_index, cache, **rounds):
     _, index_path = pool_index
-    cfg = CloudConfig(broker=BrokerConfig(), store=StoreConfig(state_dir=str(tmp_path / "cloud"), index=str(index_path)),
-                      rounds=RoundConfig(**{"budget": 40, "collect_seconds": 30.0, **rounds}), metrics=MetricsConfig(port=0),
-                      trainer=TrainerConfig(threads=1, cache_dir=str(cache), options=TINY_TRAINER))
+    cfg = CloudConfig(
+        broker=BrokerConfig(),
+        store=StoreConfig(state_dir=str(tmp_path / "cloud"), index=str(index_path)),
+        rounds=RoundConfig(**{"budget": 40, "collect_seconds": 30.0, **rounds}),
+        metrics=MetricsConfig(port=0),
+        trainer=TrainerConfig(threads=1, cache_dir=str(cache), options=TINY_TRAINER),
+    )
     return build_daemon(cfg, transport_factory=RecordingTransport)
 
 
@@ -82,7 +91,8 @@ def test_a_round_without_answers_fails_at_its_deadline(tmp_path, pool_index, cac
     daemon.tick()
     (probe,) = daemon.transport.of_type("probe", inbox("quiet"))
     assert Probe.from_bytes(probe).probe_id == r.round_id and Probe.from_bytes(probe).deadline == pytest.approx(
-        daemon.store.get_round(r.round_id).deadline)
+        daemon.store.get_round(r.round_id).deadline
+    )
     failed = tick_until(daemon, r.round_id, RoundState.FAILED, timeout=5)
     assert failed.state is RoundState.FAILED and "0 of 1 devices sent scores" in failed.error
     assert failed.result["missing"] == ["quiet"]
@@ -133,7 +143,9 @@ def test_a_delivery_resumes_from_the_acknowledged_chunk_after_a_restart(tmp_path
     r = daemon.submit_round(["dev"])
     tick_until(daemon, r.round_id, RoundState.COLLECTING)
     daemon.handle_message(outbox("dev"), scores_of(daemon, r.round_id, "dev"))
-    assert tick_until(daemon, r.round_id, RoundState.DELIVERING).state is RoundState.DELIVERING, daemon.store.get_round(r.round_id).error
+    assert tick_until(daemon, r.round_id, RoundState.DELIVERING).state is RoundState.DELIVERING, daemon.store.get_round(
+        r.round_id
+    ).error
     daemon.tick()
     (manifest_bytes,) = daemon.transport.of_type("artifact_manifest", inbox("dev"))
     manifest = ArtifactManifest.from_bytes(manifest_bytes)
@@ -145,21 +157,34 @@ def test_a_delivery_resumes_from_the_acknowledged_chunk_after_a_restart(tmp_path
     assert restarted.transport.of_type("artifact_manifest") == [manifest_bytes]  # same signed manifest, same id
     sent = [ArtifactChunk.from_bytes(p).index for p in restarted.transport.of_type("artifact_chunk")]
     assert sent == list(range(1, min(1 + restarted.cfg.delivery.window, manifest.n_chunks)))
-    restarted.handle_message(outbox("dev"), Installed("dev", manifest.artifact_id, manifest.version, manifest.sha256, 0.5, 10).to_bytes())
+    restarted.handle_message(
+        outbox("dev"), Installed("dev", manifest.artifact_id, manifest.version, manifest.sha256, 0.5, 10).to_bytes()
+    )
     done = tick_until(restarted, r.round_id, RoundState.DONE)
     assert done.state is RoundState.DONE and done.result["deliveries"]["dev"] == {
-        "state": "installed", "accuracy": 0.5, "n_eval": 10, "version": manifest.version}
+        "state": "installed",
+        "accuracy": 0.5,
+        "n_eval": 10,
+        "version": manifest.version,
+    }
     assert restarted.store.get_device("dev").model["sha256"] == manifest.sha256
 
 
 def test_a_round_fails_if_the_daemon_restarts_with_another_pool_index(tmp_path, pool_index, cache):
     daemon = make_daemon(tmp_path, pool_index, cache)
     r = daemon.submit_round(["dev"])
-    other = Daemon(daemon.cfg, daemon.store, dataclasses.replace(daemon.index, probe_id="another-index"), daemon.trainer,
-                   RecordingTransport)
+    other = Daemon(
+        daemon.cfg,
+        daemon.store,
+        dataclasses.replace(daemon.index, probe_id="another-index"),
+        daemon.trainer,
+        RecordingTransport,
+    )
     other.tick()
     failed = other.store.get_round(r.round_id)
-    assert failed.state is RoundState.FAILED and "pool index changed" in failed.error and other.transport.published == []
+    assert (
+        failed.state is RoundState.FAILED and "pool index changed" in failed.error and other.transport.published == []
+    )
 
 
 def test_create_round_checks_its_arguments(tmp_path, pool_index, cache):

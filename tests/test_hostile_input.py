@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from device_sdk.protocol import messages as P
-from device_sdk.protocol import envelope as wire
-from device_sdk.runtime.artifact import ArtifactMeta
-from device_sdk.errors import ArtifactError, EcosError, MessageError, StoreError
-from device_sdk.protocol.round import Probe, Scores
 from test_daemon_rounds import RecordingTransport
+
+from cloud.errors import StoreError
+from device_sdk.errors import ArtifactError, EcosError, MessageError
+from device_sdk.protocol import envelope as wire
+from device_sdk.protocol import messages as P
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.runtime.artifact import ArtifactMeta
 
 DEV = "pi-1"
 
@@ -42,17 +43,28 @@ def raw_envelope(header_text: str, payload: bytes = b"") -> bytes:
 
 
 def status_header(**extra: str) -> str:
-    fields = {"type": '"status"', "version": "1", "id": '"s1"', "device_id": f'"{DEV}"', "state": '"online"',
-              "model": "null", "encoder": "null", "arrays": "[]", **extra}
+    fields = {
+        "type": '"status"',
+        "version": "1",
+        "id": '"s1"',
+        "device_id": f'"{DEV}"',
+        "state": '"online"',
+        "model": "null",
+        "encoder": "null",
+        "arrays": "[]",
+        **extra,
+    }
     return "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
 
 
 def scores_header(sigma: str, k: int = 2, shape: str = "[2]") -> str:
-    return ('{"type":"scores","version":1,"id":"m1","probe_id":"r1","device_id":"%s","encoder_sha256":"%s","k":%d,'
-            '"noise":{"mechanism":"gaussian","sigma":%s,"sensitivity":1.0},'
-            '"privacy":{"epsilon":0.5,"delta":1e-5,"accountant":"gaussian"},"created":"",'
-            '"arrays":[{"name":"scores","dtype":"float32","shape":%s,"offset":0,"nbytes":%d}]}'
-            % (DEV, "e" * 64, k, sigma, shape, 4 * k))
+    return (
+        '{"type":"scores","version":1,"id":"m1","probe_id":"r1","device_id":"%s","encoder_sha256":"%s","k":%d,'
+        '"noise":{"mechanism":"gaussian","sigma":%s,"sensitivity":1.0},'
+        '"privacy":{"epsilon":0.5,"delta":1e-5,"accountant":"gaussian"},"created":"",'
+        '"arrays":[{"name":"scores","dtype":"float32","shape":%s,"offset":0,"nbytes":%d}]}'
+        % (DEV, "e" * 64, k, sigma, shape, 4 * k)
+    )
 
 
 def nested(depth: int) -> str:
@@ -63,19 +75,32 @@ def nested(depth: int) -> str:
 KILLERS = {
     "nested header": (P.device_status(DEV), raw_envelope(status_header(x=nested(100_000)))),
     "shape 1e999": (P.outbox(DEV), raw_envelope(scores_header("1.0", shape="[1e999]"), b"\0" * 8)),
-    "shape -1,-1": (P.outbox(DEV), raw_envelope(scores_header("1.0", shape="[-1,-1]")
-                                                .replace('"nbytes":8', '"nbytes":4'), b"\0" * 8)),
-    "shape 2**32,2**32": (P.outbox(DEV), raw_envelope(scores_header("1.0", shape=f"[{2**32},{2**32}]")
-                                                      .replace('"dtype":"float32"', '"dtype":"uint8"')
-                                                      .replace('"nbytes":8', '"nbytes":0'), b"\0" * 8)),
+    "shape -1,-1": (
+        P.outbox(DEV),
+        raw_envelope(scores_header("1.0", shape="[-1,-1]").replace('"nbytes":8', '"nbytes":4'), b"\0" * 8),
+    ),
+    "shape 2**32,2**32": (
+        P.outbox(DEV),
+        raw_envelope(
+            scores_header("1.0", shape=f"[{2**32},{2**32}]")
+            .replace('"dtype":"float32"', '"dtype":"uint8"')
+            .replace('"nbytes":8', '"nbytes":0'),
+            b"\0" * 8,
+        ),
+    ),
     "400-digit sigma": (P.outbox(DEV), raw_envelope(scores_header("9" * 400), np.zeros(2, np.float32).tobytes())),
-    "next_chunk 2**70": (P.outbox(DEV), raw_envelope(
-        '{"type":"ack","version":1,"id":"a1","device_id":"%s","artifact_id":"art-1","next_chunk":%d,"arrays":[]}'
-        % (DEV, 2 ** 70))),
+    "next_chunk 2**70": (
+        P.outbox(DEV),
+        raw_envelope(
+            '{"type":"ack","version":1,"id":"a1","device_id":"%s","artifact_id":"art-1","next_chunk":%d,"arrays":[]}'
+            % (DEV, 2**70)
+        ),
+    ),
 }
 
 
 # ---- 1. decoders are total ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(KILLERS))
 def test_each_killer_message_is_a_message_error(name):
@@ -84,26 +109,33 @@ def test_each_killer_message_is_a_message_error(name):
         P.decode_from_device(topic, payload)
 
 
-@pytest.mark.parametrize("header, why", [
-    (status_header(x=nested(33)), "nest"),
-    (status_header(x='"\\ud800"'), "surrogate"),
-    (status_header(x="1" * 5000), "integer"),
-    (status_header(x=str(2 ** 70)), "integer"),
-    (status_header(x="1e999"), "finite"),
-    (status_header(x="NaN"), "finite"),
-    (status_header(x="-Infinity"), "finite"),
-    (status_header(type="7"), "type"),
-    (status_header(type='"' + "t" * 10_000 + '"'), "type"),
-    (status_header(x='"' + "t" * 100_000 + '"'), "string"),
-    (status_header(version="true"), "version"),
-    (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[1.0],"offset":0,"nbytes":1}]'), "shape"),
-    (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[true],"offset":0,"nbytes":1}]'), "shape"),
-    (status_header(arrays='[{"name":"a","dtype":["uint8"],"shape":[1],"offset":0,"nbytes":1}]'), "dtype"),
-    (status_header(arrays='["a"]'), "array entry"),
-    (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[1],"offset":-1,"nbytes":1}]'), "offset"),
-    (status_header(arrays='[{"name":"a","dtype":"uint8","shape":' + json.dumps([1] * 40) + ',"offset":0,"nbytes":1}]'),
-     "dimensions"),
-])
+@pytest.mark.parametrize(
+    "header, why",
+    [
+        (status_header(x=nested(33)), "nest"),
+        (status_header(x='"\\ud800"'), "surrogate"),
+        (status_header(x="1" * 5000), "integer"),
+        (status_header(x=str(2**70)), "integer"),
+        (status_header(x="1e999"), "finite"),
+        (status_header(x="NaN"), "finite"),
+        (status_header(x="-Infinity"), "finite"),
+        (status_header(type="7"), "type"),
+        (status_header(type='"' + "t" * 10_000 + '"'), "type"),
+        (status_header(x='"' + "t" * 100_000 + '"'), "string"),
+        (status_header(version="true"), "version"),
+        (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[1.0],"offset":0,"nbytes":1}]'), "shape"),
+        (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[true],"offset":0,"nbytes":1}]'), "shape"),
+        (status_header(arrays='[{"name":"a","dtype":["uint8"],"shape":[1],"offset":0,"nbytes":1}]'), "dtype"),
+        (status_header(arrays='["a"]'), "array entry"),
+        (status_header(arrays='[{"name":"a","dtype":"uint8","shape":[1],"offset":-1,"nbytes":1}]'), "offset"),
+        (
+            status_header(
+                arrays='[{"name":"a","dtype":"uint8","shape":' + json.dumps([1] * 40) + ',"offset":0,"nbytes":1}]'
+            ),
+            "dimensions",
+        ),
+    ],
+)
 def test_hostile_headers_are_message_errors(header, why):
     with pytest.raises(MessageError, match=why):
         wire.decode(raw_envelope(header, b"\0"))
@@ -115,10 +147,13 @@ def test_a_header_error_quotes_the_offending_value_short():
     assert len(str(err.value)) < 400
 
 
-@pytest.mark.parametrize("changes, why", [
-    ({"next_chunk": 2 ** 31}, "next_chunk"),
-    ({"id": "x" * 129}, "id"),
-])
+@pytest.mark.parametrize(
+    "changes, why",
+    [
+        ({"next_chunk": 2**31}, "next_chunk"),
+        ({"id": "x" * 129}, "id"),
+    ],
+)
 def test_ack_integers_and_strings_are_bounded(changes, why):
     env = wire.decode(P.Ack(DEV, "art-1", 3).to_bytes())
     fields = {k: v for k, v in env.fields.items() if k not in ("type", "version")}
@@ -131,19 +166,22 @@ def _fields_of(msg) -> dict:
     return {k: v for k, v in env.fields.items() if k not in ("type", "version")}, env.arrays
 
 
-@pytest.mark.parametrize("msg, changes, why", [
-    (P.ArtifactChunk("art-1", 0, b"x"), {"index": 2 ** 31}, "index"),
-    (P.Installed(DEV, "art-1", 1, "a" * 64, 0.5, 3), {"artifact_version": 2 ** 40}, "version"),
-    (P.Installed(DEV, "art-1", 1, "a" * 64, 0.5, 3), {"n_eval": 2 ** 40}, "n_eval"),
-    (P.Refusal("r1", DEV, "privacy_budget", "no"), {"reason": "x" * 10_000}, "reason"),
-    (P.Refusal("r1", DEV, "privacy_budget", "no"), {"probe_id": "x" * 1000}, "probe_id"),
-    (P.InstallFailed(DEV, "art-1", "bad_hash", "no"), {"code": "c" * 1000}, "code"),
-    (P.Status(DEV, "online"), {"model": {"artifact_id": "a", "version": 2 ** 40}}, "model"),
-    (P.Status(DEV, "online"), {"model": {"artifact_id": "a", "version": 1, "x": "y" * 10_000}}, "model"),
-    (Scores("r1", DEV, "e" * 64, np.zeros(2), 1.0), {"noise": {"sigma": "1e999", "sensitivity": 1.0}}, "sigma"),
-    (Scores("r1", DEV, "e" * 64, np.zeros(2), 1.0), {"probe_id": "p" * 1000}, "probe_id"),
-    (Probe("r1", "e" * 64, np.eye(2, dtype=np.float32)), {"id": "p" * 1000}, "id"),
-])
+@pytest.mark.parametrize(
+    "msg, changes, why",
+    [
+        (P.ArtifactChunk("art-1", 0, b"x"), {"index": 2**31}, "index"),
+        (P.Installed(DEV, "art-1", 1, "a" * 64, 0.5, 3), {"artifact_version": 2**40}, "version"),
+        (P.Installed(DEV, "art-1", 1, "a" * 64, 0.5, 3), {"n_eval": 2**40}, "n_eval"),
+        (P.Refusal("r1", DEV, "privacy_budget", "no"), {"reason": "x" * 10_000}, "reason"),
+        (P.Refusal("r1", DEV, "privacy_budget", "no"), {"probe_id": "x" * 1000}, "probe_id"),
+        (P.InstallFailed(DEV, "art-1", "bad_hash", "no"), {"code": "c" * 1000}, "code"),
+        (P.Status(DEV, "online"), {"model": {"artifact_id": "a", "version": 2**40}}, "model"),
+        (P.Status(DEV, "online"), {"model": {"artifact_id": "a", "version": 1, "x": "y" * 10_000}}, "model"),
+        (Scores("r1", DEV, "e" * 64, np.zeros(2), 1.0), {"noise": {"sigma": "1e999", "sensitivity": 1.0}}, "sigma"),
+        (Scores("r1", DEV, "e" * 64, np.zeros(2), 1.0), {"probe_id": "p" * 1000}, "probe_id"),
+        (Probe("r1", "e" * 64, np.eye(2, dtype=np.float32)), {"id": "p" * 1000}, "id"),
+    ],
+)
 def test_fields_are_bounded(msg, changes, why):
     fields, arrays = _fields_of(msg)
     msg_type = wire.decode(msg.to_bytes()).type
@@ -156,15 +194,22 @@ def test_replies_with_long_reasons_are_cut_to_fit_not_refused():
     assert P.decode_message(refusal.to_bytes()) == refusal
 
 
-@pytest.mark.parametrize("text", [
-    "[1]", '"meta"', "5", "null", "[" * 10_000 + "]" * 10_000,
-    '{"kind":"encoder","arch":"a","input_shape":[3,1e999,8],"mean":[0,0,0],"std":[1,1,1]}',
-    '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":5,"std":[1,1,1]}',
-    '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,0],"std":[1,1,1],"labels":7}',
-    '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,"x"],"std":[1,1,1]}',
-    '{"kind":"encoder","arch":"a","input_shape":"abc","mean":[0,0,0],"std":[1,1,1]}',
-    '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,0],"std":[1,1,1],"feature_dim":1e400}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1]",
+        '"meta"',
+        "5",
+        "null",
+        "[" * 10_000 + "]" * 10_000,
+        '{"kind":"encoder","arch":"a","input_shape":[3,1e999,8],"mean":[0,0,0],"std":[1,1,1]}',
+        '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":5,"std":[1,1,1]}',
+        '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,0],"std":[1,1,1],"labels":7}',
+        '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,"x"],"std":[1,1,1]}',
+        '{"kind":"encoder","arch":"a","input_shape":"abc","mean":[0,0,0],"std":[1,1,1]}',
+        '{"kind":"encoder","arch":"a","input_shape":[3,8,8],"mean":[0,0,0],"std":[1,1,1],"feature_dim":1e400}',
+    ],
+)
 def test_artifact_metadata_is_an_artifact_error(text):
     with pytest.raises(ArtifactError):
         ArtifactMeta.from_json(text, "m")
@@ -181,12 +226,31 @@ def test_tflite_metadata_of_garbage_is_an_artifact_error():
         read_tflite_metadata(bytes(data))
 
 
-@pytest.mark.parametrize("state", [
-    {"slots": []}, {"slots": {"classifier": []}}, {"slots": {"classifier": {"current": 5}}},
-    {"slots": {"classifier": {"current": {"kind": "classifier"}}}},
-    {"slots": {"classifier": {"current": {"kind": "classifier", "artifact_id": "a", "name": "n", "version": "1",
-                                          "sha256": "s", "format": "onnx", "path": "/x", "installed_utc": ""}}}},
-])
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"slots": []},
+        {"slots": {"classifier": []}},
+        {"slots": {"classifier": {"current": 5}}},
+        {"slots": {"classifier": {"current": {"kind": "classifier"}}}},
+        {
+            "slots": {
+                "classifier": {
+                    "current": {
+                        "kind": "classifier",
+                        "artifact_id": "a",
+                        "name": "n",
+                        "version": "1",
+                        "sha256": "s",
+                        "format": "onnx",
+                        "path": "/x",
+                        "installed_utc": "",
+                    }
+                }
+            }
+        },
+    ],
+)
 def test_a_corrupt_model_store_state_is_a_message_error(tmp_path, state):
     from device_sdk.delivery.install import ModelStore
 
@@ -213,8 +277,15 @@ def _ledger(tmp_path: Path, **changes) -> Path:
     PrivacyLedger.open(path, device_id="pi-1")
     state = json.loads(path.read_text())
     payload = b"scores"
-    release = {"key": "r1", "mechanism": "gaussian", "sigma": 1.0, "sensitivity": 1.0, "n_values": 4,
-               "payload_b64": "c2NvcmVz", "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    release = {
+        "key": "r1",
+        "mechanism": "gaussian",
+        "sigma": 1.0,
+        "sensitivity": 1.0,
+        "n_values": 4,
+        "payload_b64": "c2NvcmVz",
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
     for key, value in changes.items():
         target, _, name = key.partition("__")
         (state["budget"] if target == "budget" else release if target == "release" else state)[name] = value
@@ -223,10 +294,17 @@ def _ledger(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes", [
-    {"release__sigma": 1e-300}, {"release__sigma": 10 ** 400}, {"budget__epsilon": 10 ** 400},
-    {"release__n_values": 10 ** 400}, {"top__device_id": "d" * 100_000}, {"release__key": 5},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"release__sigma": 1e-300},
+        {"release__sigma": 10**400},
+        {"budget__epsilon": 10**400},
+        {"release__n_values": 10**400},
+        {"top__device_id": "d" * 100_000},
+        {"release__key": 5},
+    ],
+)
 def test_a_hostile_ledger_is_read_as_a_typed_error_or_a_finite_number(tmp_path, changes):
     from device_sdk.privacy.ledger import PrivacyLedger
 
@@ -257,23 +335,35 @@ def test_a_ledger_nested_too_deep_is_a_message_error(tmp_path):
 
 
 def _index_bytes(**changes) -> bytes:
-    arrays = {"paths": np.array(["a.png", "b.png"]), "labels": np.array(["0", "1"]), "domains": np.array(["d", "d"]),
-              "features": np.eye(2, 4, dtype=np.float32), "assign": np.array([0, 1], np.int32),
-              "centroids": np.eye(2, 4, dtype=np.float32),
-              "meta": np.array(json.dumps({"format": 1, "encoder_sha256": "e" * 64, "probe_id": "p1", "created": ""}))}
+    arrays = {
+        "paths": np.array(["a.png", "b.png"]),
+        "labels": np.array(["0", "1"]),
+        "domains": np.array(["d", "d"]),
+        "features": np.eye(2, 4, dtype=np.float32),
+        "assign": np.array([0, 1], np.int32),
+        "centroids": np.eye(2, 4, dtype=np.float32),
+        "meta": np.array(json.dumps({"format": 1, "encoder_sha256": "e" * 64, "probe_id": "p1", "created": ""})),
+    }
     arrays.update(changes)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("changes", [
-    {"meta": np.array("not json")}, {"meta": np.array("[1]")}, {"meta": np.array('{"format":1}')},
-    {"meta": np.array(nested(100_000))}, {"assign": np.array([0, 7], np.int32)},
-    {"features": np.eye(3, dtype=np.float32)},
-    {"centroids": np.array([1.0, 2.0], np.float32)}, {"paths": np.array([1, 2])},
-    {"meta": np.array(json.dumps({"format": 1, "encoder_sha256": 5, "probe_id": "p1", "created": ""}))},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"meta": np.array("not json")},
+        {"meta": np.array("[1]")},
+        {"meta": np.array('{"format":1}')},
+        {"meta": np.array(nested(100_000))},
+        {"assign": np.array([0, 7], np.int32)},
+        {"features": np.eye(3, dtype=np.float32)},
+        {"centroids": np.array([1.0, 2.0], np.float32)},
+        {"paths": np.array([1, 2])},
+        {"meta": np.array(json.dumps({"format": 1, "encoder_sha256": 5, "probe_id": "p1", "created": ""}))},
+    ],
+)
 def test_a_hostile_index_file_is_a_message_error(tmp_path, changes):
     from cloud.pool.index import PoolIndex
 
@@ -306,22 +396,24 @@ def test_a_damaged_index_zip_is_a_message_error(tmp_path):
 
 # ---- the store refuses what SQLite cannot hold --------------------------------------------------------
 
+
 def test_the_store_refuses_integers_sqlite_cannot_hold():
     from cloud.serve.store import SqliteStore
 
     store = SqliteStore(":memory:")
     store.add_delivery("art-1", DEV, "r1", 3)
-    for bad in (2 ** 70, -1, True, 1.5):
+    for bad in (2**70, -1, True, 1.5):
         with pytest.raises(StoreError):
             store.update_delivery("art-1", DEV, next_chunk=bad)
     with pytest.raises(StoreError):
-        store.add_traffic(DEV, "r1", "up", "ack", 2 ** 64)
+        store.add_traffic(DEV, "r1", "up", "ack", 2**64)
     with pytest.raises(StoreError):
         store.record_status("\ud800", "online", None, 0.0)
     assert store.get_delivery("art-1", DEV).next_chunk == 0
 
 
 # ---- 3. message loops that cannot die --------------------------------------------------------------
+
 
 class NoTrainer:
     def train(self, *args, **kwargs):
@@ -330,14 +422,22 @@ class NoTrainer:
 
 def small_daemon(state_dir: Path):
     """A daemon on a tiny in-memory pool (k=4, d=6) and store, with artifact ``art-1`` being sent to DEV."""
+    from cloud.pool.index import PoolIndex
     from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, StoreConfig
     from cloud.serve.daemon import Daemon
-    from cloud.pool.index import PoolIndex
     from cloud.serve.store import ArtifactRecord, SqliteStore
 
-    index = PoolIndex(paths=np.array(["a", "b"]), labels=np.array(["0", "1"]), domains=np.array(["d", "d"]),
-                      features=np.eye(2, 6, dtype=np.float32), assign=np.array([0, 1], np.int32),
-                      centroids=np.eye(4, 6, dtype=np.float32), encoder_sha256="e" * 64, probe_id="p1", created="")
+    index = PoolIndex(
+        paths=np.array(["a", "b"]),
+        labels=np.array(["0", "1"]),
+        domains=np.array(["d", "d"]),
+        features=np.eye(2, 6, dtype=np.float32),
+        assign=np.array([0, 1], np.int32),
+        centroids=np.eye(4, 6, dtype=np.float32),
+        encoder_sha256="e" * 64,
+        probe_id="p1",
+        created="",
+    )
     cfg = CloudConfig(broker=BrokerConfig(), store=StoreConfig(state_dir=str(state_dir)), metrics=MetricsConfig(port=0))
     store = SqliteStore(":memory:")
     store.add_artifact(ArtifactRecord("art-1", "r1", "classifier-x", 1, "a" * 64, 2500, "/nowhere", b"m"))
@@ -363,7 +463,7 @@ def test_the_daemon_survives_each_killer_message_and_counts_it(daemon, name):
 
 
 def test_an_ack_beyond_the_last_chunk_never_reaches_the_store(daemon):
-    daemon.handle_message(P.outbox(DEV), P.Ack(DEV, "art-1", 2 ** 31 - 1).to_bytes())
+    daemon.handle_message(P.outbox(DEV), P.Ack(DEV, "art-1", 2**31 - 1).to_bytes())
     assert daemon.store.get_delivery("art-1", DEV).next_chunk == 0 and dropped(daemon, "message") == 1
     daemon.handle_message(P.outbox(DEV), P.Ack(DEV, "art-1", 2).to_bytes())
     assert daemon.store.get_delivery("art-1", DEV).next_chunk == 2
@@ -416,13 +516,16 @@ def agent(tmp_path):
 
 def offline_agent(state_dir: Path):
     """An agent of DEV (no encoder, no broker: it is never started) whose replies go nowhere."""
+    from cloud.security.keys import generate_keypair
     from device_sdk.agent import DeviceAgent
     from device_sdk.config import DeviceConfig, ModelSettings, PrivacySettings
-    from cloud.security.keys import generate_keypair
 
     _, public = generate_keypair(state_dir / "keys")
-    cfg = DeviceConfig(DEV, privacy=PrivacySettings(ledger=str(state_dir / "ledger.json")),
-                       models=ModelSettings(store=str(state_dir / "models"), cloud_public_key=str(public)))
+    cfg = DeviceConfig(
+        DEV,
+        privacy=PrivacySettings(ledger=str(state_dir / "ledger.json")),
+        models=ModelSettings(store=str(state_dir / "models"), cloud_public_key=str(public)),
+    )
     agent = DeviceAgent(cfg)
     agent._publish_out = lambda payload: None
     return agent
@@ -430,9 +533,15 @@ def offline_agent(state_dir: Path):
 
 def test_the_agent_survives_hostile_messages_and_its_own_bugs(agent, caplog, monkeypatch):
     inbox = P.inbox(DEV)
-    for payload in [b"", b"ECOS", raw_envelope(status_header(x=nested(100_000))),
-                    raw_envelope('{"type":"probe","version":1,"id":"%s","encoder_sha256":"e","k":1,"feature_dim":1,'
-                                 '"codec":"float32","arrays":[]}' % ("p\n" * 10_000))]:
+    for payload in [
+        b"",
+        b"ECOS",
+        raw_envelope(status_header(x=nested(100_000))),
+        raw_envelope(
+            '{"type":"probe","version":1,"id":"%s","encoder_sha256":"e","k":1,"feature_dim":1,'
+            '"codec":"float32","arrays":[]}' % ("p\n" * 10_000)
+        ),
+    ]:
         agent.handle(inbox, payload)
     assert agent.stats.rejected == 4 and agent.stats.dropped == 4
 

@@ -18,15 +18,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_daemon_rounds import cache  # noqa: F401 - a fixture: the trainer cache of the module
 
 from cloud.cli import main as cloud_main
+from cloud.errors import ImplausibleScores
 from cloud.sampling.selection import Plausibility, check_plausible, combine_scores
-from device_sdk.errors import ImplausibleScores
-from device_sdk.protocol.round import Scores
 from device_sdk.privacy.accounting import calibrate_sigma
-from device_sdk.protocol.messages import outbox
 from device_sdk.protocol.envelope import decode
-from test_daemon_rounds import cache  # noqa: F401 - a fixture: the trainer cache of the module
+from device_sdk.protocol.messages import outbox
+from device_sdk.protocol.round import Scores
 
 K = 16
 ENC = "e" * 64
@@ -57,22 +57,25 @@ def test_limits_follow_the_round_epsilon_and_delta():
     check_plausible(scores(np.zeros(K), sigma=LIMITS.min_sigma), LIMITS)  # exactly the round's epsilon: accepted
 
 
-@pytest.mark.parametrize("make, check", [
-    (lambda: scores(np.zeros(K), sigma=SIGMA * 0.99), "noise_too_low"),
-    (lambda: scores(np.zeros(K), sigma=1e-300), "noise_too_low"),
-    (lambda: scores(np.zeros(K), sigma=math.nan), "not_finite"),
-    (lambda: scores(np.r_[np.zeros(K - 1), math.inf]), "not_finite"),
-    (lambda: scores(np.zeros(K), far=math.nan), "not_finite"),
-    (lambda: scores(np.zeros(K), sensitivity=0.001), "sensitivity"),
-    (lambda: scores(np.zeros(K), sigma=5000.0), "noise_too_high"),  # more noise than any count: no information
-    (lambda: scores(np.r_[np.zeros(K - 1), 1000 + 6.5 * SIGMA]), "count_range"),  # one count beyond the cap
-    (lambda: scores(np.r_[np.zeros(K - 1), -6.5 * SIGMA]), "count_range"),  # a count no noise makes this negative
-    (lambda: scores(np.zeros(K), far=1000 + 6.5 * SIGMA), "count_range"),  # the far bin is a count too
-    (lambda: scores(np.zeros(K), far=-6.5 * SIGMA), "count_range"),
-    (lambda: scores(np.full(K, 1000 / K + 2 * SIGMA)), "total"),  # each count possible, the sum is not
-    (lambda: scores(np.full(K, 60.0), far=200.0), "total"),
-    (lambda: scores(np.full(K, -2.5 * SIGMA)), "total"),  # each barely possible, all of them together not
-])
+@pytest.mark.parametrize(
+    "make, check",
+    [
+        (lambda: scores(np.zeros(K), sigma=SIGMA * 0.99), "noise_too_low"),
+        (lambda: scores(np.zeros(K), sigma=1e-300), "noise_too_low"),
+        (lambda: scores(np.zeros(K), sigma=math.nan), "not_finite"),
+        (lambda: scores(np.r_[np.zeros(K - 1), math.inf]), "not_finite"),
+        (lambda: scores(np.zeros(K), far=math.nan), "not_finite"),
+        (lambda: scores(np.zeros(K), sensitivity=0.001), "sensitivity"),
+        (lambda: scores(np.zeros(K), sigma=5000.0), "noise_too_high"),  # more noise than any count: no information
+        (lambda: scores(np.r_[np.zeros(K - 1), 1000 + 6.5 * SIGMA]), "count_range"),  # one count beyond the cap
+        (lambda: scores(np.r_[np.zeros(K - 1), -6.5 * SIGMA]), "count_range"),  # a count no noise makes this negative
+        (lambda: scores(np.zeros(K), far=1000 + 6.5 * SIGMA), "count_range"),  # the far bin is a count too
+        (lambda: scores(np.zeros(K), far=-6.5 * SIGMA), "count_range"),
+        (lambda: scores(np.full(K, 1000 / K + 2 * SIGMA)), "total"),  # each count possible, the sum is not
+        (lambda: scores(np.full(K, 60.0), far=200.0), "total"),
+        (lambda: scores(np.full(K, -2.5 * SIGMA)), "total"),  # each barely possible, all of them together not
+    ],
+)
 def test_each_check_refuses_what_no_honest_device_sends(make, check):
     assert refused(make()) == check
 
@@ -119,8 +122,10 @@ def test_combine_scores_with_limits_refuses_implausible_answers():
 
 # ---- the daemon: refused on arrival, logged, counted, not recorded ----------------------------------
 
+
 def test_the_daemon_refuses_forged_scores_and_the_round_is_not_poisoned(tmp_path, pool_index, cache, caplog):
     from test_daemon_rounds import make_daemon, tick_until
+
     from cloud.serve.store import RoundState
 
     daemon = make_daemon(tmp_path, pool_index, cache, max_epsilon=1.0, max_samples=1000)
@@ -143,8 +148,10 @@ def test_the_daemon_refuses_forged_scores_and_the_round_is_not_poisoned(tmp_path
     assert daemon.metrics.scores_refused.value(check="sensitivity") == 1
     assert caplog.text.count("implausible_scores") >= 4
     rng = np.random.default_rng(0)
-    real = {d: Scores(r.round_id, d, enc, np.bincount(rng.integers(0, k, 40), minlength=k) + rng.normal(0, 4, k), 4.0)
-            for d in ("a", "b")}
+    real = {
+        d: Scores(r.round_id, d, enc, np.bincount(rng.integers(0, k, 40), minlength=k) + rng.normal(0, 4, k), 4.0)
+        for d in ("a", "b")
+    }
     for d, s in real.items():
         daemon.handle_message(outbox(d), s.to_bytes())
     assert sorted(x.device_id for x in daemon.store.responses(r.round_id)) == ["a", "b"]
@@ -156,19 +163,22 @@ def test_the_daemon_refuses_forged_scores_and_the_round_is_not_poisoned(tmp_path
 
 def test_a_round_records_why_a_device_counts_as_missing(tmp_path, pool_index, cache):
     from test_daemon_rounds import make_daemon, tick_until
+
     from cloud.serve.store import RoundState
 
     daemon = make_daemon(tmp_path, pool_index, cache, collect_seconds=0.5)
     r = daemon.submit_round(["a"])
     tick_until(daemon, r.round_id, RoundState.COLLECTING)
-    daemon.handle_message(outbox("a"), Scores(r.round_id, "a", daemon.index.encoder_sha256,
-                                              np.full(daemon.index.k, 1e6), 0.0).to_bytes())
+    daemon.handle_message(
+        outbox("a"), Scores(r.round_id, "a", daemon.index.encoder_sha256, np.full(daemon.index.k, 1e6), 0.0).to_bytes()
+    )
     failed = tick_until(daemon, r.round_id, RoundState.FAILED, timeout=10)
     assert failed.result["missing"] == ["a"] and failed.result["implausible"] == {"a": "noise_too_low"}
     assert "implausible" in failed.error
 
 
 # ---- offline: ecos-cloud sample -----------------------------------------------------------------
+
 
 def test_ecos_cloud_sample_refuses_a_forged_scores_file(tmp_path, pool_index, capsys):
     index, index_path = pool_index

@@ -7,8 +7,9 @@ import logging
 import numpy as np
 import pytest
 
+from cloud.errors import BudgetError
 from cloud.sampling import PoolView, ScoreSet, get_sampler, list_samplers, proportional_quotas
-from device_sdk.errors import BudgetError, MismatchError, UsageError
+from device_sdk.errors import MismatchError, UsageError
 
 DIM = 16
 
@@ -36,6 +37,7 @@ def select(name: str, pool: PoolView, budget: int, scores=None, seed: int = 0, *
 
 
 # ---- the contract every sampler keeps --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pool() -> PoolView:
@@ -78,6 +80,7 @@ def test_scores_for_another_clustering_are_a_mismatch(name, pool):
 
 # ---- registry and inputs ---------------------------------------------------------------------
 
+
 def test_registry_names_and_errors():
     assert {"random", "kcenter", "ecos"} <= set(list_samplers())
     with pytest.raises(UsageError, match="ecos, kcenter, random"):
@@ -105,6 +108,7 @@ def test_inconsistent_inputs_are_rejected(pool):
 
 
 # ---- ECOS ------------------------------------------------------------------------------------
+
 
 def test_ecos_draws_only_from_covered_clusters_in_proportion(pool):
     picks = select("ecos", pool, 90, scores_for(pool, sigma=1.0), purity_power=0.0)
@@ -192,6 +196,7 @@ def test_proportional_quotas_are_exact_and_capped():
 
 
 # ---- k-center --------------------------------------------------------------------------------
+
 
 def coverage_radius(features: np.ndarray, picks: np.ndarray) -> float:
     """Largest cosine distance from a pool point to its nearest pick."""

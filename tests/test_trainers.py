@@ -6,9 +6,10 @@ import os
 
 import pytest
 
+from cloud.errors import QualityGateError
 from cloud.sampling.selection import select, write_selection_csv
 from cloud.training.trainers import TrainerContext, get_trainer
-from device_sdk.errors import QualityGateError, UsageError
+from device_sdk.errors import UsageError
 from device_sdk.runtime.models import load_model
 
 TINY = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1}, "quant": {"calibration_size": 16}}
@@ -31,7 +32,9 @@ def context(pool_index, tmp_path_factory):
 def test_distill_ships_a_gated_int8_onnx_classifier_and_caches_the_teacher(context, selection, tmp_path):
     trainer = get_trainer("distill", context, {**TINY, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}})
     steps = []
-    result = trainer.train(selection, "dev-1", str(tmp_path / "a"), progress=lambda d, t, note: steps.append((d, t, note)))
+    result = trainer.train(
+        selection, "dev-1", str(tmp_path / "a"), progress=lambda d, t, note: steps.append((d, t, note))
+    )
     model = load_model(result.artifact_path)
     assert (model.meta.kind, model.meta.precision, result.report["precision"]) == ("classifier", "int8", "int8")
     assert result.report["gate"]["onnx"]["passed"] and result.report["proxy_images"] == 40
@@ -51,13 +54,16 @@ def test_a_failed_gate_ships_fp32_or_fails_as_configured(context, selection, tmp
         strict.train(selection, "dev-1", str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("name,options,needle", [
-    ("alchemy", {}, "unknown trainer 'alchemy'"),
-    ("distill", {"student": {"epochz": 3}}, "[trainer.options.student]"),
-    ("distill", {"precision": "int4"}, "precision must be one of int8, fp32"),
-    ("distill", {"on_gate_failure": "shrug"}, "on_gate_failure one of fp32, fail"),
-    ("distill", {"colour": "blue"}, "[trainer.options] for 'distill': got an unexpected keyword argument 'colour'"),
-])
+@pytest.mark.parametrize(
+    "name,options,needle",
+    [
+        ("alchemy", {}, "unknown trainer 'alchemy'"),
+        ("distill", {"student": {"epochz": 3}}, "[trainer.options.student]"),
+        ("distill", {"precision": "int4"}, "precision must be one of int8, fp32"),
+        ("distill", {"on_gate_failure": "shrug"}, "on_gate_failure one of fp32, fail"),
+        ("distill", {"colour": "blue"}, "[trainer.options] for 'distill': got an unexpected keyword argument 'colour'"),
+    ],
+)
 def test_bad_trainer_settings_are_usage_errors(context, name, options, needle):
     with pytest.raises(UsageError) as err:
         get_trainer(name, context, options)

@@ -18,14 +18,14 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from device_sdk.errors import QualityGateError, UsageError
+from cloud.errors import QualityGateError
+from cloud.export.formats import export_onnx, export_tflite
+from cloud.export.quantize import QuantConfig, calibration_batch, quantize_onnx, quantize_tflite
+from cloud.log import LOG
+from cloud.training.classifier import Trained, accuracy, predict_logits
+from device_sdk.errors import UsageError
 from device_sdk.fsutil import atomic_write_text
 from device_sdk.runtime.models import load_model
-
-from cloud.export.formats import export_onnx, export_tflite
-from cloud.log import LOG
-from cloud.export.quantize import QuantConfig, calibration_batch, quantize_onnx, quantize_tflite
-from cloud.training.classifier import Trained, accuracy, predict_logits
 
 RUNTIME_FORMATS = {"onnx": ("onnxruntime", ".onnx"), "tflite": ("litert", ".tflite")}
 
@@ -48,7 +48,9 @@ class ExportConfig:
     def __post_init__(self) -> None:
         bad = [f for f in self.formats if f not in RUNTIME_FORMATS]
         if bad or not self.formats:
-            raise UsageError(f"formats must be a non-empty subset of {', '.join(RUNTIME_FORMATS)} (got {', '.join(self.formats)})")
+            raise UsageError(
+                f"formats must be a non-empty subset of {', '.join(RUNTIME_FORMATS)} (got {', '.join(self.formats)})"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ def gate(fmt: str, fp32_logits: np.ndarray, int8_logits: np.ndarray, labels: np.
     if agreement < cfg.min_agreement:
         failures.append(f"{fmt} int8/fp32 top-1 agreement {agreement:.4f} < {cfg.min_agreement}")
     if fp32_acc - int8_acc > cfg.max_accuracy_drop:  # NaN (no labels) compares False: agreement alone decides
-        failures.append(f"{fmt} int8 accuracy {int8_acc:.4f} is {100 * (fp32_acc - int8_acc):.2f} points below fp32 "
-                        f"{fp32_acc:.4f} (max {100 * cfg.max_accuracy_drop:g})")
+        failures.append(
+            f"{fmt} int8 accuracy {int8_acc:.4f} is {100 * (fp32_acc - int8_acc):.2f} points below fp32 "
+            f"{fp32_acc:.4f} (max {100 * cfg.max_accuracy_drop:g})"
+        )
     return GateResult(fmt, len(labels), agreement, fp32_acc, int8_acc, tuple(failures))
 
 
@@ -84,8 +88,14 @@ def runtime_logits(path: str, runtime: str, images: np.ndarray, threads: int = 1
     return np.concatenate([model.run(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
-def export_classifier(trained: Trained, out_dir: str, calib_images: np.ndarray, eval_images: np.ndarray,
-                      eval_labels: np.ndarray, cfg: ExportConfig = ExportConfig()) -> Dict[str, Any]:
+def export_classifier(
+    trained: Trained,
+    out_dir: str,
+    calib_images: np.ndarray,
+    eval_images: np.ndarray,
+    eval_labels: np.ndarray,
+    cfg: ExportConfig = ExportConfig(),
+) -> Dict[str, Any]:
     """Write ``<name>{,.int8}.{onnx,tflite}`` and ``<name>.report.json`` into ``out_dir``, gate passed.
 
     ``calib_images`` (uint8 NHWC, the proxy set) calibrates int8; ``eval_images``/``eval_labels``
@@ -102,13 +112,23 @@ def export_classifier(trained: Trained, out_dir: str, calib_images: np.ndarray, 
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report["files"] = {k: {**v, "path": os.path.join(out_dir, os.path.basename(v["path"]))} for k, v in report["files"].items()}
-    atomic_write_text(os.path.join(out_dir, f"{cfg.name}.report.json"), json.dumps(report, indent=2, sort_keys=True) + "\n")
+    report["files"] = {
+        k: {**v, "path": os.path.join(out_dir, os.path.basename(v["path"]))} for k, v in report["files"].items()
+    }
+    atomic_write_text(
+        os.path.join(out_dir, f"{cfg.name}.report.json"), json.dumps(report, indent=2, sort_keys=True) + "\n"
+    )
     return report
 
 
-def _build(trained: Trained, folder: str, calib_images: np.ndarray, eval_images: np.ndarray, eval_labels: np.ndarray,
-           cfg: ExportConfig) -> Dict[str, Any]:
+def _build(
+    trained: Trained,
+    folder: str,
+    calib_images: np.ndarray,
+    eval_images: np.ndarray,
+    eval_labels: np.ndarray,
+    cfg: ExportConfig,
+) -> Dict[str, Any]:
     meta = trained.meta()
     calib = calibration_batch(calib_images, meta, cfg.quant)
     torch_logits = predict_logits(trained.model, trained.inputs(eval_images))
@@ -129,12 +149,27 @@ def _build(trained: Trained, folder: str, calib_images: np.ndarray, eval_images:
         parity[fmt] = float(np.max(np.abs(fp32_logits - torch_logits))) if len(torch_logits) else 0.0
         result = gate(fmt, fp32_logits, runtime_logits(int8, runtime, eval_images), eval_labels, cfg.gate)
         gates[fmt] = {**asdict(result), "passed": result.passed}
-        LOG.info("%s gate: agreement %.4f, accuracy fp32 %.4f -> int8 %.4f: %s", fmt, result.agreement,
-                 result.fp32_accuracy, result.int8_accuracy, "pass" if result.passed else "FAIL")
-    return {"name": cfg.name, "arch": trained.arch, "labels": trained.labels, "eval_images": int(len(eval_images)),
-            "torch_accuracy": accuracy(torch_logits, eval_labels), "fp32_max_abs_diff_vs_torch": parity,
-            "gate": gates, "gate_config": asdict(cfg.gate), "quant_config": asdict(cfg.quant), "files": files,
-            "training": trained.report}
+        LOG.info(
+            "%s gate: agreement %.4f, accuracy fp32 %.4f -> int8 %.4f: %s",
+            fmt,
+            result.agreement,
+            result.fp32_accuracy,
+            result.int8_accuracy,
+            "pass" if result.passed else "FAIL",
+        )
+    return {
+        "name": cfg.name,
+        "arch": trained.arch,
+        "labels": trained.labels,
+        "eval_images": int(len(eval_images)),
+        "torch_accuracy": accuracy(torch_logits, eval_labels),
+        "fp32_max_abs_diff_vs_torch": parity,
+        "gate": gates,
+        "gate_config": asdict(cfg.gate),
+        "quant_config": asdict(cfg.quant),
+        "files": files,
+        "training": trained.report,
+    }
 
 
 def _describe(path: str, digest: str) -> Dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import ClassVar, List, Optional, Type, TypeVar
 
 import numpy as np
 
-from device_sdk.errors import BudgetError, MismatchError, UsageError
+from cloud.errors import BudgetError
+from device_sdk.errors import MismatchError, UsageError
 from device_sdk.registry import Registry
 
 

@@ -24,16 +24,16 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from device_sdk.errors import ImplausibleScores, MismatchError, UsageError
+from cloud.errors import ImplausibleScores
+from cloud.log import LOG
+from cloud.pool.index import PoolIndex
+from cloud.sampling import PoolView, ScoreSet, get_sampler
+from cloud.serve.config import RoundConfig
+from device_sdk.errors import MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_text
-from device_sdk.protocol.round import Scores
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, calibrate_sigma
 from device_sdk.protocol.envelope import read_file
-
-from cloud.serve.config import RoundConfig
-from cloud.pool.index import PoolIndex
-from cloud.log import LOG
-from cloud.sampling import PoolView, ScoreSet, get_sampler
+from device_sdk.protocol.round import Scores
 
 CSV_COLUMNS = ("path", "label", "domain", "cluster", "rank")
 
@@ -69,16 +69,21 @@ class Plausibility:
     tail_sigmas: float = TAIL_SIGMAS
 
     @classmethod
-    def for_round(cls, max_epsilon: float = DEFAULT_MAX_EPSILON, delta: float = DEFAULT_BUDGET_DELTA,
-                  max_samples: int = DEFAULT_MAX_SAMPLES) -> "Plausibility":
+    def for_round(
+        cls,
+        max_epsilon: float = DEFAULT_MAX_EPSILON,
+        delta: float = DEFAULT_BUDGET_DELTA,
+        max_samples: int = DEFAULT_MAX_SAMPLES,
+    ) -> "Plausibility":
         """Limits of a round that accepts answers which are (``max_epsilon``, ``delta``)-DP (inf: any noise)."""
         try:
             max_epsilon, delta, max_samples = float(max_epsilon), float(delta), int(max_samples)
         except (TypeError, ValueError, OverflowError):
             raise UsageError(f"bad plausibility limits {max_epsilon!r}, {delta!r}, {max_samples!r}") from None
         if not (max_epsilon > 0 and 0 < delta < 1 and max_samples >= 1):
-            raise UsageError(f"need max_epsilon > 0, 0 < delta < 1 and max_samples >= 1, got {max_epsilon}, {delta}, "
-                             f"{max_samples}")
+            raise UsageError(
+                f"need max_epsilon > 0, 0 < delta < 1 and max_samples >= 1, got {max_epsilon}, {delta}, {max_samples}"
+            )
         return cls(_min_sigma(max_epsilon, delta), max_samples)
 
 
@@ -112,12 +117,18 @@ def check_plausible(s: Scores, limits: Plausibility) -> None:
         refuse("noise_too_high", f"noise sigma {s.sigma:.6g} is above max_samples={limits.max_samples}")
     lo, hi = float(values.min(initial=0.0)), float(values.max(initial=0.0))
     if lo < -tail or hi > cap + tail:
-        refuse("count_range", f"counts from {lo:.6g} to {hi:.6g}; {limits.max_samples} samples with noise sigma "
-                              f"{s.sigma:.6g} give [{-tail:.6g}, {cap + tail:.6g}]")
+        refuse(
+            "count_range",
+            f"counts from {lo:.6g} to {hi:.6g}; {limits.max_samples} samples with noise sigma "
+            f"{s.sigma:.6g} give [{-tail:.6g}, {cap + tail:.6g}]",
+        )
     total, spread = float(values.sum()), tail * math.sqrt(max(1, len(values)))
     if total < -spread or total > cap + spread:
-        refuse("total", f"counts sum to {total:.6g}; {limits.max_samples} samples with noise sigma {s.sigma:.6g} "
-                        f"give [{-spread:.6g}, {cap + spread:.6g}]")
+        refuse(
+            "total",
+            f"counts sum to {total:.6g}; {limits.max_samples} samples with noise sigma {s.sigma:.6g} "
+            f"give [{-spread:.6g}, {cap + spread:.6g}]",
+        )
 
 
 def clip_contribution(s: Scores, max_samples: int) -> Scores:
@@ -126,13 +137,15 @@ def clip_contribution(s: Scores, max_samples: int) -> Scores:
     if norm <= max_samples:
         return s
     scale = max_samples / norm
-    LOG.warning("scores from device %s clipped: L1 norm %.6g scaled down to max_samples=%d", s.device_id[:64], norm,
-                max_samples)
+    LOG.warning(
+        "scores from device %s clipped: L1 norm %.6g scaled down to max_samples=%d", s.device_id[:64], norm, max_samples
+    )
     return replace(s, scores=s.scores * scale, far=None if s.far is None else s.far * scale)
 
 
-def combine_scores(index: PoolIndex, answers: Sequence[Scores], radius_quantile: float = 0.95,
-                   limits: Optional[Plausibility] = None) -> Optional[ScoreSet]:
+def combine_scores(
+    index: PoolIndex, answers: Sequence[Scores], radius_quantile: float = 0.95, limits: Optional[Plausibility] = None
+) -> Optional[ScoreSet]:
     """Sum the devices' noisy scores after checking each one belongs to this index.
 
     With ``limits``, each answer must be plausible (else :class:`ImplausibleScores`) and is
@@ -143,9 +156,13 @@ def combine_scores(index: PoolIndex, answers: Sequence[Scores], radius_quantile:
     per_device: Dict[str, Scores] = {}
     for s in answers:
         if s.probe_id != index.probe_id:
-            raise MismatchError(f"scores from device {s.device_id} answer probe {s.probe_id[:12]}..., this index's probe is {index.probe_id[:12]}...")
+            raise MismatchError(
+                f"scores from device {s.device_id} answer probe {s.probe_id[:12]}..., this index's probe is {index.probe_id[:12]}..."
+            )
         if s.encoder_sha256 != index.encoder_sha256:
-            raise MismatchError(f"scores from device {s.device_id} were computed with encoder {s.encoder_sha256[:12]}..., not {index.encoder_sha256[:12]}...")
+            raise MismatchError(
+                f"scores from device {s.device_id} were computed with encoder {s.encoder_sha256[:12]}..., not {index.encoder_sha256[:12]}..."
+            )
         if s.k != index.k:
             raise MismatchError(f"scores from device {s.device_id} have {s.k} values, the index has k={index.k}")
         if s.device_id in per_device:
@@ -156,7 +173,7 @@ def combine_scores(index: PoolIndex, answers: Sequence[Scores], radius_quantile:
             s = clip_contribution(s, limits.max_samples)
         per_device[s.device_id] = s
     total = np.sum([s.scores for s in per_device.values()], axis=0)
-    sigma = math.sqrt(sum(s.sigma ** 2 for s in per_device.values()))
+    sigma = math.sqrt(sum(s.sigma**2 for s in per_device.values()))
     fars = [s.far for s in per_device.values()]
     far = float(sum(fars)) if all(f is not None for f in fars) else None
     if far is None and any(f is not None for f in fars):
@@ -164,7 +181,9 @@ def combine_scores(index: PoolIndex, answers: Sequence[Scores], radius_quantile:
     return ScoreSet(scores=total.astype(np.float64), sigma=sigma, far=far, radius_quantile=radius_quantile)
 
 
-def select(index: PoolIndex, method: str, budget: int, scores: Optional[ScoreSet], seed: int = 0, **config) -> np.ndarray:
+def select(
+    index: PoolIndex, method: str, budget: int, scores: Optional[ScoreSet], seed: int = 0, **config
+) -> np.ndarray:
     sampler = get_sampler(method, **config)
     pool = PoolView(features=index.features, assign=index.assign, centroids=index.centroids)
     return sampler.select(pool, budget, scores, np.random.default_rng(seed))

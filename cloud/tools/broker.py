@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from device_sdk.errors import TransportError
+from cloud.errors import TransportError
 
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
 
@@ -88,8 +88,10 @@ class Broker:
         atexit.register(self.stop)  # a script that dies on an exception must not leave the broker running
         if not wait_port(self.host, self.port, timeout):
             self.kill()
-            raise TransportError(f"{self.kind} did not start listening on {self.url} within {timeout:.0f}s; "
-                                 f"see {os.path.join(self.workdir, 'broker.log')}")
+            raise TransportError(
+                f"{self.kind} did not start listening on {self.url} within {timeout:.0f}s; "
+                f"see {os.path.join(self.workdir, 'broker.log')}"
+            )
         return self
 
     def kill(self) -> None:
@@ -118,16 +120,23 @@ class Broker:
         self.stop()
 
 
-def start_mosquitto(port: Optional[int] = None, host: str = "127.0.0.1", persistence: bool = True,
-                    extra_config: str = "") -> Broker:
+def start_mosquitto(
+    port: Optional[int] = None, host: str = "127.0.0.1", persistence: bool = True, extra_config: str = ""
+) -> Broker:
     """A private Mosquitto on ``host:port`` (a free port by default) with its own temp folder."""
     binary = mosquitto_binary()
     if binary is None:
         raise TransportError("mosquitto is not installed (apt install mosquitto)")
     workdir = tempfile.mkdtemp(prefix="ecos-mosquitto-")
     port = port or free_port(host)
-    lines = [f"listener {port} {host}", "allow_anonymous true", f"persistence {'true' if persistence else 'false'}",
-             f"persistence_location {workdir}/", "log_dest stdout", "max_queued_messages 100000"]
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {workdir}/",
+        "log_dest stdout",
+        "max_queued_messages 100000",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         lines.append("user root")  # else it drops to user 'mosquitto', who cannot write our temp folder
     conf = os.path.join(workdir, "mosquitto.conf")
@@ -142,12 +151,16 @@ def start_amqtt(port: Optional[int] = None, host: str = "127.0.0.1") -> Broker:
         raise TransportError("amqtt is not installed (pip install amqtt==0.12.1)")
     workdir = tempfile.mkdtemp(prefix="ecos-amqtt-")
     port = port or free_port(host)
-    config = {"listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-              "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
     conf = os.path.join(workdir, "amqtt.yaml")
     with open(conf, "w", encoding="utf-8") as fh:
         json.dump(config, fh)  # JSON is YAML: no YAML writer needed here
-    return Broker(host, port, "amqtt", "3.1.1", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", conf], workdir).start()
+    return Broker(
+        host, port, "amqtt", "3.1.1", [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", conf], workdir
+    ).start()
 
 
 def ensure_broker(host: Optional[str] = None, port: Optional[int] = None, wait: float = 3.0) -> Broker:
@@ -161,5 +174,7 @@ def ensure_broker(host: Optional[str] = None, port: Optional[int] = None, wait: 
         return start_mosquitto(port)
     if amqtt_available():
         return start_amqtt(port)
-    raise TransportError("no MQTT broker: give one (--broker HOST:PORT), or install mosquitto "
-                         "(apt install mosquitto) or amqtt (pip install amqtt==0.12.1)")
+    raise TransportError(
+        "no MQTT broker: give one (--broker HOST:PORT), or install mosquitto "
+        "(apt install mosquitto) or amqtt (pip install amqtt==0.12.1)"
+    )

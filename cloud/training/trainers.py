@@ -22,8 +22,9 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Dict, Optional, Type
 
+from cloud.errors import QualityGateError
 from cloud.log import LOG
-from device_sdk.errors import QualityGateError, UsageError
+from device_sdk.errors import UsageError
 from device_sdk.imagefolder import ImageItem
 from device_sdk.registry import Registry
 
@@ -227,3 +228,7 @@ class _Steps:
         if self.progress is not None:
             self.progress(self.done, self.total, note)
         self.done += 1
+
+
+# Trainers defined in other modules register themselves when imported (torch stays lazy there too).
+from cloud.training import semisup as _semisup  # noqa: E402,F401  ("semisup": FixMatch, the labelling tasks)

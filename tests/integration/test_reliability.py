@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from broker import private_broker, requires_broker, shared_broker, unique_id, wait_until  # noqa: F401 - fixtures
-from cloud.tools.broker import free_port
-from cloud.serve.daemon import build_daemon
-from cloud.serve.store import ResponseRecord, RoundState, SqliteStore
-from device_sdk.errors import StoreUnavailable
 from fullfs import fill, requires_mount, small_tmpfs
 from test_daemon import _serve, _up, _write_toml, cloud_config, metric, scrape, start_agent
+
+from cloud.errors import StoreUnavailable
+from cloud.serve.daemon import build_daemon
+from cloud.serve.store import ResponseRecord, RoundState, SqliteStore
+from cloud.tools.broker import free_port
 
 pytestmark = [pytest.mark.integration, requires_broker]
 
@@ -44,7 +44,8 @@ def teacher_cache(tmp_path_factory) -> Path:
 
 
 def test_a_probe_lost_with_a_killed_broker_is_sent_again_when_the_device_comes_back(
-        tmp_path, private_broker, pool_index, encoder_path, digits_root, teacher_cache):
+    tmp_path, private_broker, pool_index, encoder_path, digits_root, teacher_cache
+):
     broker = private_broker
     _, index_path = pool_index
     # the timer is far beyond the deadline: only the reconnect can bring the probe back
@@ -70,9 +71,12 @@ def test_a_probe_lost_with_a_killed_broker_is_sent_again_when_the_device_comes_b
         assert daemon.metrics.probes_resent.value(reason="reconnect") >= 1
         assert len(agent.ledger.releases()) == 1  # the re-sent probe was charged once
         assert agent.store.current("classifier").sha256 == done.result["sha256"]
-        print(f"broker SIGKILL with a queued probe: re-sent on reconnect "
-              f"{daemon.metrics.probes_resent.value(reason='reconnect'):.0f}x, collecting took "
-              f"{done.result['timings']['collecting']:.1f}s of a 45s deadline, round done", file=sys.stderr)
+        print(
+            f"broker SIGKILL with a queued probe: re-sent on reconnect "
+            f"{daemon.metrics.probes_resent.value(reason='reconnect'):.0f}x, collecting took "
+            f"{done.result['timings']['collecting']:.1f}s of a 45s deadline, round done",
+            file=sys.stderr,
+        )
     finally:
         if agent is not None:
             agent.stop()
@@ -81,7 +85,8 @@ def test_a_probe_lost_with_a_killed_broker_is_sent_again_when_the_device_comes_b
 
 @requires_mount
 def test_the_real_daemon_survives_a_full_disk_says_so_and_completes_the_round_when_freed(
-        tmp_path, shared_broker, pool_index, encoder_path, digits_root, teacher_cache):
+    tmp_path, shared_broker, pool_index, encoder_path, digits_root, teacher_cache
+):
     broker = shared_broker
     _, index_path = pool_index
     config, log, port = tmp_path / "cloud.toml", tmp_path / "daemon.log", free_port()
@@ -94,8 +99,12 @@ def test_the_real_daemon_survives_a_full_disk_says_so_and_completes_the_round_wh
         dev = unique_id("full")
         try:
             assert wait_until(lambda: _up(port), 60), log.read_text()
-            submitted = subprocess.run([sys.executable, "-m", "cloud.cli", "round", "--config", str(config), dev],
-                                       capture_output=True, text=True, check=True)
+            submitted = subprocess.run(
+                [sys.executable, "-m", "cloud.cli", "round", "--config", str(config), dev],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             round_id = re.search(r"round (\w+)", submitted.stdout).group(1)
             store = SqliteStore(str(state / "ecos.db"))
             assert wait_until(lambda: store.get_round(round_id).state is RoundState.COLLECTING, 20), log.read_text()
@@ -103,13 +112,17 @@ def test_the_real_daemon_survives_a_full_disk_says_so_and_completes_the_round_wh
             with pytest.raises(StoreUnavailable):  # the WAL's last pages of room, taken: the disk is really full
                 for i in range(5000):
                     store.add_response(ResponseRecord("fill", f"d{i}", "scores", "m", b"x" * 8192, time.time()))
-            refused = subprocess.run([sys.executable, "-m", "cloud.cli", "round", "--config", str(config), dev],
-                                     capture_output=True, text=True)
+            refused = subprocess.run(
+                [sys.executable, "-m", "cloud.cli", "round", "--config", str(config), dev],
+                capture_output=True,
+                text=True,
+            )
             assert refused.returncode == 14 and "error[store_unavailable]" in refused.stderr, refused.stderr
 
             agent = start_agent(dev, "printed", tmp_path, broker, public_key_of(state), encoder_path, digits_root)
-            assert wait_until(lambda: metric(scrape(port), "ecos_store_errors_total", reason="disk_full") >= 1, 30), \
+            assert wait_until(lambda: metric(scrape(port), "ecos_store_errors_total", reason="disk_full") >= 1, 30), (
                 log.read_text()
+            )
             answers_in = lambda: metric(scrape(port), "ecos_messages_total", direction="in", type="scores")  # noqa: E731
             assert wait_until(lambda: answers_in() >= 1, 30)
             assert metric(scrape(port), "ecos_messages_dropped_total", reason="store_unavailable") >= 1  # not recorded
@@ -129,9 +142,12 @@ def test_the_real_daemon_survives_a_full_disk_says_so_and_completes_the_round_wh
             text = scrape(port)
             errors = metric(text, "ecos_store_errors_total", reason="disk_full")
             lost = metric(text, "ecos_messages_dropped_total", reason="store_unavailable")
-            print(f"full disk: daemon alive, store errors {errors:.0f}, messages not recorded {lost:.0f}, "
-                  f"probes re-sent {metric(text, 'ecos_probes_resent_total', reason='timer'):.0f}, round done after "
-                  f"{time.monotonic() - freed:.1f}s once freed", file=sys.stderr)
+            print(
+                f"full disk: daemon alive, store errors {errors:.0f}, messages not recorded {lost:.0f}, "
+                f"probes re-sent {metric(text, 'ecos_probes_resent_total', reason='timer'):.0f}, round done after "
+                f"{time.monotonic() - freed:.1f}s once freed",
+                file=sys.stderr,
+            )
             store.close()
         finally:
             if agent is not None:
