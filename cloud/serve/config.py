@@ -19,8 +19,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from device_sdk.config import apply_env, check_broker_login, from_mapping, read_toml
 from device_sdk.errors import UsageError
-from device_sdk.protocol.round import CENTROID_CODECS
 from device_sdk.protocol.messages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from device_sdk.protocol.round import CENTROID_CODECS
 from device_sdk.transport import PROTOCOLS
 
 ENV_PREFIX = "ECOS_CLOUD_"
@@ -50,9 +50,10 @@ class BrokerConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where state lives: the SQLite database, artifacts and per-round work folders."""
+    """Where state lives: the job store's database, artifacts and per-round work folders."""
 
     state_dir: str = "ecos-state"
+    backend: str = "sqlite"  # the job store (cloud/serve/store/): "sqlite" (<state_dir>/ecos.db) or "memory" (tests)
     index: str = ""  # pool index (.npz) from 'ecos-cloud index'; required
     keys_dir: str = ""  # Ed25519 key pair (cloud_ed25519.pem + .pub.pem); default <state_dir>/keys, made on first start
 
@@ -127,8 +128,16 @@ class CloudConfig:
     log_format: str = "kv"
 
 
-_PATH_KEYS = {("store", "state_dir"), ("store", "index"), ("store", "keys_dir"), ("trainer", "cache_dir"),
-              ("broker", "ca_file"), ("broker", "cert_file"), ("broker", "key_file"), ("broker", "password_file")}
+_PATH_KEYS = {
+    ("store", "state_dir"),
+    ("store", "index"),
+    ("store", "keys_dir"),
+    ("trainer", "cache_dir"),
+    ("broker", "ca_file"),
+    ("broker", "cert_file"),
+    ("broker", "key_file"),
+    ("broker", "password_file"),
+}
 
 
 def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> CloudConfig:
@@ -151,25 +160,40 @@ def validate(cfg: CloudConfig) -> None:
     """Range checks; each message says which key to change and to what."""
     b, s, r, d, m = cfg.broker, cfg.store, cfg.rounds, cfg.delivery, cfg.metrics
     _need(1 <= b.port <= 65535, f"[broker] port must be 1..65535, got {b.port}")
-    _need(b.protocol in PROTOCOLS, f"[broker] protocol must be one of {', '.join(sorted(PROTOCOLS))} (a string), got {b.protocol!r}")
+    _need(
+        b.protocol in PROTOCOLS,
+        f"[broker] protocol must be one of {', '.join(sorted(PROTOCOLS))} (a string), got {b.protocol!r}",
+    )
     _need(b.keepalive >= 5, f"[broker] keepalive must be >= 5 seconds, got {b.keepalive}")
     _need(b.max_message_bytes >= 4096, f"[broker] max_message_bytes must be >= 4096, got {b.max_message_bytes}")
     _need(bool(s.state_dir), "[store] state_dir must name a folder for the database and artifacts")
+    from cloud.serve.store import BACKENDS  # here: the store's modules need not load with the config
+
+    _need(s.backend in BACKENDS, f"[store] backend must be one of {', '.join(BACKENDS.names())}, got {s.backend!r}")
     _need(r.budget >= 1, f"[rounds] budget must be >= 1 images, got {r.budget}")
     _need(r.collect_seconds > 0, f"[rounds] collect_seconds must be > 0, got {r.collect_seconds}")
     _need(r.min_responses >= 1, f"[rounds] min_responses must be >= 1, got {r.min_responses}")
-    _need(r.max_epsilon > 0 and 0 < r.delta < 1 and r.max_samples >= 1,
-          f"[rounds] need max_epsilon > 0 (inf: any noise), 0 < delta < 1 and max_samples >= 1, got {r.max_epsilon}, "
-          f"{r.delta}, {r.max_samples}")
-    _need(0.0 <= r.radius_quantile <= 1.0, f"[rounds] radius_quantile must lie in [0, 1] (0 = no coverage), "
-                                            f"got {r.radius_quantile!r}")
+    _need(
+        r.max_epsilon > 0 and 0 < r.delta < 1 and r.max_samples >= 1,
+        f"[rounds] need max_epsilon > 0 (inf: any noise), 0 < delta < 1 and max_samples >= 1, got {r.max_epsilon}, "
+        f"{r.delta}, {r.max_samples}",
+    )
+    _need(
+        0.0 <= r.radius_quantile <= 1.0,
+        f"[rounds] radius_quantile must lie in [0, 1] (0 = no coverage), got {r.radius_quantile!r}",
+    )
     _need(r.probe_resend_seconds > 0, f"[rounds] probe_resend_seconds must be > 0, got {r.probe_resend_seconds}")
     _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
-    _need(MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,
-          f"[delivery] chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (under a 256 KB broker packet limit), got {d.chunk_size}")
+    _need(
+        MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,
+        f"[delivery] chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes (under a 256 KB broker packet limit), "
+        f"got {d.chunk_size}",
+    )
     _need(d.window >= 1, f"[delivery] window must be >= 1 chunks, got {d.window}")
-    _need(d.ack_timeout > 0 and d.deadline_seconds > d.ack_timeout,
-          f"[delivery] need 0 < ack_timeout < deadline_seconds, got {d.ack_timeout} and {d.deadline_seconds}")
+    _need(
+        d.ack_timeout > 0 and d.deadline_seconds > d.ack_timeout,
+        f"[delivery] need 0 < ack_timeout < deadline_seconds, got {d.ack_timeout} and {d.deadline_seconds}",
+    )
     _need(0 <= m.port <= 65535, f"[metrics] port must be 0 (off) or 1..65535, got {m.port}")
     _need(cfg.trainer.threads >= 1, f"[trainer] threads must be >= 1, got {cfg.trainer.threads}")
     _need(cfg.log_format in LOG_FORMATS, f"log_format must be one of {', '.join(LOG_FORMATS)}, got {cfg.log_format!r}")
@@ -183,6 +207,8 @@ def _need(ok: bool, message: str) -> None:
 def require_index(cfg: CloudConfig) -> str:
     """The daemon cannot run rounds without a pool index; say how to make one."""
     if not cfg.store.index or not os.path.isfile(cfg.store.index):
-        raise UsageError(f"[store] index must point to a pool index file (got {cfg.store.index!r}); "
-                         "build one with 'ecos-cloud index POOL --encoder ENCODER --out pool.index.npz --probe round.probe'")
+        raise UsageError(
+            f"[store] index must point to a pool index file (got {cfg.store.index!r}); "
+            "build one with 'ecos-cloud index POOL --encoder ENCODER --out pool.index.npz --probe round.probe'"
+        )
     return cfg.store.index

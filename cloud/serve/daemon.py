@@ -5,7 +5,7 @@
 One round (``device``: one device, its own model; ``fleet``: several devices, summed scores,
 one model for all) walks ``probing -> collecting -> sampling -> training -> signing ->
 delivering -> done`` (or ``failed``). Every transition is one compare-and-set in the store
-(cloud/serve/store.py), made only after the stage's outputs are safely written, and every stage can
+(cloud/serve/store/), made only after the stage's outputs are safely written, and every stage can
 run again after a crash without effect beyond its first run:
 
 * probing/collecting: the probe (id = round id) is re-sent to devices that have not answered;
@@ -672,7 +672,7 @@ def build_daemon(cfg: CloudConfig, transport_factory: Callable[..., Any] = MqttT
     cache_dir = cfg.trainer.cache_dir or os.path.join(cfg.store.state_dir, "cache")
     trainer = get_trainer(cfg.trainer.name, TrainerContext(index_path, cache_dir, cfg.trainer.threads), cfg.trainer.options)
     _set_torch_threads(cfg.trainer.threads)
-    return Daemon(cfg, open_store(cfg.store.database), index, trainer, transport_factory)
+    return Daemon(cfg, open_store(cfg.store), index, trainer, transport_factory)
 
 
 def _set_torch_threads(threads: int) -> None:
