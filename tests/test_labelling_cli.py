@@ -1,0 +1,186 @@
+"""The two labelling tasks through the real console scripts (docs/tasks.md), on the small generated benchmark."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from device_sdk.privacy.ledger import PrivacyLedger
+
+BIN = Path(sys.executable).parent
+LABELS = ",".join(str(i) for i in range(10))
+
+
+def run(tool: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def _selection(digits_root: Path, out: Path, n: int = 60) -> Path:
+    from device_sdk.imagefolder import scan_image_folder
+
+    items = scan_image_folder(str(digits_root / "pool"))[::5][:n]
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(("path", "label", "domain", "cluster", "rank"))
+        for i, it in enumerate(items):
+            w.writerow((it.path, it.label, it.domain, 0, i))
+    return out
+
+
+def test_manual_labelling_round_trip_with_resume(digits_root, tmp_path):
+    sel = _selection(digits_root, tmp_path / "sel.csv")
+    job = tmp_path / "job"
+    proc = run(
+        "ecos-cloud",
+        "export-labels",
+        "--selection",
+        sel,
+        "--labels",
+        LABELS,
+        "--out-dir",
+        job,
+        "--document-root",
+        digits_root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    tasks = json.loads((job / "tasks.json").read_text())
+    assert tasks[0]["data"]["image"].startswith("/data/local-files/?d=pool/")
+    state = job / "labels.state.json"
+    assert (
+        run(
+            "ecos-cloud",
+            "simulate-labels",
+            "--state",
+            state,
+            "--truth",
+            sel,
+            "--fraction",
+            "0.5",
+            "--out",
+            tmp_path / "half.json",
+        ).returncode
+        == 0
+    )
+    out = tmp_path / "labelled.csv"
+    proc = run("ecos-cloud", "import-labels", "--state", state, tmp_path / "half.json", "--out", out)
+    assert proc.returncode == 3 and proc.stderr.strip().splitlines()[-1].startswith("error[input]:"), proc.stderr
+    assert "have no label yet" in proc.stderr and not out.exists()
+    assert (
+        run(
+            "ecos-cloud",
+            "simulate-labels",
+            "--state",
+            state,
+            "--truth",
+            sel,
+            "--out",
+            tmp_path / "all.csv",
+            "--seed",
+            "1",
+        ).returncode
+        == 0
+    )
+    proc = run("ecos-cloud", "import-labels", "--state", state, tmp_path / "all.csv", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "60 of 60 images labelled, 0 missing" in proc.stdout
+    truth = {r["path"]: r["label"] for r in csv.DictReader(open(sel))}
+    assert {r["path"]: r["label"] for r in csv.DictReader(open(out))} == truth
+    bad = json.loads((tmp_path / "half.json").read_text())
+    next(t for t in bad if t["annotations"])["annotations"][0]["result"][0]["value"]["choices"] = ["seven"]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    proc = run("ecos-cloud", "import-labels", "--state", state, tmp_path / "bad.json", "--out", tmp_path / "x.csv")
+    assert proc.returncode == 5 and "error[mismatch]" in proc.stderr and not (tmp_path / "x.csv").exists()
+
+
+def test_client_labelling_vote_apply_and_train(digits_root, tmp_path):
+    sel = _selection(digits_root, tmp_path / "sel.csv")
+    query = tmp_path / "round.labelquery"
+    proc = run("ecos-cloud", "label-query", "--selection", sel, "--labels", LABELS, "--groups", "12", "--out", query)
+    assert proc.returncode == 0, proc.stderr
+    votes, ledger = tmp_path / "printed.votes", tmp_path / "ledger.json"
+    local = digits_root / "devices" / "printed" / "local"
+    proc = run(
+        "ecos-device",
+        "label-vote",
+        local,
+        "--query",
+        query,
+        "--out",
+        votes,
+        "--ledger",
+        ledger,
+        "--epsilon",
+        "2",
+        "--device-id",
+        "printed",
+        "--budget-epsilon",
+        "2.5",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "charged epsilon 2.0000" in proc.stdout and "L2 sensitivity 1.414" in proc.stdout
+    led = PrivacyLedger(ledger)
+    assert len(led.releases()) == 1 and led.releases()[0]["key"].startswith("labels:")
+    # the same query again: replayed, free; a second query past the budget: refused, nothing written
+    proc = run(
+        "ecos-device", "label-vote", local, "--query", query, "--out", votes, "--ledger", ledger, "--epsilon", "2"
+    )
+    assert proc.returncode == 0 and "replayed" in proc.stdout and "charged epsilon 0.0000" in proc.stdout
+    query2 = tmp_path / "second.labelquery"
+    assert run("ecos-cloud", "label-query", "--selection", sel, "--labels", LABELS, "--out", query2).returncode == 0
+    proc = run(
+        "ecos-device",
+        "label-vote",
+        local,
+        "--query",
+        query2,
+        "--out",
+        tmp_path / "v2",
+        "--ledger",
+        ledger,
+        "--epsilon",
+        "2",
+    )
+    assert proc.returncode == 6 and "error[privacy_budget]" in proc.stderr and not (tmp_path / "v2").exists()
+    labelled = tmp_path / "labelled.csv"
+    proc = run("ecos-cloud", "apply-votes", "--query", query, "--votes", votes, "--out", labelled, "--min-margin", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(labelled)))
+    assert len(rows) == 60 and all(r["label"] in ("",) + tuple(LABELS.split(",")) for r in rows)
+    n_labelled = sum(1 for r in rows if r["label"])
+    assert f"{n_labelled} of 60 images labelled" in proc.stdout
+    # the votes of another query do not apply
+    proc = run("ecos-cloud", "apply-votes", "--query", query2, "--votes", votes, "--out", tmp_path / "y.csv")
+    assert proc.returncode == 5 and "error[mismatch]" in proc.stderr
+    if n_labelled >= 2:
+        out_dir = tmp_path / "student"
+        proc = run(
+            "ecos-cloud",
+            "train-semisup",
+            "--selection",
+            labelled,
+            "--labels",
+            LABELS,
+            "--out-dir",
+            out_dir,
+            "--epochs",
+            "1",
+            "--min-steps",
+            "4",
+            "--width",
+            "8",
+            "--unlabelled",
+            "0",
+            "--formats",
+            "onnx",
+            "--min-agreement",
+            "0",
+            "--max-drop",
+            "100",
+            "--threads",
+            "1",
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (out_dir / "student.safetensors").exists() and (out_dir / "student.int8.onnx").exists()
