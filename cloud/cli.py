@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 from device_sdk.clikit import add_common, run_cli, setup_logging
 from device_sdk.fsutil import atomic_write_bytes
 
+from cloud.labelling.cli import add_commands as add_labelling_commands
 from cloud.security.brokerconf import add_commands as add_broker_commands
 from cloud.training.encoder_config import EncoderConfig
 from cloud.log import LOG
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_key_commands(sub)
     add_broker_commands(sub, add_common)
+    add_labelling_commands(sub, add_common)
     return parser
 
 
