@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as a script
 from cloud.security.keys import SigningKey  # noqa: E402
 from device_sdk.protocol import envelope as wire  # noqa: E402
 from device_sdk.protocol import messages as P  # noqa: E402
+from device_sdk.protocol.labels import LabelQuery, LabelVotes, decode_label_message  # noqa: E402
 from device_sdk.protocol.round import Probe, Scores  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -96,6 +97,30 @@ def _scores(**kw) -> Scores:
     )
 
 
+LABELS = ["cat", "dog", "fox"]
+
+
+def _label_query(**kw) -> LabelQuery:
+    return LabelQuery(
+        "query-0001", ENCODER, LABELS, _centroids(5, 6), **{"votes_per_sample": 3, "created": CREATED, **kw}
+    )
+
+
+def _label_votes() -> LabelVotes:
+    votes = np.arange(15, dtype=np.float64).reshape(5, 3) - 2.5
+    return LabelVotes(
+        "query-0001",
+        "pi-1",
+        ENCODER,
+        LABELS,
+        votes,
+        {"mechanism": "gaussian", "sigma": 4.0, "sensitivity": 1.75},
+        {"epsilon": 0.5, "delta": 1e-6, "accountant": "rdp"},
+        id="votes-0001",
+        created=CREATED,
+    )
+
+
 CASES: Dict[str, Callable[[], bytes]] = {
     "probe_minimal": lambda: _probe().to_bytes(),
     "probe_full": lambda: _probe(max_distance=0.5, deadline=1767323045.5, radii=RADII).to_bytes(),
@@ -103,6 +128,8 @@ CASES: Dict[str, Callable[[], bytes]] = {
     "probe_float32": lambda: _probe(codec="float32", max_distance=0.25).to_bytes(),
     "probe_signed_minimal": lambda: _probe().to_bytes(signer=KEY),
     "probe_signed_full": lambda: _probe(max_distance=0.5, deadline=1767323045.5, radii=RADII).to_bytes(signer=KEY),
+    "probe_encoders": lambda: _probe(encoders=(ENCODER, "f" * 64)).to_bytes(),
+    "probe_signed_encoders": lambda: _probe(encoders=("f" * 64,), radii=RADII).to_bytes(signer=KEY),
     "scores": lambda: _scores().to_bytes(),
     "scores_far": lambda: _scores(far=4.5).to_bytes(),
     "artifact_manifest": lambda: _manifest(targets=["pi-1", "fleet:lab"]).signed_by(KEY).to_bytes(),
@@ -123,10 +150,15 @@ CASES: Dict[str, Callable[[], bytes]] = {
     ).to_bytes(),
     "status_offline": lambda: P.Status("pi-1", "offline", id="status-0002").to_bytes(),
     "key_update": lambda: _key_update().to_bytes(),
+    "label_query": lambda: _label_query().to_bytes(),
+    "label_query_float32": lambda: _label_query(max_distance=0.5, codec="float32").to_bytes(),
+    "label_votes": lambda: _label_votes().to_bytes(),
 }
 
 
 def _decode(data: bytes, name: str):
+    if name.startswith("label"):
+        return decode_label_message(data, f"golden {name}")
     return P.decode_message(data, f"golden {name}")
 
 
@@ -144,8 +176,10 @@ def _check_fields(name: str, msg) -> None:
         if name.endswith("full"):
             assert msg.max_distance == 0.5 and msg.deadline == 1767323045.5
             np.testing.assert_array_equal(msg.radii, RADII)
+        elif name.endswith("encoders"):
+            assert msg.accepted_encoders == (ENCODER, "f" * 64) and msg.deadline is None
         else:
-            assert msg.radii is None and msg.deadline is None
+            assert msg.radii is None and msg.deadline is None and msg.encoders is None
     elif name.startswith("scores"):
         assert isinstance(msg, Scores) and msg.message_id == "scores-0001" and msg.device_id == "pi-1"
         np.testing.assert_array_equal(msg.scores, [3.5, -1.25, 0.0, 12.0])
@@ -178,6 +212,15 @@ def _check_fields(name: str, msg) -> None:
     elif name == "key_update":
         assert msg.serial == 3 and msg.revoked == ["0123456789abcdef"] and msg.key_id == KEY.key_id
         KEY.public.verify(bytes.fromhex(msg.signature), msg.signed_bytes())
+    elif name.startswith("label_query"):
+        assert msg.id == "query-0001" and msg.labels == LABELS and msg.votes_per_sample == 3 and msg.n_queries == 5
+        atol = 0 if msg.codec == "float32" else 1e-3
+        np.testing.assert_allclose(msg.features, _centroids(5, 6), atol=atol)
+        assert msg.max_distance == (0.5 if name == "label_query_float32" else None)
+    elif name == "label_votes":
+        assert msg.query_id == "query-0001" and msg.device_id == "pi-1" and msg.labels == LABELS
+        np.testing.assert_array_equal(msg.votes, np.arange(15).reshape(5, 3) - 2.5)
+        assert (msg.sigma, msg.sensitivity, msg.epsilon) == (4.0, 1.75, 0.5) and msg.privacy["accountant"] == "rdp"
     else:
         raise AssertionError(f"no field checks for golden {name}")
 
@@ -209,7 +252,7 @@ def test_messages_built_from_their_fields_encode_to_the_golden_bytes(name):
 
 def test_every_message_type_has_a_golden_file():
     types = {wire.decode((GOLDEN / f"{name}.bin").read_bytes()).type for name in CASES}
-    assert types == set(P.ALL_TYPES)
+    assert types == set(P.ALL_TYPES) | {"label_query", "label_votes"}
     assert sorted(p.stem for p in GOLDEN.glob("*.bin")) == sorted(CASES)
 
 
