@@ -73,10 +73,6 @@ def key_id(key: Ed25519PublicKey) -> str:
     return key_id_of_raw(public_raw(key))
 
 
-def public_pem(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def public_key_from_hex(text: str) -> Ed25519PublicKey:
     """A public key from its 64 hex digits; anything else is a ``UsageError``."""
     if not is_public_hex(text):
@@ -119,8 +115,9 @@ class TrustStore:
     Immutable: a key update builds a new store (``device_sdk.trust.DeviceTrust``).
     """
 
-    def __init__(self, keys: Union[Mapping[str, Ed25519PublicKey], Iterable[Ed25519PublicKey]] = (),
-                 revoked: Iterable[str] = ()):
+    def __init__(
+        self, keys: Union[Mapping[str, Ed25519PublicKey], Iterable[Ed25519PublicKey]] = (), revoked: Iterable[str] = ()
+    ):
         if isinstance(keys, Mapping):
             items = dict(keys)
             for kid, key in items.items():
@@ -158,8 +155,10 @@ class TrustStore:
             raise RevokedKey(f"{what} is signed by key {key_id:.16}, which this device has revoked")
         key = self._keys.get(key_id)
         if key is None:
-            raise UnknownKey(f"{what} is signed by key {str(key_id):.16}, which this device does not trust; "
-                             f"trusted: {self._describe()}")
+            raise UnknownKey(
+                f"{what} is signed by key {str(key_id):.16}, which this device does not trust; "
+                f"trusted: {self._describe()}"
+            )
         try:
             key.verify(bytes.fromhex(signature), data)
         except (InvalidSignature, ValueError, TypeError):

@@ -28,13 +28,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from device_sdk.errors import UsageError
 from device_sdk.fsutil import PathLike, atomic_write_bytes, atomic_write_text
-from device_sdk.protocol.messages import MAX_TRUST_KEYS, KeyUpdate
-from device_sdk.signing import is_key_id, key_id, public_pem, public_raw
 from device_sdk.protocol.envelope import parse_json
+from device_sdk.protocol.messages import MAX_TRUST_KEYS, KeyUpdate
+from device_sdk.signing import is_key_id, key_id, public_raw
 
 PRIVATE_NAME = "cloud_ed25519.pem"
 PUBLIC_NAME = "cloud_ed25519.pub.pem"
@@ -43,6 +43,11 @@ NEXT_PUBLIC_NAME = "next_ed25519.pub.pem"
 RING_NAME = "keyring.json"
 RETIRED_DIR = "retired"
 RING_KIND = "ecos.keyring"
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """The public key as PEM (SubjectPublicKeyInfo), what ``ecos-device --trusted-key`` reads."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def load_private_key(path: PathLike) -> Ed25519PrivateKey:
@@ -66,8 +71,9 @@ def _write_private(path: Path, key: Ed25519PrivateKey) -> None:
         os.fsync(fh.fileno())
 
 
-def generate_keypair(directory: PathLike, private_name: str = PRIVATE_NAME,
-                     public_name: str = PUBLIC_NAME) -> Tuple[Path, Path]:
+def generate_keypair(
+    directory: PathLike, private_name: str = PRIVATE_NAME, public_name: str = PUBLIC_NAME
+) -> Tuple[Path, Path]:
     """Write a new key pair into ``directory``; refuses to overwrite an existing private key."""
     directory = Path(directory)
     private_path, public_path = directory / private_name, directory / public_name
@@ -180,8 +186,14 @@ class KeyRing:
             raise UsageError(f"cannot read {path}: {exc.strerror}") from None
         doc = doc if isinstance(doc, dict) else {}
         serial, revoked = doc.get("serial"), doc.get("revoked")
-        if doc.get("kind") != RING_KIND or not isinstance(serial, int) or isinstance(serial, bool) or serial < 0 \
-                or not isinstance(revoked, list) or not all(is_key_id(r) for r in revoked):
+        if (
+            doc.get("kind") != RING_KIND
+            or not isinstance(serial, int)
+            or isinstance(serial, bool)
+            or serial < 0
+            or not isinstance(revoked, list)
+            or not all(is_key_id(r) for r in revoked)
+        ):
             raise UsageError(f"{path} is not a key ring file (kind, serial >= 0, revoked key ids); fix or restore it")
         return serial, list(revoked)
 
@@ -194,8 +206,10 @@ class KeyRing:
     def new_next(self) -> SigningKey:
         """Make the next key pair (a rotation's first step)."""
         if self.next is not None:
-            raise UsageError(f"a next key ({self.next.key_id}) exists already: promote it or delete "
-                             f"{self.directory / NEXT_PRIVATE_NAME}")
+            raise UsageError(
+                f"a next key ({self.next.key_id}) exists already: promote it or delete "
+                f"{self.directory / NEXT_PRIVATE_NAME}"
+            )
         private, _ = generate_keypair(self.directory, NEXT_PRIVATE_NAME, NEXT_PUBLIC_NAME)
         self.next = SigningKey.load(private)
         self.serial += 1
@@ -223,8 +237,10 @@ class KeyRing:
         if not is_key_id(key_id_):
             raise UsageError(f"a key id is 16 lowercase hex digits, got {key_id_!r:.40}")
         if key_id_ == self.current.key_id or (self.next is not None and key_id_ == self.next.key_id):
-            raise UsageError(f"{key_id_} is the {'current' if key_id_ == self.current.key_id else 'next'} key: "
-                             "revoking it would leave devices without the key this cloud signs with")
+            raise UsageError(
+                f"{key_id_} is the {'current' if key_id_ == self.current.key_id else 'next'} key: "
+                "revoking it would leave devices without the key this cloud signs with"
+            )
         if key_id_ in self.revoked:
             return
         if len(self.revoked) >= 1024:
@@ -252,9 +268,12 @@ class KeyRing:
         return update.signed_by(self.current)
 
     def describe(self) -> Dict[str, Any]:
-        return {"keys_dir": str(self.directory), "current": self.current.key_id,
-                "current_public_key": str(self.public_key_path),
-                "next": None if self.next is None else self.next.key_id,
-                "next_public_key": None if self.next is None else str(self.next_public_key_path),
-                "revoked": sorted(set(self.revoked)), "serial": self.serial}
-
+        return {
+            "keys_dir": str(self.directory),
+            "current": self.current.key_id,
+            "current_public_key": str(self.public_key_path),
+            "next": None if self.next is None else self.next.key_id,
+            "next_public_key": None if self.next is None else str(self.next_public_key_path),
+            "revoked": sorted(set(self.revoked)),
+            "serial": self.serial,
+        }
