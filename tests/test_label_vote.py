@@ -175,3 +175,32 @@ def test_thumbnail_features_are_centred_unit_rows():
     assert np.allclose(np.linalg.norm(f, axis=1), 1, atol=1e-5) and np.allclose(f.mean(axis=1), 0, atol=1e-6)
     inverted = thumbnail_features(255 - imgs)
     assert np.allclose(inverted, -f, atol=1e-5)  # contrast inversion flips the sign
+
+
+def test_cloud_combines_devices_and_keeps_only_confident_groups():
+    from cloud.labelling.client import combine_votes, confident_labels, group_features
+
+    q = _query()
+    noise, privacy = {"mechanism": "gaussian", "sigma": 3.0, "sensitivity": 1.0}, {"epsilon": 1.0, "delta": 1e-5}
+    a = np.zeros((q.n_queries, len(LABELS)))
+    a[0] = [20, 0, 0, 0]  # clear lead: 20 votes over 0 (with sigma 5 for the sum, 4 sigmas)
+    a[1] = [5, 4, 0, 0]  # no clear lead
+    b = np.zeros_like(a)
+    b[1, 1] = 3.0
+    va = LabelVotes(q.id, "dev-a", THUMB16, list(LABELS), a, noise, privacy)
+    vb = LabelVotes(q.id, "dev-b", THUMB16, list(LABELS), b, dict(noise, sigma=4.0), privacy)
+    vs = combine_votes(q, [va, vb, va])  # dev-a twice: counted once
+    assert vs.devices == ["dev-a", "dev-b"] and vs.sigma == pytest.approx(5.0)
+    assert np.array_equal(vs.votes, a + b)
+    codes, margin = confident_labels(vs.votes, vs.sigma, 2.0)
+    assert codes[0] == 0 and margin[0] == pytest.approx(4.0)
+    assert codes[1] == -1 and (codes[2:] == -1).all()
+    other = LabelVotes("other-query", "dev-c", THUMB16, list(LABELS), a, noise, privacy)
+    with pytest.raises(MismatchError):
+        combine_votes(q, [other])
+    x = np.random.default_rng(0).normal(size=(40, 6))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cents, assign = group_features(x, 5)
+    assert cents.shape == (5, 6) and assign.shape == (40,) and set(assign) <= set(range(5))
+    same, ident = group_features(x, 0)
+    assert np.array_equal(ident, np.arange(40)) and np.allclose(same, x)
