@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
 from device_sdk.protocol.round import Probe, Scores  # noqa: E402
-from device_sdk.runtime.models import load_model  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -51,8 +51,26 @@ def scoring_run(encoder: str, folder: str, probe_path: str, workdir: str) -> dic
     """One real ``ecos-device score`` process; wall time and peak RSS from the child."""
     ledger = os.path.join(workdir, "bench-ledger.json")
     out = os.path.join(workdir, "bench.scores")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ecos-device"), "score", folder, "--encoder", encoder, "--probe", probe_path,
-           "--out", out, "--ledger", ledger, "--sigma", "6", "--budget-epsilon", "1000", "--threads", "1", "-q"]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ecos-device"),
+        "score",
+        folder,
+        "--encoder",
+        encoder,
+        "--probe",
+        probe_path,
+        "--out",
+        out,
+        "--ledger",
+        ledger,
+        "--sigma",
+        "6",
+        "--budget-epsilon",
+        "1000",
+        "--threads",
+        "1",
+        "-q",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.perf_counter() - t0
@@ -94,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="docs/results/device.md")
     args = p.parse_args(argv)
     encoder = os.path.join(args.workdir, "encoder.onnx")
-    items = scan_image_folder(os.path.join(args.workdir, "data", "pool"))[:: 7][: args.n]
+    items = scan_image_folder(os.path.join(args.workdir, "data", "pool"))[::7][: args.n]
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "device")
         for it in items:  # a device folder of exactly n images (hard links: no copy cost)
@@ -102,7 +120,9 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             os.link(it.path, dst)
         model = load_model(encoder)
-        probe = Probe("bench", model.sha256, _unit(np.random.default_rng(0).normal(size=(args.k, model.meta.feature_dim))))
+        probe = Probe(
+            "bench", model.sha256, _unit(np.random.default_rng(0).normal(size=(args.k, model.meta.feature_dim)))
+        )
         probe_path = os.path.join(tmp, "p.probe")
         with open(probe_path, "wb") as fh:
             fh.write(probe.to_bytes())
@@ -142,8 +162,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def message_sizes(k: int, d: int) -> dict:
     c = _unit(np.random.default_rng(0).normal(size=(k, d)))
-    out = {f"probe_{codec}": len(Probe("x" * 32, "e" * 64, c, codec).to_bytes()) for codec in ("float16", "int8", "float32")}
-    out["scores"] = len(Scores("x" * 32, "device-0001", "e" * 64, np.zeros(k), sigma=6.1, epsilon=0.58, delta=1e-5).to_bytes())
+    out = {
+        f"probe_{codec}": len(Probe("x" * 32, "e" * 64, c, codec).to_bytes())
+        for codec in ("float16", "int8", "float32")
+    }
+    out["scores"] = len(
+        Scores("x" * 32, "device-0001", "e" * 64, np.zeros(k), sigma=6.1, epsilon=0.58, delta=1e-5).to_bytes()
+    )
     out.update(k=k, d=d)
     return out
 
@@ -152,10 +177,13 @@ def write_markdown(res: dict, args) -> None:
     b = res["bytes"]
     cli = res["scoring_cli_1thread"]
     lines = [
-        "# Device scoring, indexing and message sizes", "",
+        "# Device scoring, indexing and message sizes",
+        "",
         f"Machine: {res['machine']['platform']}, {res['machine']['cpus']} CPUs. "
-        f"Command: `python benchmarks/bench_device.py --workdir {args.workdir}` (encoder from the sampling benchmark).", "",
-        "| measurement | value |", "|---|---|",
+        f"Command: `python benchmarks/bench_device.py --workdir {args.workdir}` (encoder from the sampling benchmark).",
+        "",
+        "| measurement | value |",
+        "|---|---|",
         f"| bare onnxruntime inference, {res['n_images']} images, 1 thread | {res['bare_inference_1thread_s']:.3f} s |",
         f"| PNG decoding of the same images | {res['decode_only_s']:.3f} s |",
         f"| device scoring in process (decode, encode, count, noise, ledger), 1 thread | {res['scoring_in_process_1thread_s']:.3f} s |",

@@ -23,18 +23,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cloud.pool.dataset import load_folder  # noqa: E402
-from cloud.training.encoder import EncoderConfig, train_encoder  # noqa: E402
 from cloud.export.formats import export_onnx  # noqa: E402
-from cloud.pool.features import encode_pool  # noqa: E402
-from cloud.pool.clustering import spherical_kmeans  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
-from cloud.tools.pipeline import encoder_meta  # noqa: E402
+from cloud.pool.clustering import spherical_kmeans  # noqa: E402
+from cloud.pool.dataset import load_folder  # noqa: E402
+from cloud.pool.features import encode_pool  # noqa: E402
 from cloud.sampling import PoolView, ScoreSet, get_sampler  # noqa: E402
+from cloud.tools.pipeline import encoder_meta  # noqa: E402
+from cloud.training.encoder import EncoderConfig, train_encoder  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
-from device_sdk.protocol.round import Probe  # noqa: E402
 from device_sdk.privacy.accounting import calibrate_sigma  # noqa: E402
-from device_sdk.runtime.models import load_model  # noqa: E402
+from device_sdk.protocol.round import Probe  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
 from device_sdk.scoring import coverage_counts, encode_items  # noqa: E402
 
 
@@ -56,7 +56,10 @@ def encode_all(encoder_path, data_root):
     items = scan_image_folder(os.path.join(data_root, "pool"))
     feats = encode_pool(model, items)
     domains = np.array([it.domain for it in items])
-    device = {d: encode_items(model, scan_image_folder(os.path.join(data_root, "devices", d, "local"))) for d in sorted(set(domains))}
+    device = {
+        d: encode_items(model, scan_image_folder(os.path.join(data_root, "devices", d, "local")))
+        for d in sorted(set(domains))
+    }
     return feats, domains, device
 
 
@@ -86,8 +89,10 @@ def main(argv=None) -> int:
         size = len(Probe("x" * 32, "e" * 64, np.ones((k, feats.shape[1]), np.float32)).to_bytes())
         res["k_sweep"].append({"k": k, "share": share, "probe_bytes": size})
         LOG.info("K=%d: share %.3f, probe %d bytes", k, share, size)
-    res["encoders"]["label+domain heads"] = {"share_k64": mean_share(feats, domains, device, 64, args.budget, args.epsilon),
-                                             **dict(zip(("nn_domain_acc", "nn_label_acc"), one_nn(feats, domains, labels)))}
+    res["encoders"]["label+domain heads"] = {
+        "share_k64": mean_share(feats, domains, device, 64, args.budget, args.epsilon),
+        **dict(zip(("nn_domain_acc", "nn_label_acc"), one_nn(feats, domains, labels))),
+    }
     meta = load_model(os.path.join(args.workdir, "encoder.onnx")).meta
     cfg = EncoderConfig(**{**meta.extra["config"], "domain_weight": 0.0})
     data = load_folder(os.path.join(data_root, "pool"))
@@ -97,18 +102,28 @@ def main(argv=None) -> int:
         path = os.path.join(tmp, "label_only.onnx")
         export_onnx(encoder, encoder_meta(cfg, data, report), path, output_name="features")
         f2, d2, dev2 = encode_all(path, data_root)
-    res["encoders"]["label head only"] = {"share_k64": mean_share(f2, d2, dev2, 64, args.budget, args.epsilon),
-                                          **dict(zip(("nn_domain_acc", "nn_label_acc"), one_nn(f2, d2, labels)))}
+    res["encoders"]["label head only"] = {
+        "share_k64": mean_share(f2, d2, dev2, 64, args.budget, args.epsilon),
+        **dict(zip(("nn_domain_acc", "nn_label_acc"), one_nn(f2, d2, labels))),
+    }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(res, fh, indent=1)
-    lines = ["# Encoder and K: what they do to ECOS's selection", "",
-             f"Command: `python benchmarks/bench_encoder_k.py --workdir {args.workdir}`; ecos at epsilon {args.epsilon}, "
-             f"delta 1e-5, budget {args.budget}; share = fraction of the selection from the device's domain, mean over the six domains.", "",
-             "| K | share | probe bytes (float16) |", "|---|---|---|"]
+    lines = [
+        "# Encoder and K: what they do to ECOS's selection",
+        "",
+        f"Command: `python benchmarks/bench_encoder_k.py --workdir {args.workdir}`; ecos at epsilon {args.epsilon}, "
+        f"delta 1e-5, budget {args.budget}; share = fraction of the selection from the device's domain, mean over the six domains.",
+        "",
+        "| K | share | probe bytes (float16) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['k']} | {r['share']:.3f} | {r['probe_bytes']} |" for r in res["k_sweep"]]
     lines += ["", "| encoder | share (K=64) | held-out 1-NN domain acc | 1-NN label acc |", "|---|---|---|---|"]
-    lines += [f"| {n} | {v['share_k64']:.3f} | {v['nn_domain_acc']:.3f} | {v['nn_label_acc']:.3f} |" for n, v in res["encoders"].items()]
+    lines += [
+        f"| {n} | {v['share_k64']:.3f} | {v['nn_domain_acc']:.3f} | {v['nn_label_acc']:.3f} |"
+        for n, v in res["encoders"].items()
+    ]
     os.makedirs(os.path.dirname(args.docs), exist_ok=True)
     with open(args.docs, "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -47,16 +47,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.classifier import train_and_eval  # noqa: E402
-from cloud.pool.dataset import ImageSet, load_image_set  # noqa: E402
-from cloud.training.encoder_config import EncoderConfig  # noqa: E402
-from cloud.pool.index import PoolIndex, build_index_from_items  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
+from cloud.pool.dataset import ImageSet, load_image_set  # noqa: E402
+from cloud.pool.index import PoolIndex, build_index_from_items  # noqa: E402
 from cloud.sampling import PoolView, get_sampler  # noqa: E402
 from cloud.sampling.selection import combine_scores, select  # noqa: E402
+from cloud.training.encoder_config import EncoderConfig  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
 from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
-from device_sdk.runtime.models import load_model  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
 from device_sdk.scoring import encode_items  # noqa: E402
 
 REGIMES = ("flat", "lodo", "unlabelled", "domains")
@@ -76,8 +76,16 @@ def ensure_data(workdir: str, source: str, quick: bool) -> str:
         from cloud.tools.datagen.digits import DOMAINS, generate
 
         n, local, test = (300, 80, 80) if quick else (2000, 300, 300)
-        generate(root, per_domain=n, domains=DOMAINS, seed=0, layout="benchmark", device_local=local,
-                 device_test=test, workers=os.cpu_count() or 1)
+        generate(
+            root,
+            per_domain=n,
+            domains=DOMAINS,
+            seed=0,
+            layout="benchmark",
+            device_local=local,
+            device_test=test,
+            workers=os.cpu_count() or 1,
+        )
     return root
 
 
@@ -91,15 +99,20 @@ def regime_view(data: ImageSet, regime: str) -> ImageSet:
 
 
 def subset(data: ImageSet, keep: np.ndarray) -> ImageSet:
-    return dataclasses.replace(data, items=[data.items[i] for i in keep], images=data.images[keep],
-                               labels=data.labels[keep], domains=data.domains[keep])
+    return dataclasses.replace(
+        data,
+        items=[data.items[i] for i in keep],
+        images=data.images[keep],
+        labels=data.labels[keep],
+        domains=data.domains[keep],
+    )
 
 
 def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, threads: int):
     """Train (unless present), export and index; returns (index, device-side model, train seconds)."""
-    from cloud.training.encoder import train_encoder
     from cloud.export.formats import export_onnx
     from cloud.tools.pipeline import encoder_meta
+    from cloud.training.encoder import train_encoder
 
     os.makedirs(folder, exist_ok=True)
     path, index_path = os.path.join(folder, "encoder.onnx"), os.path.join(folder, "pool.index.npz")
@@ -109,8 +122,10 @@ def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, t
         with open(stats_path) as fh:
             used = json.load(fh)
         if "settings" in used and used["settings"] != json.loads(json.dumps(settings)):
-            raise SystemExit(f"{folder} holds an encoder/index made with other settings; use another --workdir "
-                             f"or delete it\n  then: {used.get('settings')}\n  now:  {settings}")
+            raise SystemExit(
+                f"{folder} holds an encoder/index made with other settings; use another --workdir "
+                f"or delete it\n  then: {used.get('settings')}\n  now:  {settings}"
+            )
     if not os.path.exists(path):
         t0 = time.time()
         encoder, report = train_encoder(data, cfg)
@@ -136,8 +151,18 @@ def device_scores(index: PoolIndex, model, features: np.ndarray, eps: float, see
     return combine_scores(index, [scores], RADIUS_QUANTILE)
 
 
-def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str, pool_images: np.ndarray,
-               args, labels: List[str], cache: Dict) -> List[Dict]:
+def run_domain(
+    index,
+    model,
+    regime: str,
+    domain: str,
+    d_i: int,
+    data_root: str,
+    pool_images: np.ndarray,
+    args,
+    labels: List[str],
+    cache: Dict,
+) -> List[Dict]:
     """All methods, budgets and seeds for one device domain against one index."""
     local = scan_image_folder(os.path.join(data_root, "devices", domain, "local"))
     test = scan_image_folder(os.path.join(data_root, "devices", domain, "test"))
@@ -151,14 +176,28 @@ def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str,
     rows = []
     for seed in args.seeds:
         noise_seed = 1000 * seed + d_i
-        scoresets = {"ecos": device_scores(index, model, features, args.epsilon, noise_seed, True),
-                     "ecos-nocov": device_scores(index, model, features, args.epsilon, noise_seed, False)}
+        scoresets = {
+            "ecos": device_scores(index, model, features, args.epsilon, noise_seed, True),
+            "ecos-nocov": device_scores(index, model, features, args.epsilon, noise_seed, False),
+        }
         if with_accuracy and "local-only" in args.methods:
             key = ("local", domain, seed)
             if key not in cache:
-                cache[key] = train_and_eval(local_x, local_y, test_x, test_y, len(labels), epochs=args.epochs, seed=seed)
-            rows.append(dict(regime=regime, domain=domain, budget=0, method="local-only", seed=seed, share=1.0,
-                             accuracy=cache[key], uncovered=None))
+                cache[key] = train_and_eval(
+                    local_x, local_y, test_x, test_y, len(labels), epochs=args.epochs, seed=seed
+                )
+            rows.append(
+                dict(
+                    regime=regime,
+                    domain=domain,
+                    budget=0,
+                    method="local-only",
+                    seed=seed,
+                    share=1.0,
+                    accuracy=cache[key],
+                    uncovered=None,
+                )
+            )
         for budget in args.budgets:
             picks = {m: select(index, "ecos", budget, s, seed=seed, **args.ecos_config) for m, s in scoresets.items()}
             picks["random"] = select(index, "random", budget, None, seed=seed)
@@ -166,7 +205,8 @@ def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str,
             if len(own) >= budget:
                 picks["oracle"] = np.random.default_rng(seed).choice(own, size=budget, replace=False)
             plan = get_sampler("ecos", **args.ecos_config).plan(
-                PoolView(index.features, index.assign, index.centroids), budget, scoresets["ecos"])
+                PoolView(index.features, index.assign, index.centroids), budget, scoresets["ecos"]
+            )
             for method, p in picks.items():
                 if method not in args.methods:
                     continue
@@ -176,12 +216,31 @@ def run_domain(index, model, regime: str, domain: str, d_i: int, data_root: str,
                 if with_accuracy and not train_only:
                     usable = p[np.isin(index.labels[p], labels)]
                     y = np.array([labels.index(v) for v in index.labels[usable]])
-                    acc = train_and_eval(pool_images[usable], y, test_x, test_y, len(labels), epochs=args.epochs,
-                                         seed=seed)
-                rows.append(dict(regime=regime, domain=domain, budget=budget, method=method, seed=seed, share=share,
-                                 accuracy=acc, uncovered=plan.uncovered if method == "ecos" else None))
-                LOG.info("%-10s %-12s B=%-4d seed %d %-10s share %.3f acc %s", regime, domain, budget, seed, method,
-                         share, "-" if acc is None else f"{acc:.3f}")
+                    acc = train_and_eval(
+                        pool_images[usable], y, test_x, test_y, len(labels), epochs=args.epochs, seed=seed
+                    )
+                rows.append(
+                    dict(
+                        regime=regime,
+                        domain=domain,
+                        budget=budget,
+                        method=method,
+                        seed=seed,
+                        share=share,
+                        accuracy=acc,
+                        uncovered=plan.uncovered if method == "ecos" else None,
+                    )
+                )
+                LOG.info(
+                    "%-10s %-12s B=%-4d seed %d %-10s share %.3f acc %s",
+                    regime,
+                    domain,
+                    budget,
+                    seed,
+                    method,
+                    share,
+                    "-" if acc is None else f"{acc:.3f}",
+                )
     return rows
 
 
@@ -200,18 +259,24 @@ def run(args) -> Dict:
             for d_i, domain in enumerate(device_domains):
                 keep = np.flatnonzero(np.array([it.domain for it in pool_items]) != domain)
                 sub = subset(pool, keep)
-                index, model, secs = encoder_and_index(os.path.join(args.workdir, "lodo", domain),
-                                                       regime_view(sub, "lodo"), cfg, args.k, args.threads)
+                index, model, secs = encoder_and_index(
+                    os.path.join(args.workdir, "lodo", domain), regime_view(sub, "lodo"), cfg, args.k, args.threads
+                )
                 train_seconds[f"lodo/{domain}"] = secs
                 rows += run_domain(index, model, regime, domain, d_i, data_root, pool.images[keep], args, labels, cache)
             continue
-        index, model, secs = encoder_and_index(os.path.join(args.workdir, regime), regime_view(pool, regime), cfg,
-                                               args.k, args.threads)
+        index, model, secs = encoder_and_index(
+            os.path.join(args.workdir, regime), regime_view(pool, regime), cfg, args.k, args.threads
+        )
         train_seconds[regime] = secs
         for d_i, domain in enumerate(device_domains):
             rows += run_domain(index, model, regime, domain, d_i, data_root, pool.images, args, labels, cache)
-    return {"rows": rows, "domains": device_domains, "encoder_train_seconds": train_seconds,
-            "config": {**vars(args), "radius_quantile": RADIUS_QUANTILE, "encoder": dataclasses.asdict(cfg)}}
+    return {
+        "rows": rows,
+        "domains": device_domains,
+        "encoder_train_seconds": train_seconds,
+        "config": {**vars(args), "radius_quantile": RADIUS_QUANTILE, "encoder": dataclasses.asdict(cfg)},
+    }
 
 
 def summarise(rows: List[Dict]) -> Dict:
@@ -240,11 +305,18 @@ def per_domain(rows: List[Dict]) -> Dict:
     for (regime, domain, budget, method), rs in cells.items():
         accs = [r["accuracy"] for r in rs if r["accuracy"] is not None]
         unc = [r["uncovered"] for r in rs if r["uncovered"] is not None]
-        out.append(dict(regime=regime, domain=domain, budget=budget, method=method,
-                        share=float(np.mean([r["share"] for r in rs])),
-                        accuracy=float(np.mean(accs)) if accs else None,
-                        accuracy_std=float(np.std(accs)) if accs else None,
-                        uncovered=float(np.mean(unc)) if unc else None))
+        out.append(
+            dict(
+                regime=regime,
+                domain=domain,
+                budget=budget,
+                method=method,
+                share=float(np.mean([r["share"] for r in rs])),
+                accuracy=float(np.mean(accs)) if accs else None,
+                accuracy_std=float(np.std(accs)) if accs else None,
+                uncovered=float(np.mean(unc)) if unc else None,
+            )
+        )
     return out
 
 
@@ -256,31 +328,46 @@ def _fmt(entry: Dict, key: str) -> str:
 
 def markdown(result: Dict) -> str:
     s, cfg = result["summary"], result["config"]
-    lines = [f"# ECOS on real-shaped pools: {cfg['source']} benchmark", "",
-             f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. Command: "
-             f"`python benchmarks/eval_pools.py {result['command']}`. Wall time {result['seconds'] / 60:.0f} min. "
-             f"epsilon {cfg['epsilon']} per device (delta 1e-5), K={cfg['k']}, seeds {cfg['seeds']}, "
-             f"radius quantile {cfg['radius_quantile']}.", "",
-             "Mean over the device domains; ± is the standard deviation over seeds of that mean. share = fraction "
-             "of the selection from the device's domain; accuracy = small CNN trained on the selection, tested on "
-             "the device's held-out images. local-only trains on the device's own labelled images. The oracle "
-             "exists only where the pool holds at least B images of the device's domain, so its mean can cover "
-             "fewer domains (see the per-domain table). Encoder and k-means use seed 0 throughout.", "",
-             "| pool | budget | method | share | accuracy |", "|---|---|---|---|---|"]
+    lines = [
+        f"# ECOS on real-shaped pools: {cfg['source']} benchmark",
+        "",
+        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. Command: "
+        f"`python benchmarks/eval_pools.py {result['command']}`. Wall time {result['seconds'] / 60:.0f} min. "
+        f"epsilon {cfg['epsilon']} per device (delta 1e-5), K={cfg['k']}, seeds {cfg['seeds']}, "
+        f"radius quantile {cfg['radius_quantile']}.",
+        "",
+        "Mean over the device domains; ± is the standard deviation over seeds of that mean. share = fraction "
+        "of the selection from the device's domain; accuracy = small CNN trained on the selection, tested on "
+        "the device's held-out images. local-only trains on the device's own labelled images. The oracle "
+        "exists only where the pool holds at least B images of the device's domain, so its mean can cover "
+        "fewer domains (see the per-domain table). Encoder and k-means use seed 0 throughout.",
+        "",
+        "| pool | budget | method | share | accuracy |",
+        "|---|---|---|---|---|",
+    ]
     for regime, budgets in s.items():
         for b, methods in sorted(budgets.items(), key=lambda kv: int(kv[0])):
             for m, e in methods.items():
-                lines.append(f"| {regime} | {b if b != '0' else '–'} | {m} | {_fmt(e, 'share')} | {_fmt(e, 'accuracy')} |")
-    lines += ["", "Encoder training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                          result["encoder_train_seconds"].items()), "",
-              "Per device domain (mean over seeds; `uncovered` = the share of the device's data ECOS judged "
-              "outside the pool's coverage, which went to the diversity term):", "",
-              "| pool | domain | budget | method | share | accuracy | uncovered |", "|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {regime} | {b if b != '0' else '–'} | {m} | {_fmt(e, 'share')} | {_fmt(e, 'accuracy')} |"
+                )
+    lines += [
+        "",
+        "Encoder training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["encoder_train_seconds"].items()),
+        "",
+        "Per device domain (mean over seeds; `uncovered` = the share of the device's data ECOS judged "
+        "outside the pool's coverage, which went to the diversity term):",
+        "",
+        "| pool | domain | budget | method | share | accuracy | uncovered |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["per_domain"]:
         acc = "–" if r["accuracy"] is None else f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}"
         unc = "" if r["uncovered"] is None else f"{r['uncovered']:.2f}"
-        lines.append(f"| {r['regime']} | {r['domain']} | {r['budget'] or '–'} | {r['method']} | {r['share']:.3f} | "
-                     f"{acc} | {unc} |")
+        lines.append(
+            f"| {r['regime']} | {r['domain']} | {r['budget'] or '–'} | {r['method']} | {r['share']:.3f} | "
+            f"{acc} | {unc} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -353,17 +440,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="epochs of the evaluation classifier")
     p.add_argument("--encoder-epochs", type=int, default=EncoderConfig.epochs)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--accuracy-regimes", nargs="*", choices=REGIMES, default=["flat", "lodo"],
-                   help="regimes whose selections train the evaluation classifier (default: flat lodo; the others "
-                        "report shares only; unlabelled never has accuracy)")
+    p.add_argument(
+        "--accuracy-regimes",
+        nargs="*",
+        choices=REGIMES,
+        default=["flat", "lodo"],
+        help="regimes whose selections train the evaluation classifier (default: flat lodo; the others "
+        "report shares only; unlabelled never has accuracy)",
+    )
     p.add_argument("--ablation-accuracy", action="store_true", help="also train on the ecos-nocov selections")
     p.add_argument("--quick", action="store_true", help="small smoke run")
     p.add_argument("--out", default=None, help="JSON result (default benchmarks/results/eval_pools_<source>.json)")
     p.add_argument("--docs", default="docs/results")
-    p.add_argument("--methods", nargs="+", default=["ecos", "ecos-nocov", "random", "kcenter", "oracle", "local-only"],
-                   help="methods to run (default: all)")
-    p.add_argument("--ecos-config", type=json.loads, default={}, metavar="JSON",
-                   help='ECOS sampler settings, e.g. \'{"uncovered_far_share": 0.5}\' (default: the defaults)')
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["ecos", "ecos-nocov", "random", "kcenter", "oracle", "local-only"],
+        help="methods to run (default: all)",
+    )
+    p.add_argument(
+        "--ecos-config",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="ECOS sampler settings, e.g. '{\"uncovered_far_share\": 0.5}' (default: the defaults)",
+    )
     p.add_argument("--tag", default="", help="suffix of the output names (to run regimes in parallel processes)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into one report")
     args = p.parse_args(argv)
@@ -377,9 +478,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
     t0 = time.time()
     result = run(args)
-    result.update(summary=summarise(result["rows"]), per_domain=per_domain(result["rows"]), seconds=time.time() - t0,
-                  command=" ".join(sys.argv[1:] if argv is None else argv),
-                  machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()})
+    result.update(
+        summary=summarise(result["rows"]),
+        per_domain=per_domain(result["rows"]),
+        seconds=time.time() - t0,
+        command=" ".join(sys.argv[1:] if argv is None else argv),
+        machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    )
     stem = f"eval_pools_{args.source}" + ("_quick" if args.quick else "") + args.tag
     out = args.out or os.path.join("benchmarks", "results", stem + ".json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -33,15 +33,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.classifier import train_and_eval  # noqa: E402
-from cloud.pool.index import PoolIndex  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
-from cloud.tools.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
+from cloud.pool.index import PoolIndex  # noqa: E402
 from cloud.sampling import ScoreSet  # noqa: E402
 from cloud.sampling.selection import combine_scores, select, write_selection_csv  # noqa: E402
+from cloud.tools.pipeline import PipelineConfig, ensure_dataset, ensure_encoder, ensure_index  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
 from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
-from device_sdk.runtime.models import load_model  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
 from device_sdk.scoring import coverage_counts, encode_items  # noqa: E402
 
 NO_NOISE = math.inf
@@ -57,12 +57,16 @@ def device_scores(index: PoolIndex, model, features: np.ndarray, eps: float, see
     if eps == NO_NOISE:
         return ScoreSet(scores=coverage_counts(features, probe.centroids).astype(np.float64), sigma=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = PrivacyLedger.open(os.path.join(tmp, "ledger.json"), device_id="bench", budget_epsilon=max(eps, 1.0) * 2)
+        ledger = PrivacyLedger.open(
+            os.path.join(tmp, "ledger.json"), device_id="bench", budget_epsilon=max(eps, 1.0) * 2
+        )
         scores, _ = answer_probe(probe, model, features, ledger, epsilon=eps, rng=np.random.default_rng(seed))
     return combine_scores(index, [scores])
 
 
-def selections_for(index: PoolIndex, domain: str, scoresets: Dict[float, ScoreSet], budget: int, seed: int) -> Dict[str, np.ndarray]:
+def selections_for(
+    index: PoolIndex, domain: str, scoresets: Dict[float, ScoreSet], budget: int, seed: int
+) -> Dict[str, np.ndarray]:
     out = {f"ecos@{eps_tag(e)}": select(index, "ecos", budget, s, seed=seed) for e, s in scoresets.items()}
     out["random"] = select(index, "random", budget, None, seed=seed)
     out["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
@@ -80,8 +84,15 @@ def csv_name(method: str, budget: int) -> str:
 
 
 def run(args: argparse.Namespace) -> Dict:
-    cfg = PipelineConfig(per_domain=args.per_domain, device_local=args.device_local, device_test=args.device_test,
-                         k=args.k, epochs=args.encoder_epochs, width=args.encoder_width, seed=args.seed)
+    cfg = PipelineConfig(
+        per_domain=args.per_domain,
+        device_local=args.device_local,
+        device_test=args.device_test,
+        k=args.k,
+        epochs=args.encoder_epochs,
+        width=args.encoder_width,
+        seed=args.seed,
+    )
     os.makedirs(args.workdir, exist_ok=True)
     data_root = ensure_dataset(args.workdir, cfg)
     pool_root = os.path.join(data_root, "pool")
@@ -101,10 +112,14 @@ def run(args: argparse.Namespace) -> Dict:
         scoresets = {e: device_scores(index, model, features, e, args.seed + d_i) for e in args.epsilons}
         for budget in args.budgets:
             for method, picks in selections_for(index, domain, scoresets, budget, args.seed).items():
-                write_selection_csv(index, picks, os.path.join(args.workdir, "selections", domain, csv_name(method, budget)))
+                write_selection_csv(
+                    index, picks, os.path.join(args.workdir, "selections", domain, csv_name(method, budget))
+                )
                 share = float(np.mean(index.domains[picks] == domain))
                 y = np.array([labels.index(v) for v in index.labels[picks]])
-                acc = train_and_eval(pool_images[picks], y, test_images, test_labels, len(labels), epochs=args.epochs, seed=args.seed)
+                acc = train_and_eval(
+                    pool_images[picks], y, test_images, test_labels, len(labels), epochs=args.epochs, seed=args.seed
+                )
                 rows.append({"domain": domain, "budget": budget, "method": method, "share": share, "accuracy": acc})
                 LOG.info("%-11s B=%-5d %-10s share %.3f  acc %.3f", domain, budget, method, share, acc)
     return {"rows": rows, "domains": domains, "config": {**vars(args), "epsilons": [eps_tag(e) for e in args.epsilons]}}
@@ -122,17 +137,25 @@ def summarise(rows: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
 
 def markdown(result: Dict) -> str:
     summary, rows = result["summary"], result["rows"]
-    lines = ["# ECOS sampling on the generated digits benchmark", "",
-             f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. "
-             f"Command: `python benchmarks/eval_sampling.py {result['command']}`. Wall time {result['seconds']:.0f} s.", "",
-             "Mean over the device domains (share = fraction of the selection from the device's domain; "
-             "accuracy = small CNN trained on the selection, tested on the device's held-out images).", "",
-             "| budget | method | share from device domain | accuracy |", "|---|---|---|---|"]
+    lines = [
+        "# ECOS sampling on the generated digits benchmark",
+        "",
+        f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs. "
+        f"Command: `python benchmarks/eval_sampling.py {result['command']}`. Wall time {result['seconds']:.0f} s.",
+        "",
+        "Mean over the device domains (share = fraction of the selection from the device's domain; "
+        "accuracy = small CNN trained on the selection, tested on the device's held-out images).",
+        "",
+        "| budget | method | share from device domain | accuracy |",
+        "|---|---|---|---|",
+    ]
     for b, methods in summary.items():
         for m, v in methods.items():
             lines.append(f"| {b} | {m} | {v['share']:.3f} | {v['accuracy']:.3f} |")
     lines += ["", "Per domain:", "", "| domain | budget | method | share | accuracy |", "|---|---|---|---|---|"]
-    lines += [f"| {r['domain']} | {r['budget']} | {r['method']} | {r['share']:.3f} | {r['accuracy']:.3f} |" for r in rows]
+    lines += [
+        f"| {r['domain']} | {r['budget']} | {r['method']} | {r['share']:.3f} | {r['accuracy']:.3f} |" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +174,12 @@ def plot(result: Dict, path: str) -> None:
         for j, b in enumerate(budgets):
             ax.bar(np.arange(len(methods)) + j * width, [summary[b][m][key] for m in methods], width, label=f"B={b}")
         ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=30, ha="right")
-        ax.set_title({"share": "share of selection from the device's domain", "accuracy": "accuracy on the device's test images"}[key])
+        ax.set_title(
+            {
+                "share": "share of selection from the device's domain",
+                "accuracy": "accuracy on the device's test images",
+            }[key]
+        )
         ax.set_ylim(0, 1)
         ax.legend()
     fig.tight_layout()
@@ -160,7 +188,9 @@ def plot(result: Dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="work folder (data, encoder, index, selections; reused between runs)")
+    p.add_argument(
+        "--workdir", required=True, help="work folder (data, encoder, index, selections; reused between runs)"
+    )
     p.add_argument("--per-domain", type=int, default=2000)
     p.add_argument("--device-local", type=int, default=300)
     p.add_argument("--device-test", type=int, default=300)
@@ -181,8 +211,12 @@ def main(argv=None) -> int:
     setup_logging()
     t0 = time.time()
     result = run(args)
-    result.update(summary=summarise(result["rows"]), seconds=time.time() - t0, command=" ".join(sys.argv[1:]),
-                  machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()})
+    result.update(
+        summary=summarise(result["rows"]),
+        seconds=time.time() - t0,
+        command=" ".join(sys.argv[1:]),
+        machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1, default=str)

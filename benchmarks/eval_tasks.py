@@ -75,7 +75,7 @@ from device_sdk.imagefolder import (
 )
 from device_sdk.labelling import THUMB16, THUMB_SIZE, answer_label_query, thumbnail_features  # noqa: E402
 from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
-from device_sdk.runtime.models import load_model  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
 from device_sdk.scoring import encode_items  # noqa: E402
 
 TASKS = ("compression", "manual", "manual-sup", "client")

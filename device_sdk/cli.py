@@ -23,14 +23,14 @@ from device_sdk.device import answer_probe, check_probe_conflict
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.labelling_cli import add_command as add_label_vote_command
-from device_sdk.protocol.round import Probe
-from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol.envelope import read_file
 from device_sdk.protocol.messages import check_probe
-from device_sdk.runtime.models import load_model
+from device_sdk.protocol.round import Probe
+from device_sdk.runtime import load_model
 from device_sdk.scoring import check_compatible, encode_items
 from device_sdk.trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe
-from device_sdk.protocol.envelope import read_file
 
 LOG = logging.getLogger("ecos.device")
 
@@ -56,8 +56,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         LOG.warning("probe %s is unsigned and accepted (--accept-unsigned)", probe.probe_id[:12])
     model = load_model(args.encoder, threads=args.threads)
     check_compatible(probe, model)  # fail before reading a single private image
-    ledger = PrivacyLedger.open(args.ledger, device_id=args.device_id, budget_epsilon=args.budget_epsilon,
-                                budget_delta=args.budget_delta)
+    ledger = PrivacyLedger.open(
+        args.ledger, device_id=args.device_id, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
+    )
     check_probe_conflict(probe, ledger)
     items = scan_image_folder(args.folder)
     t0, last = time.monotonic(), [time.monotonic()]
@@ -68,15 +69,27 @@ def cmd_score(args: argparse.Namespace) -> int:
             LOG.info("encoding local images: %d/%d", done, total)
 
     features = encode_items(model, items, args.batch_size, progress)
-    scores, result = answer_probe(probe, model, features, ledger, epsilon=args.epsilon, sigma=args.sigma,
-                                  commit=lambda payload: atomic_write_bytes(args.out, payload), trust=trust,
-                                  accept_unsigned=args.accept_unsigned)
+    scores, result = answer_probe(
+        probe,
+        model,
+        features,
+        ledger,
+        epsilon=args.epsilon,
+        sigma=args.sigma,
+        commit=lambda payload: atomic_write_bytes(args.out, payload),
+        trust=trust,
+        accept_unsigned=args.accept_unsigned,
+    )
     budget_eps, delta = ledger.budget
     verb = "replayed earlier answer to" if result.repeated else "answered"
-    print(f"{verb} probe {probe.probe_id[:12]} with {scores.k} noisy scores (sigma={scores.sigma:.3f}) "
-          f"from {len(items)} images in {time.monotonic() - t0:.1f}s -> {args.out}")
-    print(f"privacy: charged epsilon {result.charged_epsilon:.4f}; spent {result.spent_epsilon:.4f} of {budget_eps:g} "
-          f"at delta={delta:g} ({ledger.accountant} accountant)")
+    print(
+        f"{verb} probe {probe.probe_id[:12]} with {scores.k} noisy scores (sigma={scores.sigma:.3f}) "
+        f"from {len(items)} images in {time.monotonic() - t0:.1f}s -> {args.out}"
+    )
+    print(
+        f"privacy: charged epsilon {result.charged_epsilon:.4f}; spent {result.spent_epsilon:.4f} of {budget_eps:g} "
+        f"at delta={delta:g} ({ledger.accountant} accountant)"
+    )
     return 0
 
 
@@ -98,9 +111,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     trust = trust_from_settings(load_device_config(args.config).models)
     if args.apply:
         result = trust.apply(read_key_update(args.apply))
-        print(f"key update {result.serial}: " + ("applied" if result.applied else "already applied (nothing changed)")
-              + (f"; added {', '.join(result.added)}" if result.added else "")
-              + (f"; no longer trusted {', '.join(result.revoked)}" if result.revoked else ""))
+        print(
+            f"key update {result.serial}: "
+            + ("applied" if result.applied else "already applied (nothing changed)")
+            + (f"; added {', '.join(result.added)}" if result.added else "")
+            + (f"; no longer trusted {', '.join(result.revoked)}" if result.revoked else "")
+        )
     info = trust.describe()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -125,7 +141,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     agent = DeviceAgent(config, on_event=lambda event: LOG.info("%s %s", event.kind, event.detail)).start()
     if not agent.wait_connected(args.connect_timeout):
-        LOG.warning("broker %s:%d not reachable yet; retrying in the background", config.broker.host, config.broker.port)
+        LOG.warning(
+            "broker %s:%d not reachable yet; retrying in the background", config.broker.host, config.broker.port
+        )
     LOG.info("device %s running (inbox %s); Ctrl-C to stop", config.device_id, agent.transport.subscriptions[0])
     # Under systemd (Type=notify, WatchdogSec=): ready now; then a watchdog ping every half period
     # while the message worker lives, so a dead or hung agent is restarted. Outside systemd: no-ops.
@@ -136,21 +154,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             sdnotify.notify("WATCHDOG=1")
     sdnotify.notify("STOPPING=1")
     agent.stop()
-    print(f"stopped; {agent.stats.messages_in} messages in ({agent.stats.bytes_in} bytes), "
-          f"{agent.stats.messages_out} out ({agent.stats.bytes_out} bytes)")
+    print(
+        f"stopped; {agent.stats.messages_in} messages in ({agent.stats.bytes_in} bytes), "
+        f"{agent.stats.messages_out} out ({agent.stats.bytes_out} bytes)"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ecos-device", description="ECOS device side: answer cloud probes privately (offline or over MQTT), keep the privacy ledger, run delivered models.")
+    parser = argparse.ArgumentParser(
+        prog="ecos-device",
+        description="ECOS device side: answer cloud probes privately (offline or over MQTT), keep the privacy ledger, run delivered models.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    p = sub.add_parser("score", help="answer a probe with noisy centroid-coverage scores of a local image folder",
-                       description="Encode FOLDER with the encoder, count votes per probe centroid, add Gaussian noise "
-                                   "calibrated to --epsilon (or --sigma), charge the privacy ledger, write the scores message.")
+    p = sub.add_parser(
+        "score",
+        help="answer a probe with noisy centroid-coverage scores of a local image folder",
+        description="Encode FOLDER with the encoder, count votes per probe centroid, add Gaussian noise "
+        "calibrated to --epsilon (or --sigma), charge the privacy ledger, write the scores message.",
+    )
     p.add_argument("folder", help="local image folder (any layout; labels are not used)")
-    p.add_argument("--encoder", required=True, help="encoder artifact, .onnx or .tflite (one the probe accepts: it names them)")
+    p.add_argument(
+        "--encoder", required=True, help="encoder artifact, .onnx or .tflite (one the probe accepts: it names them)"
+    )
     p.add_argument("--probe", required=True, help="probe message file from 'ecos-cloud index'")
     p.add_argument("--out", required=True, help="where to write the scores message")
     p.add_argument("--ledger", required=True, help="this device's privacy ledger (JSON; created on first use)")
@@ -158,17 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--epsilon", type=float, help="privacy cost of this release (epsilon at the ledger's delta)")
     noise.add_argument("--sigma", type=float, help="noise standard deviation instead of --epsilon")
     p.add_argument("--device-id", help="device id recorded in a new ledger (default: random)")
-    p.add_argument("--budget-epsilon", type=float, help=f"total epsilon budget of a new ledger (default {DEFAULT_BUDGET_EPSILON})")
+    p.add_argument(
+        "--budget-epsilon", type=float, help=f"total epsilon budget of a new ledger (default {DEFAULT_BUDGET_EPSILON})"
+    )
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
-    p.add_argument("--trusted-key", action="append", metavar="PUBLIC_KEY",
-                   help="the cloud's public key (PEM or 64 hex digits; repeat for several): the probe must be signed "
-                        "by one of them, else it is refused before anything is computed or charged. Without it the "
-                        "probe is not verified (a warning says so)")
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="PUBLIC_KEY",
+        help="the cloud's public key (PEM or 64 hex digits; repeat for several): the probe must be signed "
+        "by one of them, else it is refused before anything is computed or charged. Without it the "
+        "probe is not verified (a warning says so)",
+    )
     p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
-    p.add_argument("--accept-unsigned", action="store_true",
-                   help="with --trusted-key: still answer a probe that carries no signature (development only)")
+    p.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="with --trusted-key: still answer a probe that carries no signature (development only)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_score)
 
@@ -178,22 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_ledger)
 
-    p = sub.add_parser("keys", help="show the signing keys this device trusts; apply a key update file",
-                       description="Print the key ids the device configured in --config trusts (provisioned in "
-                                   "[models], or learned from signed key updates) and the ones it revoked. With "
-                                   "--apply FILE (from 'ecos-cloud keys update'), verify the update with a key the "
-                                   "device trusts and apply it first.")
+    p = sub.add_parser(
+        "keys",
+        help="show the signing keys this device trusts; apply a key update file",
+        description="Print the key ids the device configured in --config trusts (provisioned in "
+        "[models], or learned from signed key updates) and the ones it revoked. With "
+        "--apply FILE (from 'ecos-cloud keys update'), verify the update with a key the "
+        "device trusts and apply it first.",
+    )
     p.add_argument("--config", required=True, help="device configuration (TOML)")
     p.add_argument("--apply", metavar="FILE", help="a key update message file to verify and apply")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_keys)
 
-    p = sub.add_parser("run", help="run the device agent: answer probes over MQTT, receive and install models",
-                       description="Connect to the broker in device.toml, answer probes within the privacy ledger, "
-                                   "verify and install signed models, until SIGTERM or Ctrl-C.")
+    p = sub.add_parser(
+        "run",
+        help="run the device agent: answer probes over MQTT, receive and install models",
+        description="Connect to the broker in device.toml, answer probes within the privacy ledger, "
+        "verify and install signed models, until SIGTERM or Ctrl-C.",
+    )
     p.add_argument("--config", required=True, help="device configuration (TOML; see examples/raspberry_pi/device.toml)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait before warning that the broker is unreachable")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait before warning that the broker is unreachable",
+    )
     add_common(p)
     p.set_defaults(func=cmd_run)
     _add_predict_command(sub)
@@ -203,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- predict: run a shipped classifier (docs/models.md) ---------------------------------------
+
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from device_sdk.errors import UsageError
@@ -216,32 +265,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictions = predictor.predict_items(items, strict=args.strict, batch=args.batch_size)
     result = evaluate(predictions, predictor.labels)
     if args.json:
-        print(json.dumps({"model": args.model, "runtime": predictor.model.runtime, "sha256": predictor.model.sha256,
-                          "predictions": [p.__dict__ for p in predictions],
-                          "accuracy": result.accuracy if result.labelled else None, "labelled": result.labelled}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "runtime": predictor.model.runtime,
+                    "sha256": predictor.model.sha256,
+                    "predictions": [p.__dict__ for p in predictions],
+                    "accuracy": result.accuracy if result.labelled else None,
+                    "labelled": result.labelled,
+                },
+                indent=2,
+            )
+        )
         return 0
     if not result.labelled or args.show:
         for p in predictions:
             print(f"{p.path}\t{p.label}\t{p.probability:.4f}")
     if result.labelled:
-        print(f"accuracy {result.accuracy:.4f} ({result.correct}/{result.labelled} labelled images; "
-              f"{predictor.model.meta.arch} {predictor.model.meta.precision} on {predictor.model.runtime})")
+        print(
+            f"accuracy {result.accuracy:.4f} ({result.correct}/{result.labelled} labelled images; "
+            f"{predictor.model.meta.arch} {predictor.model.meta.precision} on {predictor.model.runtime})"
+        )
     return 0
 
 
 def _add_predict_command(sub) -> None:
-    from device_sdk.runtime.models import RUNTIMES
+    from device_sdk.runtime import RUNTIMES
 
-    p = sub.add_parser("predict", help="classify images with a shipped model (ONNX or TFLite, fp32 or int8)",
-                       description="Run a classifier artifact on IMAGE files or on every image under --folder. Prints "
-                                   "path, label and probability per image; on a folder whose subfolders are the "
-                                   "model's labels, prints the accuracy instead (add --show for both).")
+    p = sub.add_parser(
+        "predict",
+        help="classify images with a shipped model (ONNX or TFLite, fp32 or int8)",
+        description="Run a classifier artifact on IMAGE files or on every image under --folder. Prints "
+        "path, label and probability per image; on a folder whose subfolders are the "
+        "model's labels, prints the accuracy instead (add --show for both).",
+    )
     p.add_argument("model", help="classifier artifact (.onnx or .tflite) exported by ecos-cloud")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
     p.add_argument("--folder", help="image folder (labels = parent folder names)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                   help="inference runtime (default auto: onnxruntime for .onnx; ai-edge-litert, else tflite-runtime, for .tflite)")
-    p.add_argument("--strict", action="store_true", help="refuse images whose size is not the model's input size (default: resize)")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="inference runtime (default auto: onnxruntime for .onnx; ai-edge-litert, else tflite-runtime, for .tflite)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="refuse images whose size is not the model's input size (default: resize)"
+    )
     p.add_argument("--sha256", help="refuse the model unless its sha256 is this")
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images decoded per batch (default 256)")
@@ -252,6 +322,7 @@ def _add_predict_command(sub) -> None:
 
 
 # ---- doctor, status, models: look after a configured device (device_sdk/doctor.py) ---------------
+
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from device_sdk.doctor import FAIL, run_checks
@@ -276,13 +347,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"device {report['device_id']}: broker {report['broker']} ({'TLS' if report['tls'] else 'no TLS'}); "
-          f"runtimes {', '.join(report['runtimes']) or 'none'}")
+    print(
+        f"device {report['device_id']}: broker {report['broker']} ({'TLS' if report['tls'] else 'no TLS'}); "
+        f"runtimes {', '.join(report['runtimes']) or 'none'}"
+    )
     _print_models(report["models"])
     ledger = report["ledger"]
-    print("ledger: not created yet" if ledger is None else
-          f"ledger: spent epsilon {ledger['spent_epsilon']:.3f} of {ledger['budget_epsilon']:g}, remaining "
-          f"{ledger['remaining_epsilon']:.3f} ({ledger['releases']} releases)")
+    print(
+        "ledger: not created yet"
+        if ledger is None
+        else f"ledger: spent epsilon {ledger['spent_epsilon']:.3f} of {ledger['budget_epsilon']:g}, remaining "
+        f"{ledger['remaining_epsilon']:.3f} ({ledger['releases']} releases)"
+    )
     keys = report["trusted_keys"]
     print(f"trusted keys: {', '.join(keys) if isinstance(keys, list) else keys}")
     return 0
@@ -296,8 +372,12 @@ def _print_models(models: dict) -> None:
             m = slots.get(which)
             if m is None:
                 continue
-            what = (f"{m['name']} v{m['version']} ({m['format']}, sha256 {m['sha256'][:12]}..., installed "
-                    f"{m['installed_utc']})" if "version" in m else f"{m['path']} (configured, not installed)")
+            what = (
+                f"{m['name']} v{m['version']} ({m['format']}, sha256 {m['sha256'][:12]}..., installed "
+                f"{m['installed_utc']})"
+                if "version" in m
+                else f"{m['path']} (configured, not installed)"
+            )
             print(f"{kind:>10} {which:<8} {what}")
 
 
@@ -309,8 +389,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     config = load_device_config(args.config)
     if args.rollback:
         restored = ModelStore(config.models.store).rollback(args.rollback)
-        print(f"rolled back {args.rollback} to {restored.name} v{restored.version} (a running agent uses it from its "
-              "next prediction or probe; the status it publishes says so after its restart)")
+        print(
+            f"rolled back {args.rollback} to {restored.name} v{restored.version} (a running agent uses it from its "
+            "next prediction or probe; the status it publishes says so after its restart)"
+        )
     report = models_report(config)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -320,31 +402,42 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_inspection_commands(sub) -> None:
-    p = sub.add_parser("doctor", help="check a configured device: config, broker, keys, runtime, ledger, disk, clock",
-                       description="One line per check (ok, warn or fail); exits 1 if any check failed. The broker "
-                                   "check connects and completes the TLS handshake but does not log in (a login "
-                                   "would take over the running agent's session). A clock not synchronised only "
-                                   "warns; one before 2025 fails.")
+    p = sub.add_parser(
+        "doctor",
+        help="check a configured device: config, broker, keys, runtime, ledger, disk, clock",
+        description="One line per check (ok, warn or fail); exits 1 if any check failed. The broker "
+        "check connects and completes the TLS handshake but does not log in (a login "
+        "would take over the running agent's session). A clock not synchronised only "
+        "warns; one before 2025 fails.",
+    )
     p.add_argument("--config", required=True, help="device configuration (TOML)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds for the broker connection (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("status", help="what this device has: identity, broker, models, ledger, trusted keys",
-                       description="Local state only (nothing is sent): the configured broker, the runtimes "
-                                   "installed, the current and previous model per kind, the privacy ledger's "
-                                   "spending and the signing keys trusted.")
+    p = sub.add_parser(
+        "status",
+        help="what this device has: identity, broker, models, ledger, trusted keys",
+        description="Local state only (nothing is sent): the configured broker, the runtimes "
+        "installed, the current and previous model per kind, the privacy ledger's "
+        "spending and the signing keys trusted.",
+    )
     p.add_argument("--config", required=True, help="device configuration (TOML)")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("models", help="list the installed models; roll one back",
-                       description="List the current and previous model of each kind in the model store; with "
-                                   "--rollback KIND make the previous one current again.")
+    p = sub.add_parser(
+        "models",
+        help="list the installed models; roll one back",
+        description="List the current and previous model of each kind in the model store; with "
+        "--rollback KIND make the previous one current again.",
+    )
     p.add_argument("--config", required=True, help="device configuration (TOML)")
-    p.add_argument("--rollback", metavar="KIND", help="roll back this kind (classifier or encoder) to its previous model")
+    p.add_argument(
+        "--rollback", metavar="KIND", help="roll back this kind (classifier or encoder) to its previous model"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)
     p.set_defaults(func=cmd_models)

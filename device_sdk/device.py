@@ -19,10 +19,11 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 
 from device_sdk.errors import ProbeConflict, UsageError
-from device_sdk.protocol.round import Probe, Scores
+from device_sdk.privacy.accounting import calibrate_sigma, gaussian_noise
+from device_sdk.privacy.accounting import epsilon as compose_epsilon
 from device_sdk.privacy.ledger import PrivacyLedger, ReleaseResult
-from device_sdk.privacy.accounting import calibrate_sigma, epsilon as compose_epsilon, gaussian_noise
-from device_sdk.runtime.models import Model
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.runtime import Model
 from device_sdk.scoring import check_compatible, coverage_counts
 from device_sdk.trust import verify_probe
 
@@ -56,7 +57,7 @@ def _same_id_other_content(probe: Probe) -> Callable[[str], bool]:
     """Predicate over ledger keys: a release for this probe id made for other content."""
     key = release_key(probe)
     prefix = key.rsplit(":", 1)[0] + ":"
-    return lambda other: other != key and other.startswith(prefix) and ":" not in other[len(prefix):]
+    return lambda other: other != key and other.startswith(prefix) and ":" not in other[len(prefix) :]
 
 
 def check_probe_conflict(probe: Probe, ledger: PrivacyLedger) -> None:
@@ -66,15 +67,25 @@ def check_probe_conflict(probe: Probe, ledger: PrivacyLedger) -> None:
     """
     conflicts = _same_id_other_content(probe)
     if any(conflicts(r["key"]) for r in ledger.releases()):
-        raise ProbeConflict(f"probe {probe.probe_id[:40]} was answered before with other content; "
-                            "refused, nothing charged (a new question needs a new probe id)")
+        raise ProbeConflict(
+            f"probe {probe.probe_id[:40]} was answered before with other content; "
+            "refused, nothing charged (a new question needs a new probe id)"
+        )
 
 
-def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: PrivacyLedger, *,
-                 epsilon: Optional[float] = None, sigma: Optional[float] = None,
-                 commit: Callable[[bytes], None] = lambda payload: None,
-                 rng: Optional[np.random.Generator] = None, trust: Any = None,
-                 accept_unsigned: bool = False) -> Tuple[Scores, ReleaseResult]:
+def answer_probe(
+    probe: Probe,
+    model: Model,
+    features: np.ndarray,
+    ledger: PrivacyLedger,
+    *,
+    epsilon: Optional[float] = None,
+    sigma: Optional[float] = None,
+    commit: Callable[[bytes], None] = lambda payload: None,
+    rng: Optional[np.random.Generator] = None,
+    trust: Any = None,
+    accept_unsigned: bool = False,
+) -> Tuple[Scores, ReleaseResult]:
     """Score ``features`` against ``probe``, add calibrated Gaussian noise, charge the ledger.
 
     ``trust`` (a ``TrustStore`` or ``DeviceTrust``): the probe must be signed by a trusted,
@@ -96,10 +107,21 @@ def answer_probe(probe: Probe, model: Model, features: np.ndarray, ledger: Priva
         counts = coverage_counts(features, probe.centroids, probe.max_distance, radii=probe.radii)
         noisy = counts + gaussian_noise(len(counts), noise_sigma, rng)
         far = None if probe.radii is None else float(noisy[-1])
-        return Scores(probe.probe_id, ledger.device_id, probe.encoder_sha256, noisy[: probe.k], noise_sigma, 1.0,
-                      release_eps, delta, ledger.accountant, far=far).to_bytes()
+        return Scores(
+            probe.probe_id,
+            ledger.device_id,
+            probe.encoder_sha256,
+            noisy[: probe.k],
+            noise_sigma,
+            1.0,
+            release_eps,
+            delta,
+            ledger.accountant,
+            far=far,
+        ).to_bytes()
 
     n_values = probe.k + (probe.radii is not None)
-    result = ledger.release(release_key(probe), noise_sigma, 1.0, n_values, produce, commit,
-                            conflicts=_same_id_other_content(probe))
+    result = ledger.release(
+        release_key(probe), noise_sigma, 1.0, n_values, produce, commit, conflicts=_same_id_other_content(probe)
+    )
     return Scores.from_bytes(result.payload, "released scores"), result

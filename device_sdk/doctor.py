@@ -144,7 +144,7 @@ def encoder_path(config: Any) -> Tuple[Optional[str], str]:
 def check_runtime(config: Any) -> Tuple[str, str]:
     """An inference runtime is installed and loads the encoder the probes are made for."""
     from device_sdk.agent import supported_formats
-    from device_sdk.runtime.models import load_model
+    from device_sdk.runtime import load_model
 
     formats = supported_formats()
     if not formats:

@@ -32,7 +32,7 @@ def cmd_label_vote(args: argparse.Namespace) -> int:
     else:
         if not args.encoder:
             raise UsageError(f"the query is in encoder {query.feature_space[:12]}...'s feature space: give --encoder")
-        from device_sdk.runtime.models import load_model
+        from device_sdk.runtime import load_model
         from device_sdk.scoring import encode_items
 
         model = load_model(args.encoder, threads=args.threads)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_sampling import make_pool
 
 from cloud.sampling import PoolView, ScoreSet, get_sampler
 from device_sdk.device import answer_probe, release_key
 from device_sdk.errors import MessageError, MismatchError
 from device_sdk.imagefolder import scan_image_folder
-from device_sdk.protocol.round import Probe, Scores
-from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.privacy.accounting import epsilon
-from device_sdk.runtime.models import load_model
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.runtime import load_model
 from device_sdk.scoring import coverage_counts, encode_items
-
-from test_sampling import make_pool
 
 
 def _unit(x):
@@ -23,6 +22,7 @@ def _unit(x):
 
 
 # ---- device: the far bin ---------------------------------------------------------------------
+
 
 def test_far_bin_counts_samples_outside_their_centroids_radius():
     c = np.eye(3, dtype=np.float32)
@@ -103,6 +103,7 @@ def test_radii_hold_the_quantile_of_the_pools_own_points(pool_index):
 
 
 # ---- cloud: the coverage rule ----------------------------------------------------------------
+
 
 def _scores(pool: PoolView, far, sigma=1.0, q=0.95) -> ScoreSet:
     s = np.zeros(pool.n_clusters)

@@ -10,9 +10,9 @@ import pytest
 from device_sdk.device import answer_probe
 from device_sdk.errors import MismatchError, PrivacyBudgetExceeded, ProbeConflict, UsageError
 from device_sdk.imagefolder import scan_image_folder
-from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.privacy.accounting import epsilon
-from device_sdk.runtime.models import load_model
+from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.runtime import load_model
 from device_sdk.scoring import coverage_counts, encode_items
 
 

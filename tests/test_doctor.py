@@ -187,7 +187,7 @@ def _manifest(encoder_path, version):
     import json
 
     from device_sdk.protocol.messages import ArtifactManifest
-    from device_sdk.runtime.models import load_model
+    from device_sdk.runtime import load_model
 
     meta = json.loads(load_model(str(encoder_path)).meta.to_json())
     meta["kind"] = "classifier"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from cloud import cli as cloud_cli
+from cloud.errors import QualityGateError
 from cloud.pool.index import PoolIndex
 from device_sdk import cli as device_cli
-from cloud.errors import QualityGateError
 from device_sdk.errors import MessageError, MismatchError
 from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.round import Probe
-from device_sdk.runtime.models import load_model
+from device_sdk.runtime import load_model
 from device_sdk.scoring import check_compatible
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

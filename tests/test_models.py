@@ -11,13 +11,21 @@ import torch
 
 from cloud import cli as cloud_cli
 from cloud.export.formats import export_onnx, export_tflite
-from cloud.training.classifier import DistillConfig, Trained, distill, distillation_loss, load_checkpoint, load_selection, save_checkpoint
+from cloud.training.classifier import (
+    DistillConfig,
+    Trained,
+    distill,
+    distillation_loss,
+    load_checkpoint,
+    load_selection,
+    save_checkpoint,
+)
 from device_sdk import cli as device_cli
-from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.errors import ArtifactError, InputError, MismatchError, RuntimeUnavailable, UsageError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.predict import Predictor
-from device_sdk.runtime.models import load_model
+from device_sdk.runtime import load_model
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.runtime.tflite_meta import read_tflite_metadata
 from models import get_model, list_models, model_info
 
@@ -36,10 +44,18 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 def _trained(arch: str = "small_cnn", width: int = 8, seed: int = 0) -> Trained:
     torch.manual_seed(seed)
-    return Trained(get_model(arch, num_classes=10, width=width).eval(), arch, {"num_classes": 10, "width": width}, MEAN, STD, LABELS)
+    return Trained(
+        get_model(arch, num_classes=10, width=width).eval(),
+        arch,
+        {"num_classes": 10, "width": width},
+        MEAN,
+        STD,
+        LABELS,
+    )
 
 
 # ---- registry -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_builds_with_the_right_output_shape(name):
@@ -59,6 +75,7 @@ def test_registry_has_teachers_and_students():
 
 # ---- export parity ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def encoder_artifacts(tmp_path_factory):
     """A conv encoder (random weights, nonzero BN statistics) exported to ONNX and TFLite."""
@@ -69,7 +86,9 @@ def encoder_artifacts(tmp_path_factory):
         for _ in range(3):
             encoder(torch.randn(16, 3, 32, 32))  # move BN running stats off their defaults
     encoder.eval()
-    meta = ArtifactMeta(kind="encoder", arch="conv_encoder", input_shape=(3, 32, 32), mean=MEAN, std=STD, feature_dim=16)
+    meta = ArtifactMeta(
+        kind="encoder", arch="conv_encoder", input_shape=(3, 32, 32), mean=MEAN, std=STD, feature_dim=16
+    )
     folder = tmp_path_factory.mktemp("enc")
     export_onnx(encoder, meta, str(folder / "enc.onnx"), output_name="features")
     export_tflite(encoder, meta, str(folder / "enc.tflite"))
@@ -118,6 +137,7 @@ def test_runtime_is_chosen_from_the_file_type(encoder_artifacts):
 
 # ---- refusals: artifacts and runtimes -------------------------------------------------------------
 
+
 def test_wrong_hash_and_missing_metadata_are_artifact_errors(encoder_artifacts, tmp_path):
     import io
 
@@ -150,13 +170,23 @@ def _without_metadata(flatbuffer: bytes) -> bytes:
     return bytes(builder.Output())
 
 
-@pytest.mark.parametrize("blocked,name,runtime,hint", [
-    (("ai_edge_litert.interpreter", "tflite_runtime.interpreter"), "enc.tflite", "auto", "ecos-fleet-device[litert]"),
-    (("ai_edge_litert.interpreter",), "enc.tflite", "litert", "ecos-fleet-device[litert]"),
-    (("tflite_runtime.interpreter",), "enc.tflite", "tflite-runtime", "ecos-fleet-device[tflite]"),
-    (("onnxruntime",), "enc.onnx", "auto", "ecos-fleet-device[onnx]"),
-])
-def test_missing_runtime_is_a_typed_error_with_an_install_hint(encoder_artifacts, monkeypatch, blocked, name, runtime, hint):
+@pytest.mark.parametrize(
+    "blocked,name,runtime,hint",
+    [
+        (
+            ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),
+            "enc.tflite",
+            "auto",
+            "ecos-fleet-device[litert]",
+        ),
+        (("ai_edge_litert.interpreter",), "enc.tflite", "litert", "ecos-fleet-device[litert]"),
+        (("tflite_runtime.interpreter",), "enc.tflite", "tflite-runtime", "ecos-fleet-device[tflite]"),
+        (("onnxruntime",), "enc.onnx", "auto", "ecos-fleet-device[onnx]"),
+    ],
+)
+def test_missing_runtime_is_a_typed_error_with_an_install_hint(
+    encoder_artifacts, monkeypatch, blocked, name, runtime, hint
+):
     _, folder = encoder_artifacts
     for module in blocked:
         monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
@@ -173,10 +203,15 @@ def test_predict_refuses_an_encoder_and_a_wrong_size_or_mode_image_in_strict_mod
     trained = _trained()
     export_onnx(trained.model, trained.meta(), str(tmp_path / "clf.onnx"), output_name="logits")
     Image.new("RGB", (40, 28)).save(tmp_path / "big.png")
-    assert device_cli.main(["predict", str(tmp_path / "clf.onnx"), str(tmp_path / "big.png"), "--strict"]) == InputError.exit_code
+    assert (
+        device_cli.main(["predict", str(tmp_path / "clf.onnx"), str(tmp_path / "big.png"), "--strict"])
+        == InputError.exit_code
+    )
     err = capsys.readouterr().err
     assert err.startswith("error[input]: ") and "image is 40x28, model expects 32x32" in err
-    assert device_cli.main(["predict", str(tmp_path / "clf.onnx"), str(tmp_path / "big.png")]) == 0  # resized when not strict
+    assert (
+        device_cli.main(["predict", str(tmp_path / "clf.onnx"), str(tmp_path / "big.png")]) == 0
+    )  # resized when not strict
     assert capsys.readouterr().out.startswith(str(tmp_path / "big.png"))
     (tmp_path / "gray").mkdir()
     Image.new("L", (32, 32)).save(tmp_path / "gray" / "g.png")
@@ -185,6 +220,7 @@ def test_predict_refuses_an_encoder_and_a_wrong_size_or_mode_image_in_strict_mod
 
 
 # ---- checkpoints, selections, distillation ------------------------------------------------------
+
 
 def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
     trained = _trained(seed=1)
@@ -212,14 +248,19 @@ def _write_csv(path, rows):
 
 def test_selection_with_missing_images_names_the_first_one(digits_root, tmp_path):
     items = scan_image_folder(str(digits_root / "pool"))[:5]
-    _write_csv(tmp_path / "sel.csv", [(it.path, it.label) for it in items] + [("/nope/a.png", "1"), ("/nope/b.png", "2")])
+    _write_csv(
+        tmp_path / "sel.csv", [(it.path, it.label) for it in items] + [("/nope/a.png", "1"), ("/nope/b.png", "2")]
+    )
     with pytest.raises(InputError, match=r"2 of 7 selected images do not exist; first: /nope/a\.png"):
         load_selection(str(tmp_path / "sel.csv"), LABELS)
 
 
 def test_selection_with_labels_the_teacher_does_not_know(digits_root, tmp_path):
     items = scan_image_folder(str(digits_root / "pool"))[:4]
-    _write_csv(tmp_path / "sel.csv", [(items[0].path, "cat"), (items[1].path, "dog"), (items[2].path, "3"), (items[3].path, "")])
+    _write_csv(
+        tmp_path / "sel.csv",
+        [(items[0].path, "cat"), (items[1].path, "dog"), (items[2].path, "3"), (items[3].path, "")],
+    )
     with pytest.raises(MismatchError, match="labels unknown to the teacher: cat, dog"):
         load_selection(str(tmp_path / "sel.csv"), LABELS)
     _write_csv(tmp_path / "ok.csv", [(items[2].path, "3"), (items[3].path, "")])
@@ -230,8 +271,18 @@ def test_selection_with_labels_the_teacher_does_not_know(digits_root, tmp_path):
 def test_distill_cli_with_a_bad_selection_fails_before_training_and_writes_nothing(digits_root, tmp_path, capsys):
     save_checkpoint(_trained(), str(tmp_path / "t.safetensors"))
     _write_csv(tmp_path / "sel.csv", [("/nope/a.png", "1")])
-    code = cloud_cli.main(["distill", "--selection", str(tmp_path / "sel.csv"), "--teacher", str(tmp_path / "t.safetensors"),
-                           "--out-dir", str(tmp_path / "out"), "-q"])
+    code = cloud_cli.main(
+        [
+            "distill",
+            "--selection",
+            str(tmp_path / "sel.csv"),
+            "--teacher",
+            str(tmp_path / "t.safetensors"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "-q",
+        ]
+    )
     assert code == InputError.exit_code
     assert capsys.readouterr().err.startswith("error[input]: ")
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from device_sdk.errors import UsageError
@@ -120,3 +121,43 @@ def test_accountants():
     assert epsilon(one, 1e-5, "rdp") > epsilon(one, 1e-5, "gaussian") > 0  # two different functions
     with pytest.raises(UsageError, match=r"^unknown privacy accountant 'moments'; choose one of: gaussian, rdp$"):
         epsilon(one, 1e-5, "moments")
+
+
+def test_runtimes():
+    from device_sdk.runtime import RUNTIMES, resolve_runtime
+    from device_sdk.runtime.base import RUNTIME_REGISTRY
+
+    assert RUNTIMES == ("auto", "onnxruntime", "litert", "tflite-runtime")  # registration order: auto's preference
+    assert [RUNTIME_REGISTRY.get(n).format for n in RUNTIMES[1:]] == ["onnx", "tflite", "tflite"]
+    with pytest.raises(UsageError, match=r"^unknown runtime 'tensorrt'; choose one of: auto, onnxruntime"):
+        resolve_runtime("model.onnx", "tensorrt")  # refused before the file is read
+
+
+def test_a_registered_runtime_is_loaded_by_name(tmp_path):
+    from device_sdk.runtime import Model, RuntimeSpec, load_model, register_runtime
+    from device_sdk.runtime.artifact import ArtifactMeta
+    from device_sdk.runtime.base import RUNTIME_REGISTRY
+
+    class Echo(Model):
+        runtime = "echo"
+
+        def _infer(self, x):
+            return x.reshape(len(x), -1)[:, :2]
+
+    meta = ArtifactMeta.from_json(
+        '{"kind": "encoder", "arch": "t", "input_shape": [3, 2, 2], "mean": [0, 0, 0], "std": [1, 1, 1], '
+        '"output_dim": 2}'
+    )
+    spec = RuntimeSpec("echo-test", "onnx", "json", "nothing to install", lambda path, threads: Echo(path, meta, "0"))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"not really onnx")
+    register_runtime(spec)
+    try:
+        model = load_model(str(path), runtime="echo-test")
+        assert isinstance(model, Echo) and model.run(np.zeros((1, 2, 2, 3), np.uint8)).shape == (1, 2)
+        with pytest.raises(UsageError, match="cannot run it"):
+            load_model(str(path), runtime="litert")  # a TFLite runtime on an ONNX file
+    finally:
+        RUNTIME_REGISTRY._items.pop("echo-test")
+    with pytest.raises(TypeError):
+        Model("p", meta, "0")  # the interface is abstract

@@ -10,7 +10,7 @@ from cloud.errors import QualityGateError
 from cloud.sampling.selection import select, write_selection_csv
 from cloud.training.trainers import TrainerContext, get_trainer
 from device_sdk.errors import UsageError
-from device_sdk.runtime.models import load_model
+from device_sdk.runtime import load_model
 
 TINY = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1}, "quant": {"calibration_size": 16}}
 NEVER = {"min_agreement": 1.01}  # no model can agree with its fp32 twin on more than every image

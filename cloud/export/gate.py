@@ -25,7 +25,7 @@ from cloud.log import LOG
 from cloud.training.classifier import Trained, accuracy, predict_logits
 from device_sdk.errors import UsageError
 from device_sdk.fsutil import atomic_write_text
-from device_sdk.runtime.models import load_model
+from device_sdk.runtime import load_model
 
 RUNTIME_FORMATS = {"onnx": ("onnxruntime", ".onnx"), "tflite": ("litert", ".tflite")}
 

@@ -26,10 +26,10 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from cloud.log import LOG
 from cloud.errors import QualityGateError
+from cloud.log import LOG
 from device_sdk.fsutil import atomic_write_text, sha256_file
-from device_sdk.runtime.models import Model, load_model
+from device_sdk.runtime import Model, load_model
 
 MAX_COSINE_DISTANCE = 1e-3
 MIN_AGREEMENT = 0.99

@@ -14,25 +14,25 @@ import time
 
 import numpy as np
 import pytest
+from broker import CloudClient, private_broker, requires_broker, shared_broker, unique_id, wait_until  # noqa: F401
 
-from broker import (CloudClient, private_broker, requires_broker, shared_broker, unique_id,  # noqa: F401 (fixtures)
-                    wait_until)
-from cloud.serve.delivery import ArtifactSender, build_manifest
 from cloud.security.keys import KeyRing, SigningKey, generate_keypair, sign
+from cloud.serve.delivery import ArtifactSender, build_manifest
 from device_sdk.agent import DeviceAgent
-from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.config import load_device_config
 from device_sdk.imagefolder import load_images, scan_image_folder
-from device_sdk.protocol.round import Probe, Scores, new_id
-from device_sdk.protocol.messages import Ack, Installed, InstallFailed, Refusal, Status, inbox
-from device_sdk.runtime.models import load_model
 from device_sdk.protocol.envelope import encode
+from device_sdk.protocol.messages import Ack, Installed, InstallFailed, Refusal, Status, inbox
+from device_sdk.protocol.round import Probe, Scores, new_id
+from device_sdk.runtime import load_model
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 
 pytestmark = [pytest.mark.integration, requires_broker]
 DOMAIN = "printed"
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
@@ -46,19 +46,33 @@ def _make_classifier(path, digits_root, ridge: float) -> None:
 
     items = scan_image_folder(digits_root / "devices" / DOMAIN / "local")
     labels = sorted({it.label for it in items})
-    x = load_images([it.path for it in items], (32, 32)).astype(np.float32).transpose(0, 3, 1, 2).reshape(len(items), -1)
+    x = (
+        load_images([it.path for it in items], (32, 32))
+        .astype(np.float32)
+        .transpose(0, 3, 1, 2)
+        .reshape(len(items), -1)
+    )
     x = (x / 255.0 - 0.5) / 0.25
     y = np.eye(len(labels), dtype=np.float32)[[labels.index(it.label) for it in items]]
     w = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1], dtype=np.float32), x.T @ y).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["image"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
-        "linear", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        "linear",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(labels)])],
-        [numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    meta = ArtifactMeta(kind="classifier", arch="linear", input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3,
-                        labels=labels, precision="fp32")
+    meta = ArtifactMeta(
+        kind="classifier",
+        arch="linear",
+        input_shape=(3, 32, 32),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        labels=labels,
+        precision="fp32",
+    )
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, meta.to_json()
     onnx.save(model, str(path))
@@ -74,14 +88,27 @@ def classifiers(digits_root, tmp_path_factory):
     return paths
 
 
-def _agent(tmp_path, broker, keys, *, protocol="5", encoder=None, local=None, evaluate=None, budget=3.0,
-           device_id=None, on_event=None) -> DeviceAgent:
+def _agent(
+    tmp_path,
+    broker,
+    keys,
+    *,
+    protocol="5",
+    encoder=None,
+    local=None,
+    evaluate=None,
+    budget=3.0,
+    device_id=None,
+    on_event=None,
+) -> DeviceAgent:
     """A device agent configured through a real device.toml."""
-    lines = [f'device_id = "{device_id or unique_id("dev")}"',
-             f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nprotocol = "{protocol}"\nkeepalive = 5',
-             f"[privacy]\nbudget_epsilon = {budget}\nepsilon_per_probe = 0.58",
-             "[data]" + (f'\nlocal = "{local}"' if local else "") + (f'\neval = "{evaluate}"' if evaluate else ""),
-             f'[models]\ncloud_public_key = "{keys[1]}"' + (f'\nencoder = "{encoder}"' if encoder else "")]
+    lines = [
+        f'device_id = "{device_id or unique_id("dev")}"',
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nprotocol = "{protocol}"\nkeepalive = 5',
+        f"[privacy]\nbudget_epsilon = {budget}\nepsilon_per_probe = 0.58",
+        "[data]" + (f'\nlocal = "{local}"' if local else "") + (f'\neval = "{evaluate}"' if evaluate else ""),
+        f'[models]\ncloud_public_key = "{keys[1]}"' + (f'\nencoder = "{encoder}"' if encoder else ""),
+    ]
     (tmp_path / "device.toml").write_text("\n".join(lines) + "\n")
     return DeviceAgent(load_device_config(str(tmp_path / "device.toml")), on_event=on_event)
 
@@ -121,16 +148,19 @@ def _accuracy(model_path, folder):
 
 # ---- delivery ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_full_delivery_installs_reports_accuracy_and_predicts(protocol, shared_broker, keys, classifiers,
-                                                              digits_root, tmp_path):
+def test_full_delivery_installs_reports_accuracy_and_predicts(
+    protocol, shared_broker, keys, classifiers, digits_root, tmp_path
+):
     eval_folder = digits_root / "devices" / DOMAIN / "test"
     agent = _agent(tmp_path, shared_broker, keys, protocol=protocol, evaluate=eval_folder)
     with CloudClient(shared_broker, [agent.device_id], protocol) as cloud:
         _connected(agent)
         assert cloud.next(kind=Status).state == "online"
-        manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
-                                  chunk_size=8 << 10)
+        manifest = build_manifest(
+            classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id], chunk_size=8 << 10
+        )
         sender = ArtifactSender(cloud.transport, agent.device_id, classifiers[0], manifest, window=4, timeout=5)
         result = _drive(cloud, sender)
 
@@ -148,16 +178,22 @@ def test_full_delivery_installs_reports_accuracy_and_predicts(protocol, shared_b
         assert cloud.next(kind=Status).state == "offline"
 
 
-def test_corrupted_chunk_and_bad_signature_are_refused_and_the_old_model_kept(shared_broker, keys, classifiers, tmp_path):
+def test_corrupted_chunk_and_bad_signature_are_refused_and_the_old_model_kept(
+    shared_broker, keys, classifiers, tmp_path
+):
     agent = _connected(_agent(tmp_path, shared_broker, keys))
     try:
         with CloudClient(shared_broker, [agent.device_id]) as cloud:
-            good = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
-                                  chunk_size=8 << 10)
-            assert isinstance(_drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], good)), Installed)
+            good = build_manifest(
+                classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id], chunk_size=8 << 10
+            )
+            assert isinstance(
+                _drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], good)), Installed
+            )
 
-            new = build_manifest(classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id],
-                                  chunk_size=8 << 10)
+            new = build_manifest(
+                classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id], chunk_size=8 << 10
+            )
             corrupted = tmp_path / "corrupted.onnx"
             data = bytearray(classifiers[1].read_bytes())
             data[3 * (8 << 10) + 100] ^= 0x01  # one bit of chunk 3
@@ -179,8 +215,9 @@ def test_corrupted_chunk_and_bad_signature_are_refused_and_the_old_model_kept(sh
 
 def test_broker_restart_mid_delivery_resumes_from_the_last_good_chunk(private_broker, keys, classifiers, tmp_path):
     agent = _connected(_agent(tmp_path, private_broker, keys))
-    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id],
-                              chunk_size=2 << 10)
+    manifest = build_manifest(
+        classifiers[0], keys[0], name="student", version=1, targets=[agent.device_id], chunk_size=2 << 10
+    )
     state = {"acked_at_restart": None, "acks_after": []}
 
     def restart_broker_once(ack: Ack) -> None:
@@ -205,8 +242,9 @@ def test_broker_restart_mid_delivery_resumes_from_the_last_good_chunk(private_br
 
 def test_device_restart_mid_delivery_resumes_from_its_persisted_chunks(shared_broker, keys, classifiers, tmp_path):
     first = _connected(_agent(tmp_path, shared_broker, keys))
-    manifest = build_manifest(classifiers[0], keys[0], name="student", version=1, targets=[first.device_id],
-                              chunk_size=2 << 10)
+    manifest = build_manifest(
+        classifiers[0], keys[0], name="student", version=1, targets=[first.device_id], chunk_size=2 << 10
+    )
     agents = [first]
     state = {"stopped_at": None, "acks_after": []}
 
@@ -231,17 +269,28 @@ def test_device_restart_mid_delivery_resumes_from_its_persisted_chunks(shared_br
 
 # ---- probes ------------------------------------------------------------------------------------
 
+
 def _answered(events):
     """``repeated`` flag of each probe the agent answered, in order."""
     return [e.detail["repeated"] for e in events if e.kind == "probe_answered"]
 
 
-def test_replayed_probe_costs_nothing_and_refusals_are_replies(shared_broker, keys, pool_index, encoder_path,
-                                                                digits_root, tmp_path):
+def test_replayed_probe_costs_nothing_and_refusals_are_replies(
+    shared_broker, keys, pool_index, encoder_path, digits_root, tmp_path
+):
     index, _ = pool_index
     events = []
-    agent = _connected(_agent(tmp_path, shared_broker, keys, encoder=encoder_path, budget=0.8,
-                              local=digits_root / "devices" / DOMAIN / "local", on_event=events.append))
+    agent = _connected(
+        _agent(
+            tmp_path,
+            shared_broker,
+            keys,
+            encoder=encoder_path,
+            budget=0.8,
+            local=digits_root / "devices" / DOMAIN / "local",
+            on_event=events.append,
+        )
+    )
     topic = inbox(agent.device_id)
     try:
         with CloudClient(shared_broker, [agent.device_id]) as cloud:
@@ -270,18 +319,26 @@ def test_replayed_probe_costs_nothing_and_refusals_are_replies(shared_broker, ke
         agent.stop()
 
 
-def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_working(shared_broker, keys, pool_index,
-                                                                                   encoder_path, digits_root, tmp_path):
+def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_working(
+    shared_broker, keys, pool_index, encoder_path, digits_root, tmp_path
+):
     index, _ = pool_index
-    agent = _connected(_agent(tmp_path, shared_broker, keys, encoder=encoder_path,
-                              local=digits_root / "devices" / DOMAIN / "local"))
+    agent = _connected(
+        _agent(tmp_path, shared_broker, keys, encoder=encoder_path, local=digits_root / "devices" / DOMAIN / "local")
+    )
     topic = inbox(agent.device_id)
     try:
         with CloudClient(shared_broker, [agent.device_id]) as cloud:
-            bad = [b"not ecos", b"ECOS" + b"\xff" * 64, encode("bogus", {"id": "x"}),
-                   Scores("p", agent.device_id, "e" * 64, np.zeros(2), 1.0).to_bytes(),  # wrong direction
-                   encode("artifact_chunk", {"artifact_id": "../../x", "index": 0, "id": "i"}, {"data": np.zeros(4, np.uint8)}),
-                   b"\0" * (5 << 20)]
+            bad = [
+                b"not ecos",
+                b"ECOS" + b"\xff" * 64,
+                encode("bogus", {"id": "x"}),
+                Scores("p", agent.device_id, "e" * 64, np.zeros(2), 1.0).to_bytes(),  # wrong direction
+                encode(
+                    "artifact_chunk", {"artifact_id": "../../x", "index": 0, "id": "i"}, {"data": np.zeros(4, np.uint8)}
+                ),
+                b"\0" * (5 << 20),
+            ]
             for payload in bad:
                 cloud.transport.publish(topic, payload)
             probe = dataclasses.replace(index.probe(), probe_id=new_id())
@@ -292,13 +349,23 @@ def test_malformed_and_oversized_messages_are_dropped_and_the_agent_keeps_workin
         agent.stop()
 
 
-def test_forged_probes_over_mqtt_are_dropped_unanswered_and_cost_nothing(shared_broker, keys, pool_index,
-                                                                          encoder_path, digits_root, tmp_path):
+def test_forged_probes_over_mqtt_are_dropped_unanswered_and_cost_nothing(
+    shared_broker, keys, pool_index, encoder_path, digits_root, tmp_path
+):
     """Issue 8 item 2: whoever can write the inbox drained the budget (19 forged probes). Now nothing is spent."""
     index, _ = pool_index
     events = []
-    agent = _connected(_agent(tmp_path, shared_broker, keys, encoder=encoder_path, budget=3.0,
-                              local=digits_root / "devices" / DOMAIN / "local", on_event=events.append))
+    agent = _connected(
+        _agent(
+            tmp_path,
+            shared_broker,
+            keys,
+            encoder=encoder_path,
+            budget=3.0,
+            local=digits_root / "devices" / DOMAIN / "local",
+            on_event=events.append,
+        )
+    )
     topic = inbox(agent.device_id)
     attacker = SigningKey.load(generate_keypair(tmp_path / "attacker")[0])
     signer = SigningKey.load(keys[0])
@@ -308,8 +375,13 @@ def test_forged_probes_over_mqtt_are_dropped_unanswered_and_cost_nothing(shared_
             forged, real_signed = [], Probe.from_bytes(real.to_bytes(signer))
             for n in range(60):
                 probe = dataclasses.replace(index.probe(), probe_id=new_id())
-                forged.append(probe.to_bytes() if n % 3 == 0 else probe.to_bytes(attacker) if n % 3 == 1 else
-                              dataclasses.replace(real_signed, probe_id=new_id()).to_bytes())  # signature kept
+                forged.append(
+                    probe.to_bytes()
+                    if n % 3 == 0
+                    else probe.to_bytes(attacker)
+                    if n % 3 == 1
+                    else dataclasses.replace(real_signed, probe_id=new_id()).to_bytes()
+                )  # signature kept
             started = time.monotonic()
             for payload in forged:
                 cloud.transport.publish(topic, payload)
@@ -347,18 +419,21 @@ def test_a_key_rotation_over_mqtt(shared_broker, keys, classifiers, tmp_path):
             assert sorted(cloud.next(kind=Status).keys) == sorted([ring.current.key_id, nxt.key_id])
             old = ring.current.key_id
             ring.promote()
-            manifest = build_manifest(classifiers[0], ring.current, name="student", version=1,
-                                      targets=[agent.device_id], chunk_size=8 << 10)
+            manifest = build_manifest(
+                classifiers[0], ring.current, name="student", version=1, targets=[agent.device_id], chunk_size=8 << 10
+            )
             assert manifest.key_id == nxt.key_id
-            assert isinstance(_drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], manifest)),
-                              Installed)
+            assert isinstance(
+                _drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[0], manifest)), Installed
+            )
             ring.revoke(old)
             cloud.transport.publish(inbox(agent.device_id), ring.key_update().to_bytes())
             status = cloud.next(kind=Status)
             while status.keys != [nxt.key_id]:  # the status republished after the install may come first
                 status = cloud.next(kind=Status)
-            stale = build_manifest(classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id],
-                                   chunk_size=8 << 10)
+            stale = build_manifest(
+                classifiers[1], keys[0], name="student", version=2, targets=[agent.device_id], chunk_size=8 << 10
+            )
             refused = _drive(cloud, ArtifactSender(cloud.transport, agent.device_id, classifiers[1], stale))
             assert isinstance(refused, InstallFailed) and refused.code == "revoked_key"
     finally:
@@ -366,6 +441,7 @@ def test_a_key_rotation_over_mqtt(shared_broker, keys, classifiers, tmp_path):
 
 
 # ---- the command-line agent and its last will --------------------------------------------------
+
 
 def test_ecos_device_run_announces_itself_and_its_will_reports_a_crash(shared_broker, keys, tmp_path):
     import os
