@@ -45,6 +45,7 @@ from device_sdk.errors import (
 from device_sdk.registry import Registry
 
 __all__ = [
+    "ACCOUNTANT_REGISTRY",
     "ACCOUNTANTS",
     "DEFAULT_ACCOUNTANT",
     "DEFAULT_BUDGET_DELTA",
@@ -113,11 +114,11 @@ def _phi_cdf(x: float) -> float:
 
 # An accountant maps (sum of mu_i^2, delta) to the epsilon of the composition; the functions are
 # registered below, after the maths they use.
-_ACCOUNTANTS: Registry[Callable[[float, float], float]] = Registry("privacy accountant", ordered=True)
+ACCOUNTANT_REGISTRY: Registry[Callable[[float, float], float]] = Registry("privacy accountant", ordered=True)
 
 
 def _check_accountant(accountant: str) -> str:
-    _ACCOUNTANTS.get(accountant)
+    ACCOUNTANT_REGISTRY.get(accountant)
     return accountant
 
 
@@ -243,22 +244,22 @@ def rdp_epsilon(
     return max(0.0, best_eps), best_order
 
 
-@_ACCOUNTANTS.register("gaussian")
+@ACCOUNTANT_REGISTRY.register("gaussian")
 def _gaussian_accountant(mu2: float, delta: float) -> float:
     return _gaussian_epsilon(math.sqrt(mu2), delta)
 
 
-@_ACCOUNTANTS.register("rdp")
+@ACCOUNTANT_REGISTRY.register("rdp")
 def _rdp_accountant(mu2: float, delta: float) -> float:
     rdp = [a * mu2 / 2.0 for a in DEFAULT_RDP_ORDERS]
     return rdp_epsilon(rdp, delta)[0]
 
 
-ACCOUNTANTS: Tuple[str, ...] = tuple(_ACCOUNTANTS.names())  # ("gaussian", "rdp")
+ACCOUNTANTS: Tuple[str, ...] = tuple(ACCOUNTANT_REGISTRY.names())  # ("gaussian", "rdp")
 
 
 def _epsilon_from_mu2(mu2: float, delta: float, accountant: str) -> float:
-    return _ACCOUNTANTS.get(accountant)(mu2, delta)
+    return ACCOUNTANT_REGISTRY.get(accountant)(mu2, delta)
 
 
 def epsilon(releases: Iterable[ReleaseLike], delta: float, accountant: str = DEFAULT_ACCOUNTANT) -> float:
