@@ -33,12 +33,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.tools.broker import start_mosquitto  # noqa: E402
+from cloud.security.keys import generate_keypair  # noqa: E402
 from cloud.serve.delivery import ArtifactSender, build_manifest  # noqa: E402
+from cloud.tools.broker import start_mosquitto  # noqa: E402
 from device_sdk.delivery.install import DeliveryReceiver, ModelStore  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
-from device_sdk.protocol.messages import CLOUD_SUBSCRIPTIONS, Ack, Installed, InstallFailed, decode_for_device, decode_from_device, inbox, outbox
-from cloud.security.keys import generate_keypair  # noqa: E402
+from device_sdk.protocol import (
+    CLOUD_SUBSCRIPTIONS,
+    Ack,
+    Installed,
+    InstallFailed,
+    decode_for_device,
+    decode_from_device,
+    inbox,
+    outbox,
+)
 from device_sdk.signing import load_public_key  # noqa: E402
 from device_sdk.transport import MqttTransport  # noqa: E402
 

@@ -31,14 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud.tools.broker import start_mosquitto  # noqa: E402
+from cloud.pool.index import PoolIndex  # noqa: E402
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon  # noqa: E402
-from cloud.pool.index import PoolIndex  # noqa: E402
 from cloud.serve.store import RoundState  # noqa: E402
+from cloud.tools.broker import start_mosquitto  # noqa: E402
 from device_sdk.fsutil import atomic_write_text  # noqa: E402
+from device_sdk.protocol import inbox, outbox  # noqa: E402
 from device_sdk.protocol.round import Probe, Scores  # noqa: E402
-from device_sdk.protocol.messages import inbox, outbox  # noqa: E402
 from device_sdk.transport import MqttTransport  # noqa: E402
 
 ENCODER = hashlib.sha256(b"bench-fleet-encoder").hexdigest()

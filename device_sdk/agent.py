@@ -47,7 +47,7 @@ from device_sdk.protocol.round import Probe
 from device_sdk.predict import Predictor, evaluate
 from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.errors import SignatureError
-from device_sdk.protocol.messages import ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal, Status, clip_reason, decode_for_device, device_status, inbox, outbox
+from device_sdk.protocol import ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal, Status, clip_reason, decode_for_device, device_status, inbox, outbox
 from device_sdk.runtime.models import Model, load_model
 from device_sdk.scoring import check_compatible, encode_items
 from device_sdk.trust import trust_from_settings, verify_probe

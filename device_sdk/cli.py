@@ -25,8 +25,8 @@ from device_sdk.imagefolder import scan_image_folder
 from device_sdk.labelling_cli import add_command as add_label_vote_command
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
 from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol import check_probe
 from device_sdk.protocol.envelope import read_file
-from device_sdk.protocol.messages import check_probe
 from device_sdk.protocol.round import Probe
 from device_sdk.runtime import load_model
 from device_sdk.scoring import check_compatible, encode_items

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from device_sdk.errors import UsageError
 from device_sdk.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
-from device_sdk.protocol.messages import is_valid_id
+from device_sdk.protocol import is_valid_id
 from device_sdk.transport import PROTOCOLS, TLS_VERSIONS, TlsConfig
 
 if sys.version_info >= (3, 11):

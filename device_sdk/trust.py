@@ -6,7 +6,7 @@
   the key ids it revokes (``[models] revoked_keys``): the operator's word, which no message can
   undo;
 * a trust state file (``<model store>/trust.json``): keys added and ids revoked by key updates
-  (``device_sdk.protocol.messages.KeyUpdate``) the device verified with a key it already trusted, and the
+  (``device_sdk.protocol.control.KeyUpdate``) the device verified with a key it already trusted, and the
   serial of the last update applied.
 
 Rules of a key update (docs/security.md): it must be signed by a trusted, unrevoked key; its
@@ -28,10 +28,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_sdk.errors import MessageError, TrustError, UsageError
 from device_sdk.fsutil import PathLike, atomic_write_text
-from device_sdk.protocol.round import Probe
-from device_sdk.protocol.messages import MAX_REVOKED, MAX_TRUST_KEYS, KeyUpdate
-from device_sdk.signing import TrustStore, is_key_id, is_public_hex, key_id, key_id_of_raw, load_public_key, public_key_from_hex, public_raw
+from device_sdk.protocol import MAX_REVOKED, MAX_TRUST_KEYS, KeyUpdate
 from device_sdk.protocol.envelope import read_json_file
+from device_sdk.protocol.round import Probe
+from device_sdk.signing import (
+    TrustStore,
+    is_key_id,
+    is_public_hex,
+    key_id,
+    key_id_of_raw,
+    load_public_key,
+    public_key_from_hex,
+    public_raw,
+)
 
 LOG = logging.getLogger("ecos.trust")
 STATE_NAME = "trust.json"

@@ -19,7 +19,7 @@ import pytest
 
 from cloud.tools.broker import Broker, mosquitto_binary, port_open, start_mosquitto
 from device_sdk.errors import MessageError
-from device_sdk.protocol.messages import CLOUD_SUBSCRIPTIONS, decode_from_device
+from device_sdk.protocol import CLOUD_SUBSCRIPTIONS, decode_from_device
 from device_sdk.transport import MqttTransport
 
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 1883

@@ -20,8 +20,8 @@ from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundCo
 from cloud.serve.daemon import Daemon, build_daemon, create_round
 from cloud.serve.store import RoundState
 from device_sdk.errors import UsageError
+from device_sdk.protocol import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
 from device_sdk.protocol.envelope import decode
-from device_sdk.protocol.messages import Ack, ArtifactChunk, ArtifactManifest, Installed, Refusal, inbox, outbox
 from device_sdk.protocol.round import Probe, Scores
 
 TINY_TRAINER = {

@@ -186,7 +186,7 @@ def _manifest(encoder_path, version):
     import hashlib
     import json
 
-    from device_sdk.protocol.messages import ArtifactManifest
+    from device_sdk.protocol import ArtifactManifest
     from device_sdk.runtime import load_model
 
     meta = json.loads(load_model(str(encoder_path)).meta.to_json())

@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from device_sdk.protocol import messages as P
-from device_sdk.protocol import envelope as wire
-from device_sdk.runtime.artifact import ArtifactMeta
+import device_sdk.protocol as P
 from device_sdk.errors import EcosError
+from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.round import Probe, Scores
+from device_sdk.runtime.artifact import ArtifactMeta
 
 FUZZ_EXAMPLES = int(os.environ.get("ECOS_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize="ECOS_FUZZ_EXAMPLES" not in os.environ,

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 from test_daemon_rounds import RecordingTransport
 
+import device_sdk.protocol as P
 from cloud.errors import StoreError
 from device_sdk.errors import ArtifactError, EcosError, MessageError
 from device_sdk.protocol import envelope as wire
-from device_sdk.protocol import messages as P
 from device_sdk.protocol.round import Probe, Scores
 from device_sdk.runtime.artifact import ArtifactMeta
 

@@ -18,16 +18,15 @@ import re
 from pathlib import Path
 from typing import List, Tuple
 
-import numpy as np
 import pytest
+from fullfs import fill, remount, requires_mount, small_tmpfs
 
 from device_sdk import fsutil
 from device_sdk.errors import LedgerCorrupt, LedgerUnavailable, MessageError
-from device_sdk.protocol.round import Probe, Scores
 from device_sdk.privacy.ledger import PrivacyLedger
-from device_sdk.protocol.messages import Refusal, outbox
+from device_sdk.protocol import Refusal, outbox
 from device_sdk.protocol.envelope import decode
-from fullfs import fill, remount, requires_mount, small_tmpfs
+from device_sdk.protocol.round import Probe, Scores
 
 
 def spend(ledger: PrivacyLedger, key: str = "probe-1") -> bytes:
@@ -194,7 +193,7 @@ def test_agent_refusal_after_a_corrupt_ledger_names_no_path(tmp_path, pool_index
 
 
 def _probe_message(agent, probe: Probe) -> Tuple[str, bytes]:
-    from device_sdk.protocol.messages import inbox
+    from device_sdk.protocol import inbox
 
     return inbox(agent.device_id), probe.to_bytes()
 

@@ -24,8 +24,8 @@ from cloud.cli import main as cloud_main
 from cloud.errors import ImplausibleScores
 from cloud.sampling.selection import Plausibility, check_plausible, combine_scores
 from device_sdk.privacy.accounting import calibrate_sigma
+from device_sdk.protocol import outbox
 from device_sdk.protocol.envelope import decode
-from device_sdk.protocol.messages import outbox
 from device_sdk.protocol.round import Scores
 
 K = 16

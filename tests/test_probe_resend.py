@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from test_daemon_rounds import cache, make_daemon, tick_until  # noqa: F401 - cache is a fixture
 
 from cloud.serve.store import RoundState
+from device_sdk.protocol import Status, device_status, inbox, outbox
 from device_sdk.protocol.round import Probe, Scores
-from device_sdk.protocol.messages import Status, device_status, inbox, outbox
-from test_daemon_rounds import cache, make_daemon, tick_until  # noqa: F401 - cache is a fixture
 
 
 def probes_to(daemon, device: str) -> list:

@@ -20,16 +20,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cloud.serve.delivery import build_manifest
+import device_sdk.protocol as P
 from cloud.security.keys import KeyRing, SigningKey, generate_keypair
-from device_sdk.protocol import messages as P
-from device_sdk.protocol import envelope as wire
+from cloud.serve.delivery import build_manifest
 from device_sdk.delivery.install import DeliveryReceiver, ModelStore
 from device_sdk.device import answer_probe
-from device_sdk.errors import (MessageError, ProbeConflict, RevokedKey, SignatureError, TrustError, UnknownKey,
-                               Unsigned, UsageError)
-from device_sdk.protocol.round import Probe
+from device_sdk.errors import (
+    MessageError,
+    ProbeConflict,
+    RevokedKey,
+    SignatureError,
+    TrustError,
+    UnknownKey,
+    Unsigned,
+    UsageError,
+)
 from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol import envelope as wire
+from device_sdk.protocol.round import Probe
 from device_sdk.signing import TrustStore, key_id, load_public_key
 from device_sdk.trust import DeviceTrust
 

@@ -29,12 +29,20 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from device_sdk.errors import UsageError
-from device_sdk.protocol.messages import ROOT, is_valid_id
-from device_sdk.transport import TLS_VERSIONS
-
 from cloud.security import pki
-from cloud.security.enroll import MODES, Deployment, enroll, issue_credentials, locked, revoke, write_private, write_public
+from cloud.security.enroll import (
+    MODES,
+    Deployment,
+    enroll,
+    issue_credentials,
+    locked,
+    revoke,
+    write_private,
+    write_public,
+)
+from device_sdk.errors import UsageError
+from device_sdk.protocol import ROOT, is_valid_id
+from device_sdk.transport import TLS_VERSIONS
 
 DEFAULT_CLOUD_ID = "ecos-cloud"
 

@@ -39,11 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from cloud.security import pki
 from device_sdk.errors import UsageError
 from device_sdk.fsutil import atomic_write_bytes
-from device_sdk.protocol.messages import is_valid_id
-
-from cloud.security import pki
+from device_sdk.protocol import is_valid_id
 
 SETTINGS = "ecos-broker.json"
 MODES = ("certificate", "password")

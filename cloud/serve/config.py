@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from device_sdk.config import apply_env, check_broker_login, from_mapping, read_toml
 from device_sdk.errors import UsageError
-from device_sdk.protocol.messages import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from device_sdk.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from device_sdk.protocol.round import CENTROID_CODECS
 from device_sdk.transport import PROTOCOLS
 

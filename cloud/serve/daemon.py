@@ -41,7 +41,8 @@ from device_sdk.errors import (BudgetError, EcosError, ImplausibleScores, Messag
                                UsageError)
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.logsafe import clean
-from device_sdk.protocol.round import SCORES, Probe, Scores, new_id
+from device_sdk.protocol.round import Probe, Scores, new_id
+from device_sdk.protocol.schema import MessageType
 from device_sdk.protocol.messages import CLOUD_STATUS, CLOUD_SUBSCRIPTIONS, Ack, ArtifactManifest, InstallFailed, Installed, Refusal, Status, check_device_id, decode_from_device, inbox
 from device_sdk.transport import MqttTransport
 from device_sdk.protocol.envelope import decode
@@ -548,7 +549,7 @@ class Daemon:
         except MessageError as err:
             self._reject(topic, "malformed", str(err))
             return
-        msg_type = SCORES if isinstance(msg, Scores) else msg.TYPE
+        msg_type = msg.TYPE
         self.metrics.messages.inc(direction="in", type=msg_type)
         self.metrics.bytes.inc(len(payload), direction="in", type=msg_type)
         handler = {Scores: self._on_scores, Refusal: self._on_refusal, Ack: self._on_ack, Installed: self._on_result,
@@ -608,7 +609,7 @@ class Daemon:
         r = self.store.get_round(round_id)
         if r is None or device_id not in r.devices:
             raise MessageError(f"{kind} from {device_id} for round {round_id[:40]!r}, which did not ask it")
-        self.store.add_traffic(device_id, round_id, "up", SCORES if kind == "scores" else "refusal", len(payload))
+        self.store.add_traffic(device_id, round_id, "up", MessageType(kind), len(payload))
         if r.state not in (RoundState.PROBING, RoundState.COLLECTING):
             self.metrics.responses.inc(kind=kind, outcome="late")
             log_event(LOG, "response_late", round=round_id, device=device_id, state=r.state.value)

@@ -20,13 +20,21 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Protocol, Sequence, Union
 
-from device_sdk.runtime.artifact import META_KEY
+from cloud.security.keys import SigningKey, as_signer
 from device_sdk.errors import ArtifactError, UsageError
 from device_sdk.fsutil import PathLike
-from device_sdk.protocol.messages import DEFAULT_CHUNK_SIZE, FORMATS, Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, inbox
+from device_sdk.protocol import (
+    DEFAULT_CHUNK_SIZE,
+    FORMATS,
+    Ack,
+    ArtifactChunk,
+    ArtifactManifest,
+    Installed,
+    InstallFailed,
+    inbox,
+)
 from device_sdk.protocol.envelope import parse_json
-
-from cloud.security.keys import SigningKey, as_signer
+from device_sdk.runtime.artifact import META_KEY
 
 LOG = logging.getLogger("ecos.cloud.serve.delivery")
 

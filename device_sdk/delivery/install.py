@@ -35,12 +35,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from device_sdk.errors import ArtifactRejected, ChunkError, DeliveryError, EcosError, HashMismatch, MessageError, StaleVersion, UsageError, WrongTarget
+from device_sdk.errors import (
+    ArtifactRejected,
+    ChunkError,
+    DeliveryError,
+    EcosError,
+    HashMismatch,
+    MessageError,
+    StaleVersion,
+    UsageError,
+    WrongTarget,
+)
 from device_sdk.fsutil import PathLike, atomic_write_bytes, atomic_write_text
 from device_sdk.logsafe import clean
-from device_sdk.protocol.messages import Ack, ArtifactChunk, ArtifactManifest, InstallFailed, Installed, Message, clip_reason
-from device_sdk.signing import as_trust_store
+from device_sdk.protocol import Ack, ArtifactChunk, ArtifactManifest, Installed, InstallFailed, Message, clip_reason
 from device_sdk.protocol.envelope import read_json_file
+from device_sdk.signing import as_trust_store
 
 LOG = logging.getLogger("ecos.delivery")
 DEFAULT_MAX_ARTIFACT_BYTES = 256 << 20

@@ -7,39 +7,71 @@ vote's public parameters (votes per device sample, an optional cosine-distance l
 ``label_votes`` (device -> cloud): one noisy label histogram per query, with the noise and the
 privacy cost of the release (docs/tasks.md, device_sdk/labelling.py).
 
-Both follow ``device_sdk.protocol.messages.Message``: dataclass fields travel as the envelope's
-JSON fields, arrays in its payload, every decoded message is checked against its schema.
+Both are :class:`~device_sdk.protocol.schema.Message` s: their fields declare how they travel,
+and every decoded message is checked against that schema.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
 from device_sdk.errors import MessageError
 from device_sdk.protocol import envelope as wire
-from device_sdk.protocol.messages import MAX_CODE_CHARS, MAX_ID_CHARS, MAX_NAME_CHARS, Message, _require, _text_ok
-from device_sdk.protocol.round import new_id, utc_now
+from device_sdk.protocol.schema import (
+    Message,
+    MessageType,
+    array_field,
+    id_field,
+    name_id_field,
+    require,
+    utc_now,
+    wire_field,
+)
+from device_sdk.protocol.topics import MAX_CODE_CHARS, MAX_ID_CHARS, MAX_NAME_CHARS
 
-LABEL_QUERY = "label_query"
-LABEL_VOTES = "label_votes"
+LABEL_QUERY = MessageType.LABEL_QUERY
+LABEL_VOTES = MessageType.LABEL_VOTES
 FEATURE_CODECS = ("float16", "float32")
 MAX_QUERIES = 20_000  # a float16 query of 20,000 x 64 features is 2.5 MB: under the 4 MB MQTT payload limit
 MAX_LABELS = 1000
 MAX_VOTES_PER_SAMPLE = 1000
-_NONE = type(None)
+_LABELS_WHY = f"must be 2-{MAX_LABELS} distinct non-empty names"
 
 
 def _labels_ok(labels: Any) -> bool:
     return (
-        isinstance(labels, list)
-        and 2 <= len(labels) <= MAX_LABELS
-        and len(set(labels)) == len(labels)
+        2 <= len(labels) <= MAX_LABELS
         and all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS for v in labels)
+        and len(set(labels)) == len(labels)
     )
+
+
+def _noise_ok(noise: Any) -> bool:
+    """``{"mechanism": "gaussian", "sigma": > 0, "sensitivity": > 0}``, finite numbers."""
+    numbers = _numbers(noise, "sigma", "sensitivity")
+    return noise.get("mechanism") == "gaussian" and numbers is not None and min(numbers) > 0
+
+
+def _privacy_ok(privacy: Any) -> bool:
+    """``{"epsilon", "delta"}`` finite numbers, an optional ``accountant`` name."""
+    accountant = privacy.get("accountant", "")
+    return (
+        _numbers(privacy, "epsilon", "delta") is not None
+        and isinstance(accountant, str)
+        and (len(accountant) <= MAX_CODE_CHARS)
+    )
+
+
+def _numbers(d: dict, *keys: str) -> Optional[tuple]:
+    try:
+        values = tuple(float(d[k]) for k in keys)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 @dataclass(frozen=True)
@@ -51,93 +83,46 @@ class LabelQuery(Message):
     ``max_distance`` if given), so one sample changes at most m histogram entries by one.
     """
 
-    TYPE: ClassVar[str] = LABEL_QUERY
-    SPEC: ClassVar[Dict[str, Tuple[type, ...]]] = {
-        "id": (str,),
-        "feature_space": (str,),
-        "labels": (list,),
-        "votes_per_sample": (int,),
-        "max_distance": (int, float, _NONE),
-        "codec": (str,),
-        "created": (str,),
-    }
+    TYPE = MessageType.LABEL_QUERY
 
-    id: str
-    feature_space: str
-    labels: list
-    features: np.ndarray
-    votes_per_sample: int = 10
-    max_distance: Optional[float] = None
-    codec: str = "float16"
-    created: str = field(default_factory=utc_now)
+    id: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    feature_space: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    labels: list = wire_field(list, valid=_labels_ok, why=_LABELS_WHY)
+    features: np.ndarray = array_field(
+        codec="codec",
+        shape=(None, None),
+        lo=1,
+        hi=MAX_QUERIES,
+        valid=lambda f: f.ndim == 2 and f.shape[1] >= 1,
+        why="must be (n, d) with d >= 1",
+    )
+    votes_per_sample: int = wire_field(int, default=10, lo=1, hi=MAX_VOTES_PER_SAMPLE)
+    max_distance: Optional[float] = wire_field(int, float, default=None, optional=True, lo=0, hi=2)
+    codec: str = wire_field(
+        str, default="float16", valid=lambda c: c in FEATURE_CODECS, why=f"is not one of {', '.join(FEATURE_CODECS)}"
+    )
+    created: str = wire_field(str, default_factory=utc_now)
 
     @property
     def n_queries(self) -> int:
         return int(self.features.shape[0])
-
-    def _arrays(self) -> Dict[str, np.ndarray]:
-        f = np.asarray(self.features, dtype=np.float32)
-        return {"features": f.astype(np.float16) if self.codec == "float16" else f}
-
-    @classmethod
-    def _from_arrays(cls, env: wire.Envelope, source: str) -> Dict[str, Any]:
-        f = env.arrays.get("features")
-        if f is None or f.ndim != 2:
-            raise MessageError(f"{source}: label_query needs a 2-D features array")
-        return {"features": f.astype(np.float32)}
-
-    def _check(self, source: str) -> None:
-        super()._check(source)
-        _require(
-            _text_ok(self.feature_space, MAX_ID_CHARS), source, f"feature_space must be 1-{MAX_ID_CHARS} characters"
-        )
-        _require(_labels_ok(self.labels), source, f"labels must be 2-{MAX_LABELS} distinct non-empty names")
-        _require(self.codec in FEATURE_CODECS, source, f"codec must be one of {', '.join(FEATURE_CODECS)}")
-        _require(
-            1 <= self.votes_per_sample <= MAX_VOTES_PER_SAMPLE,
-            source,
-            f"votes_per_sample must be in [1, {MAX_VOTES_PER_SAMPLE}]",
-        )
-        if self.max_distance is not None:
-            _require(
-                math.isfinite(self.max_distance) and 0 <= self.max_distance <= 2,
-                source,
-                "max_distance must be a cosine distance in [0, 2]",
-            )
-        f = np.asarray(self.features)
-        _require(
-            f.ndim == 2 and 1 <= f.shape[0] <= MAX_QUERIES and f.shape[1] >= 1,
-            source,
-            f"features must be (n, d) with 1 <= n <= {MAX_QUERIES}",
-        )
-        _require(bool(np.all(np.isfinite(f))), source, "features contain NaN or infinity")
 
 
 @dataclass(frozen=True)
 class LabelVotes(Message):
     """One device's noisy label histograms, ``votes[i, c]`` for query i and label ``labels[c]``."""
 
-    TYPE: ClassVar[str] = LABEL_VOTES
-    SPEC: ClassVar[Dict[str, Tuple[type, ...]]] = {
-        "query_id": (str,),
-        "device_id": (str,),
-        "feature_space": (str,),
-        "labels": (list,),
-        "noise": (dict,),
-        "privacy": (dict,),
-        "id": (str,),
-        "created": (str,),
-    }
+    TYPE = MessageType.LABEL_VOTES
 
-    query_id: str
-    device_id: str
-    feature_space: str
-    labels: list
-    votes: np.ndarray
-    noise: dict
-    privacy: dict
-    id: str = field(default_factory=new_id)
-    created: str = field(default_factory=utc_now)
+    query_id: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    device_id: str = name_id_field()
+    feature_space: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    labels: list = wire_field(list, valid=_labels_ok, why=_LABELS_WHY)
+    votes: np.ndarray = array_field(dtype="float32", decoded="float64", shape=(None, None), lo=1, hi=MAX_QUERIES)
+    noise: dict = wire_field(dict, valid=_noise_ok, why="must be {mechanism: gaussian, sigma > 0, sensitivity > 0}")
+    privacy: dict = wire_field(dict, valid=_privacy_ok, why="must be {epsilon, delta, accountant}, finite numbers")
+    id: str = id_field()
+    created: str = wire_field(str, default_factory=utc_now)
 
     @property
     def sigma(self) -> float:
@@ -151,45 +136,11 @@ class LabelVotes(Message):
     def epsilon(self) -> float:
         return float(self.privacy["epsilon"])
 
-    def _arrays(self) -> Dict[str, np.ndarray]:
-        return {"votes": np.asarray(self.votes, dtype=np.float32)}
-
-    @classmethod
-    def _from_arrays(cls, env: wire.Envelope, source: str) -> Dict[str, Any]:
-        v = env.arrays.get("votes")
-        if v is None or v.ndim != 2:
-            raise MessageError(f"{source}: label_votes needs a 2-D votes array")
-        return {"votes": v.astype(np.float64)}
-
     def _check(self, source: str) -> None:
-        super()._check(source)
-        for name in ("query_id", "feature_space"):
-            _require(_text_ok(getattr(self, name), MAX_ID_CHARS), source, f"{name} must be 1-{MAX_ID_CHARS} characters")
-        _require(_labels_ok(self.labels), source, f"labels must be 2-{MAX_LABELS} distinct non-empty names")
-        v = np.asarray(self.votes)
-        _require(
-            v.ndim == 2 and v.shape[1] == len(self.labels) and 1 <= v.shape[0] <= MAX_QUERIES,
-            source,
-            "votes must be (queries, labels)",
-        )
-        _require(bool(np.all(np.isfinite(v))), source, "votes contain NaN or infinity")
-        noise, privacy = self.noise, self.privacy
-        try:
-            sigma, sens = float(noise["sigma"]), float(noise["sensitivity"])
-            eps, delta = float(privacy["epsilon"]), float(privacy["delta"])
-            accountant = privacy.get("accountant", "")
-        except (KeyError, TypeError, ValueError, OverflowError):
-            raise MessageError(f"{source}: malformed noise/privacy fields") from None
-        _require(noise.get("mechanism") == "gaussian", source, "noise mechanism must be gaussian")
-        _require(
-            all(math.isfinite(x) for x in (sigma, sens, eps, delta)) and sigma > 0 and sens > 0,
-            source,
-            f"invalid noise parameters sigma={sigma}, sensitivity={sens}",
-        )
-        _require(isinstance(accountant, str) and len(accountant) <= MAX_CODE_CHARS, source, "invalid accountant")
+        require(np.asarray(self.votes).shape[1:] == (len(self.labels),), source, "votes must be (queries, labels)")
 
 
-def decode_label_message(data: bytes, source: str = "message"):
+def decode_label_message(data: bytes, source: str = "message") -> Any:
     """A label query or label votes message, whichever ``data`` holds."""
     env = wire.decode(data, None, source)
     cls = {LABEL_QUERY: LabelQuery, LABEL_VOTES: LabelVotes}.get(env.type)

@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import pytest
+from broker import wait_until
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from broker import wait_until
 from cloud.security import pki
-from cloud.tools.broker import Broker, free_port, mosquitto_binary
 from cloud.security.brokerconf import write_broker_config
-from cloud.serve.config import load_config
 from cloud.security.enroll import Deployment, enroll, revoke
+from cloud.serve.config import load_config
+from cloud.tools.broker import Broker, free_port, mosquitto_binary
 from device_sdk.config import broker_password, broker_tls, load_device_config
-from device_sdk.protocol.messages import CLOUD_STATUS, device_status, inbox, outbox
+from device_sdk.protocol import CLOUD_STATUS, device_status, inbox, outbox
 from device_sdk.transport import MqttTransport, TlsConfig
 
 pytestmark = [pytest.mark.integration,
@@ -313,8 +313,8 @@ TINY_TRAINER = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "e
 def test_a_daemon_and_an_agent_complete_a_round_over_tls_with_certificates_from_enroll(
         cert, tmp_path, pool_index, encoder_path, digits_root):
     from cloud.serve.daemon import build_daemon
-    from cloud.tools.demo import simulated_device_config
     from cloud.serve.store import RoundState
+    from cloud.tools.demo import simulated_device_config
     from device_sdk.agent import DeviceAgent
 
     d, broker, _ = cert

@@ -19,20 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from broker import requires_broker, unique_id, wait_until
-from cloud.tools.broker import Broker, free_port, mosquitto_binary, start_mosquitto
+
+from cloud.security.keys import PUBLIC_NAME
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon
-from cloud.tools.demo import simulated_device_config
 from cloud.serve.store import RoundState, SqliteStore
+from cloud.tools.broker import Broker, free_port, mosquitto_binary, start_mosquitto
+from cloud.tools.demo import simulated_device_config
 from device_sdk.agent import DeviceAgent
 from device_sdk.imagefolder import load_images, scan_image_folder
-from device_sdk.protocol.round import Probe, Scores
-from device_sdk.protocol.messages import Status, device_status, inbox, outbox
-from cloud.security.keys import PUBLIC_NAME
-from device_sdk.transport import MqttTransport
+from device_sdk.protocol import Status, device_status, inbox, outbox
 from device_sdk.protocol.envelope import decode, encode
+from device_sdk.protocol.round import Probe, Scores
+from device_sdk.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, requires_broker]
 

@@ -21,8 +21,8 @@ from cloud.serve.delivery import ArtifactSender, build_manifest
 from device_sdk.agent import DeviceAgent
 from device_sdk.config import load_device_config
 from device_sdk.imagefolder import load_images, scan_image_folder
+from device_sdk.protocol import Ack, Installed, InstallFailed, Refusal, Status, inbox
 from device_sdk.protocol.envelope import encode
-from device_sdk.protocol.messages import Ack, Installed, InstallFailed, Refusal, Status, inbox
 from device_sdk.protocol.round import Probe, Scores, new_id
 from device_sdk.runtime import load_model
 from device_sdk.runtime.artifact import META_KEY, ArtifactMeta

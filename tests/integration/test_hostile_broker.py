@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-
 from broker import requires_broker, shared_broker, unique_id, wait_until  # noqa: F401 - shared_broker is a fixture
-from cloud.tools.broker import Broker, free_port
-from cloud.serve.store import RoundState, SqliteStore
-from device_sdk.protocol import messages as P
-from cloud.security.keys import PUBLIC_NAME
 from test_daemon import _serve, _up, _write_toml, metric, scrape, start_agent
 from test_fuzz_properties import CORPUS, header_sweep
 from test_hostile_input import KILLERS, nested, raw_envelope, status_header
+
+import device_sdk.protocol as P
+from cloud.security.keys import PUBLIC_NAME
+from cloud.serve.store import RoundState, SqliteStore
+from cloud.tools.broker import Broker, free_port
 
 pytestmark = [pytest.mark.integration, requires_broker]
 
@@ -122,9 +122,9 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
         assert len(agent.ledger.releases()) == 0  # nothing in the junk made it spend privacy budget
 
         # and a real round still completes
+        from cloud.pool.index import PoolIndex
         from cloud.serve.config import load_config
         from cloud.serve.daemon import create_round
-        from cloud.pool.index import PoolIndex
 
         store = SqliteStore(str(state / "ecos.db"))
         r = create_round(store, load_config(str(config)), PoolIndex.load(str(index_path)), [device])

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
+import device_sdk.protocol as P  # noqa: E402
 from cloud.security.keys import SigningKey  # noqa: E402
 from device_sdk.protocol import envelope as wire  # noqa: E402
-from device_sdk.protocol import messages as P  # noqa: E402
 from device_sdk.protocol.labels import LabelQuery, LabelVotes, decode_label_message  # noqa: E402
 from device_sdk.protocol.round import Probe, Scores  # noqa: E402
 

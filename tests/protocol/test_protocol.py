@@ -10,13 +10,13 @@ import stat
 import numpy as np
 import pytest
 
-from cloud.serve.delivery import ArtifactSender, build_manifest
+import device_sdk.protocol as P
 from cloud.security.keys import ensure_keypair, generate_keypair, sign
-from device_sdk.protocol import messages as P
-from device_sdk.protocol import envelope as wire
+from cloud.serve.delivery import ArtifactSender, build_manifest
 from device_sdk.config import load_device_config
 from device_sdk.delivery.install import DeliveryReceiver, ModelStore
 from device_sdk.errors import MessageError, SignatureError, UsageError
+from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.round import Probe, Scores
 from device_sdk.signing import load_public_key, verify
 
@@ -367,7 +367,7 @@ def test_device_config_defaults_paths_and_environment(keys, tmp_path):
 
 
 def test_the_example_device_config_loads(keys, tmp_path):
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "raspberry_pi", "device.toml")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "raspberry_pi", "device.toml")
     cfg = load_device_config(example, env={"ECOS_DEVICE_MODELS_CLOUD_PUBLIC_KEY": str(keys[1])})
     assert P.is_valid_id(cfg.device_id) and cfg.broker.protocol in ("5", "3.1.1")
 

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from device_sdk.protocol import envelope as wire
 from device_sdk.errors import MessageError
+from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.round import Probe, Scores
 
 
