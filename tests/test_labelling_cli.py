@@ -151,6 +151,10 @@ def test_client_labelling_vote_apply_and_train(digits_root, tmp_path):
     assert len(rows) == 60 and all(r["label"] in ("",) + tuple(LABELS.split(",")) for r in rows)
     n_labelled = sum(1 for r in rows if r["label"])
     assert f"{n_labelled} of 60 images labelled" in proc.stdout
+    proc = run(
+        "ecos-cloud", "apply-votes", "--query", query, "--votes", tmp_path / "nope.votes", "--out", tmp_path / "z"
+    )
+    assert proc.returncode == 3 and "error[input]" in proc.stderr and "Traceback" not in proc.stderr
     # the votes of another query do not apply
     proc = run("ecos-cloud", "apply-votes", "--query", query2, "--votes", votes, "--out", tmp_path / "y.csv")
     assert proc.returncode == 5 and "error[mismatch]" in proc.stderr

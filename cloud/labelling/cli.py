@@ -123,15 +123,11 @@ def cmd_apply_votes(args: argparse.Namespace) -> int:
     from cloud.labelling.client import combine_votes, confident_labels
     from cloud.labelling.labelstudio import read_selection, write_selection
     from device_sdk.errors import MismatchError
-    from device_sdk.protocol.envelope import read_json_file
-    from device_sdk.protocol.labels import LabelQuery, LabelVotes
+    from device_sdk.protocol.envelope import read_file, read_json_file
+    from device_sdk.protocol.labels import LABEL_QUERY, LABEL_VOTES, LabelQuery, LabelVotes
 
-    with open(args.query, "rb") as fh:
-        query = LabelQuery.from_bytes(fh.read(), args.query)
-    answers = []
-    for path in args.votes:
-        with open(path, "rb") as fh:
-            answers.append(LabelVotes.from_bytes(fh.read(), path))
+    query = LabelQuery.from_envelope(read_file(args.query, LABEL_QUERY), args.query)
+    answers = [LabelVotes.from_envelope(read_file(path, LABEL_VOTES), path) for path in args.votes]
     groups_path = args.groups or args.query + ".groups.json"
     groups = read_json_file(groups_path, f"groups file {groups_path}", MismatchError)
     if not isinstance(groups, dict) or groups.get("query_id") != query.id:

@@ -162,7 +162,7 @@ def export_tasks(
     for r in rows:
         url = image_url(r.path, document_root, url_prefix)
         urls[r.path] = url
-        task: Dict[str, Any] = {"data": {"image": url, "ecos_path": r.path, "ecos_rank": int(r.rank)}}
+        task: Dict[str, Any] = {"data": {"image": url, "ecos_path": r.path, "ecos_rank": _rank(r.rank)}}
         if prefill and r.path in prefill:
             label, score = prefill[r.path]
             task["predictions"] = [
@@ -189,6 +189,10 @@ def export_tasks(
     }
     LabelState(paths["labels.state.json"], state).save()
     return paths
+
+
+def _rank(value: str) -> Any:
+    return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
 def _sha256_file(path: str) -> str:

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from cloud.labelling.labelstudio import FROM_NAME, TO_NAME, LabelState
+from cloud.labelling.labelstudio import FROM_NAME, TO_NAME, LabelState, _rank
 from device_sdk.errors import InputError, UsageError
 from device_sdk.fsutil import atomic_write_text
 
@@ -76,7 +76,7 @@ def labelstudio_export(answers: Dict[str, str], state: LabelState) -> List[dict]
     for i, r in enumerate(state.rows()):
         task = {
             "id": i + 1,
-            "data": {"image": state.state["urls"].get(r.path, r.path), "ecos_path": r.path, "ecos_rank": int(r.rank)},
+            "data": {"image": state.state["urls"].get(r.path, r.path), "ecos_path": r.path, "ecos_rank": _rank(r.rank)},
             "annotations": [],
             "predictions": [],
         }
