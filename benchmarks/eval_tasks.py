@@ -38,8 +38,9 @@ use seed 0; seeds vary the device noise, the samplers, the labeller and the clas
     nice -n 10 python benchmarks/eval_tasks.py --source generated --workdir runs/tasks-gen
     python benchmarks/eval_tasks.py --report     # docs/results/tasks.md and .png from the JSON files
 
-Writes benchmarks/results/eval_tasks_<source>.json, then docs/results/tasks.md and tasks.png
-from every eval_tasks_*.json present.
+Writes benchmarks/results/eval_tasks_<source>.json (``--out`` for another name, e.g. one budget per
+run), then docs/results/tasks.md and tasks.png from every eval_tasks_*.json present, the runs of one
+source merged (a later file's row replaces an earlier one for the same cell).
 """
 
 from __future__ import annotations
@@ -462,7 +463,7 @@ def markdown(results: List[Dict]) -> str:
             f"## {c['source']} benchmark",
             "",
             f"Command: `python benchmarks/eval_tasks.py {res['command']}`; {res['machine']['platform']}, "
-            f"{res['machine']['cpus']} CPUs (shared), wall time {res['seconds'] / 60:.0f} min. Budgets "
+            f"{res['machine']['cpus']} CPUs (shared), wall time {res['seconds'] / 60:.0f} min in all. Budgets "
             f"{c['budgets']}, seeds {c['seeds']}, scoring epsilon {c['epsilon']}, vote epsilon "
             f"{c['vote_epsilon']} over {c['groups']} groups with {c['votes_per_sample']} votes per device sample, "
             "min margin "
@@ -548,12 +549,30 @@ def plot(results: List[Dict], path: str) -> None:
 
 
 def report(docs: str) -> None:
-    results = []
+    """docs/results/tasks.md and .png from every eval_tasks_*.json, runs of one source merged into one section."""
+    by_source: Dict[str, Dict] = {}
     for path in sorted(glob.glob(os.path.join("benchmarks", "results", "eval_tasks_*.json"))):
         with open(path) as fh:
-            results.append(json.load(fh))
-    if not results:
+            part = json.load(fh)
+        src = part["config"]["source"]
+        if src not in by_source:
+            by_source[src] = dict(part, runs=[part])
+            continue
+        merged = by_source[src]
+        merged["runs"].append(part)
+        rows = {(r["domain"], r["seed"], r["budget"], r["method"], r["task"]): r for r in merged["rows"]}
+        rows.update({(r["domain"], r["seed"], r["budget"], r["method"], r["task"]): r for r in part["rows"]})
+        merged["rows"] = list(rows.values())
+    if not by_source:
         raise SystemExit("no benchmarks/results/eval_tasks_*.json yet")
+    results = []
+    for merged in by_source.values():
+        runs = merged.pop("runs")
+        merged["summary"] = summarise(merged["rows"])
+        merged["command"] = " + ".join(r["command"] for r in runs)
+        merged["seconds"] = sum(r["seconds"] for r in runs)
+        merged["config"] = dict(merged["config"], budgets=sorted({b for r in runs for b in r["config"]["budgets"]}))
+        results.append(merged)
     os.makedirs(docs, exist_ok=True)
     with open(os.path.join(docs, "tasks.md"), "w") as fh:
         fh.write(markdown(results))
