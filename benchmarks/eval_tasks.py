@@ -453,7 +453,11 @@ def markdown(results: List[Dict]) -> str:
         "domain's held-out images, mean over the six device domains; ± is the standard deviation over seeds of "
         "that mean. epsilon = what the device's privacy ledger shows at the end of the task (delta 1e-5, "
         "gaussian accountant): ECOS scoring, plus the label vote for client labelling. Classifiers are MLPs "
-        "on 16x16 grey thumbnails (not CNNs on 32x32 colour images; see the script's docstring).",
+        "on 16x16 grey thumbnails (not CNNs on 32x32 colour images; see the script's docstring). Tasks: "
+        "compression = teacher on the labelled pool distilled on the proxy set; manual = simulated labeller + "
+        "FixMatch with unlabelled pool images; manual-sup = the same labels without the unlabelled term "
+        "(FixMatch ablation); client = the device's private vote + FixMatch. local only = the student trained "
+        "on the device's own 300 labelled images (nothing leaves the device).",
         "",
     ]
     for res in results:
@@ -507,15 +511,17 @@ def markdown(results: List[Dict]) -> str:
                         f"| {b} | {method} | {e.get('labelled', float('nan')):.0f} | "
                         f"{e.get('label_accuracy', float('nan')):.3f} | {e['share']:.3f} |"
                     )
-        client_rows = [r for r in res["rows"] if r["task"] == "client"]
+        client_rows = [r for r in res["rows"] if r["task"] == "client" and r["method"] == "ecos"]
         if client_rows:
             r0 = client_rows[0]
             lines += [
                 "",
-                f"Traffic of one client-labelling round at B={r0['budget']}: label query "
-                f"{r0['query_bytes']:,} bytes (float16 features), votes {r0['votes_bytes']:,} bytes "
-                f"(float32 histograms); vote noise sigma {r0['sigma']:.1f}; vote epsilon "
-                f"{r0['vote_epsilon']:.2f}.",
+                f"Traffic of one client-labelling round ({c['groups']} groups): label query "
+                f"{r0['query_bytes']:,} bytes (float16 thumbnail centroids), votes {r0['votes_bytes']:,} bytes "
+                f"(float32 counts); vote noise sigma {r0['sigma']:.2f}. The vote alone is an epsilon "
+                f"{c['vote_epsilon']} release; after ECOS scoring (epsilon {c['epsilon']}) it raises the device's "
+                f"composed epsilon by {r0['vote_epsilon']:.2f} to {r0['epsilon']:.2f} (the ledger composes the two "
+                "Gaussian releases; it does not add their epsilons).",
             ]
         lines.append("")
     return "\n".join(lines) + "\n"
