@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+from cloud.errors import StoreError
 from cloud.serve.store import (
     TRANSITIONS,
     ArtifactRecord,
@@ -25,7 +26,6 @@ from cloud.serve.store import (
     Store,
     open_store,
 )
-from cloud.errors import StoreError
 from device_sdk.errors import UsageError
 
 BACKENDS = {

@@ -27,10 +27,10 @@ import pytest
 from fullfs import fill, requires_mount, small_tmpfs
 from test_daemon_rounds import TINY_TRAINER, RecordingTransport, cache, tick_until  # noqa: F401 - cache: a fixture
 
+from cloud.errors import StoreError, StoreUnavailable
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon
 from cloud.serve.store import DeliveryState, NewRound, ResponseRecord, RoundState, SqliteStore
-from cloud.errors import StoreError, StoreUnavailable
 from device_sdk.protocol.messages import inbox, outbox
 from device_sdk.protocol.round import Scores
 

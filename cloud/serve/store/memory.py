@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from cloud.serve.store.base import TABLE_NAMES, Row, Store
 from cloud.errors import StoreError
+from cloud.serve.store.base import TABLE_NAMES, Row, Store
 
 
 def _matches(row: Row, where: Mapping[str, Any]) -> bool:

@@ -13,8 +13,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from cloud.serve.store.base import TABLE_NAMES, RoundState, Row, Store
 from cloud.errors import StoreError, StoreUnavailable
+from cloud.serve.store.base import TABLE_NAMES, RoundState, Row, Store
 
 SCHEMA_VERSION = 1
 
