@@ -12,7 +12,7 @@ backend interface of two operations on rows of named tables (``TABLES``):
 
 plus ``close()`` (and ``writable()``, True unless the backend knows better). A row is a dict of
 column name -> str, int, float, bytes or None; the codecs between rows and records
-(``to_row``/``from_row``: JSON for dicts and tuples, enum values for states) live here too, so
+(``to_row``/``from_row`` in rows.py: JSON for dicts and tuples, enum values for states) sit above it, so
 a backend stores values and never interprets them. Because the rules live above the backend,
 every backend keeps the guarantees the daemon relies on (tests/serve/test_store_contract.py
 runs one suite against each):
@@ -30,316 +30,46 @@ JSON, logs and metrics, so they compare equal to (and print as) those strings.
 from __future__ import annotations
 
 import dataclasses
-import json
-import numbers
-import re
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 
 from cloud.errors import StoreError
+from cloud.serve.store.records import (  # noqa: F401 - re-exported: the records are part of the interface
+    DELIVERY_FINAL,
+    RESPONSE_KINDS,
+    ROUND_KINDS,
+    TRANSITIONS,
+    ArtifactRecord,
+    DeliveryRecord,
+    DeliveryState,
+    DeviceRecord,
+    DeviceState,
+    JobRecord,
+    JobState,
+    NewRound,
+    ResponseKind,
+    ResponseRecord,
+    RoundKind,
+    RoundRecord,
+    RoundState,
+    StrEnum,
+    TrafficRow,
+)
+from cloud.serve.store.rows import (  # noqa: F401 - re-exported for backends
+    TABLE_NAMES,
+    TABLES,
+    R,
+    Row,
+    Table,
+    _cell,
+    _enum,
+    _int,
+    _text,
+    from_row,
+    to_row,
+)
 from device_sdk.logsafe import clean
-
-
-class StrEnum(str, Enum):
-    """A ``str`` enum that prints and formats as its value on every Python version (3.9+)."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
-
-
-class RoundState(StrEnum):
-    PROBING = "probing"
-    COLLECTING = "collecting"
-    SAMPLING = "sampling"
-    TRAINING = "training"
-    SIGNING = "signing"
-    DELIVERING = "delivering"
-    DONE = "done"
-    FAILED = "failed"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RoundState.DONE, RoundState.FAILED)
-
-
-# Where each working state may go next (besides FAILED, which every working state may reach);
-# DONE and FAILED are final. A new state is one member above and one line here.
-_NEXT: Dict[RoundState, Tuple[RoundState, ...]] = {
-    RoundState.PROBING: (RoundState.COLLECTING,),
-    RoundState.COLLECTING: (RoundState.SAMPLING,),
-    RoundState.SAMPLING: (RoundState.TRAINING,),
-    RoundState.TRAINING: (RoundState.SIGNING,),
-    RoundState.SIGNING: (RoundState.DELIVERING,),
-    RoundState.DELIVERING: (RoundState.DONE,),
-}
-TRANSITIONS: Dict[RoundState, Tuple[RoundState, ...]] = {a: (*b, RoundState.FAILED) for a, b in _NEXT.items()}
-
-
-class RoundKind(StrEnum):
-    DEVICE = "device"  # one device, its own model
-    FLEET = "fleet"  # summed scores, one model for all
-
-
-class ResponseKind(StrEnum):
-    SCORES = "scores"
-    REFUSAL = "refusal"
-
-
-class DeliveryState(StrEnum):
-    SENDING = "sending"
-    INSTALLED = "installed"
-    FAILED = "failed"
-
-    @property
-    def final(self) -> bool:
-        return self is not DeliveryState.SENDING
-
-
-class JobState(StrEnum):
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class DeviceState(StrEnum):
-    ONLINE = "online"
-    OFFLINE = "offline"
-    UNKNOWN = "unknown"  # seen only through a delivery result, never through a status
-
-
-ROUND_KINDS = tuple(k.value for k in RoundKind)
-DELIVERY_FINAL = tuple(s.value for s in DeliveryState if s.final)
-RESPONSE_KINDS = tuple(k.value for k in ResponseKind)
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    device_id: str
-    state: DeviceState
-    model: Optional[Dict[str, Any]]
-    first_seen: float
-    last_seen: float
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round_id: str
-    kind: str  # RoundKind value
-    devices: Tuple[str, ...]
-    state: RoundState
-    params: Dict[str, Any]  # persisted JSON; the daemon reads it as cloud.serve.round_types.RoundParams
-    result: Dict[str, Any]  # persisted JSON, merged over the stages (cloud.serve.round_types)
-    deadline: Optional[float]
-    error: str
-    created: float
-    updated: float
-
-
-@dataclass(frozen=True)
-class ResponseRecord:
-    round_id: str
-    device_id: str
-    kind: str  # ResponseKind value
-    message_id: str
-    payload: bytes
-    received: float
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    artifact_id: str
-    round_id: str
-    name: str
-    version: int
-    sha256: str
-    size: int
-    path: str
-    manifest: bytes  # the signed manifest message, sent as is
-    created: float = 0.0
-
-
-@dataclass(frozen=True)
-class DeliveryRecord:
-    artifact_id: str
-    device_id: str
-    round_id: str
-    state: DeliveryState
-    next_chunk: int
-    total_chunks: int
-    result: Dict[str, Any]
-    updated: float
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    round_id: str
-    kind: str
-    state: JobState
-    attempt: int
-    done: int
-    total: int
-    note: str
-    result: Dict[str, Any]
-    error: str
-    started: float
-    updated: float
-
-
-@dataclass(frozen=True)
-class TrafficRow:
-    device_id: str
-    round_id: str
-    direction: str  # "up" (device -> cloud) | "down"
-    msg_type: str
-    messages: int
-    bytes: int
-
-
-@dataclass(frozen=True)
-class NewRound:
-    """What a caller asks for; the store assigns nothing but timestamps."""
-
-    round_id: str
-    kind: str
-    devices: Sequence[str]
-    params: Dict[str, Any] = field(default_factory=dict)
-
-
-# ---- tables: what a backend stores -------------------------------------------------------------
-
-Row = Dict[str, Any]
-R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Table:
-    """One kind of record: its table name, unique keys (the first is the primary key), and the
-    order the store returns several in (empty: insertion order)."""
-
-    name: str
-    record: type
-    keys: Tuple[Tuple[str, ...], ...]
-    order: Tuple[str, ...] = ()
-
-    @property
-    def columns(self) -> Tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self.record))
-
-
-TABLES: Dict[type, Table] = {
-    t.record: t
-    for t in (
-        Table("devices", DeviceRecord, (("device_id",),), order=("device_id",)),
-        Table("rounds", RoundRecord, (("round_id",),)),
-        Table("responses", ResponseRecord, (("round_id", "device_id"),), order=("received", "device_id")),
-        Table("artifacts", ArtifactRecord, (("artifact_id",), ("round_id",))),
-        Table("deliveries", DeliveryRecord, (("artifact_id", "device_id"),), order=("device_id",)),
-        Table("jobs", JobRecord, (("job_id",),)),
-        Table(
-            "traffic",
-            TrafficRow,
-            (("device_id", "round_id", "direction", "msg_type"),),
-            order=("device_id", "round_id", "direction", "msg_type"),
-        ),
-    )
-}
-TABLE_NAMES = {t.name: t for t in TABLES.values()}
-
-MAX_SQL_INT = (1 << 63) - 1  # a 64-bit signed integer: what SQLite (and PostgreSQL's BIGINT) can hold
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise StoreError(f"cannot store {type(value).__name__} as JSON ({str(exc)[:120]})") from None
-
-
-def _int(name: str, value: Any, lo: int = 0, hi: int = MAX_SQL_INT) -> int:
-    """``value`` as an int in ``[lo, hi]`` (not a bool, not a float), else StoreError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-        raise StoreError(f"{name} must be an integer in [{lo}, {hi}], got {clean(value, 60)}")
-    return int(value)
-
-
-def _text(name: str, value: Any) -> str:
-    """``value`` as a str that UTF-8 (and so any database) can hold, else StoreError."""
-    if not isinstance(value, str) or _SURROGATE.search(value):
-        raise StoreError(f"{name} must be a UTF-8 string, got {clean(value, 60)}")
-    return value
-
-
-def _enum(kind: Type[Enum], name: str, value: Any) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = ", ".join(str(m.value) for m in kind)  # type: ignore[attr-defined]
-        raise StoreError(f"{name} must be one of {allowed}, got {clean(value, 40)}") from None
-
-
-# Columns stored as something else than themselves: JSON text, enum values, bytes.
-_JSON_COLUMNS = {"model", "params", "result", "devices"}
-_ENUM_COLUMNS: Dict[type, Type[Enum]] = {
-    DeviceRecord: DeviceState,
-    RoundRecord: RoundState,
-    DeliveryRecord: DeliveryState,
-    JobRecord: JobState,
-}
-
-
-def _cell(table: str, column: str, value: Any) -> Any:
-    """One value as a database can hold it; anything else is a StoreError that names the column."""
-    if value is None or isinstance(value, float):
-        return value
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return _text(f"{table}.{column}", value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return _int(f"{table}.{column}", value, lo=-MAX_SQL_INT - 1)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise StoreError(f"{table}.{column}: cannot store {type(value).__name__}")
-
-
-def to_row(record: Any) -> Row:
-    """A record as a row of plain values (dicts and tuples as JSON text, states as their values)."""
-    table = TABLES[type(record)]
-    row: Row = {}
-    for column in table.columns:
-        value = getattr(record, column)
-        if column in _JSON_COLUMNS and value is not None:
-            value = _dumps(value)
-        row[column] = _cell(table.name, column, value)
-    return row
-
-
-def from_row(kind: Type[R], row: Mapping[str, Any]) -> R:
-    """The record of ``kind`` a row holds (the inverse of ``to_row``)."""
-    values = {}
-    for column in TABLES[kind].columns:
-        value = row[column]
-        if column in _JSON_COLUMNS and value is not None:
-            value = json.loads(value)
-            if column == "devices":
-                value = tuple(value)
-        elif column == "state":
-            value = _ENUM_COLUMNS[kind](value)
-        elif isinstance(value, (bytearray, memoryview)):
-            value = bytes(value)
-        values[column] = value
-    return kind(**values)  # type: ignore[call-arg]
-
 
 # ---- the interface ----------------------------------------------------------------------------
 
