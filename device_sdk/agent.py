@@ -1,9 +1,13 @@
 """The device agent: the SDK an app embeds, and what ``ecos-device run`` runs.
 
-    agent = DeviceAgent(load_device_config("device.toml"), on_event=print)
+    frames = FrameBuffer(capacity=256)            # or FolderSource(...), CallableSource(fn); default: [data] local
+    agent = DeviceAgent(load_device_config("device.toml"), on_event=print, data_source=frames)
     agent.start()
+    frames.append(frame)             # from the app's camera loop, any thread
     labels = agent.predict(images)   # uint8 N x H x W x 3, with the installed classifier
     agent.stop()
+
+docs/sdk.md describes this API; docs/sdk-reference.md is generated from the docstrings.
 
 It subscribes to its own inbox only and handles one message at a time on a worker thread (the
 MQTT network thread only queues payloads, so a long encoding never stalls keepalives):
@@ -38,24 +42,82 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from device_sdk.config import DeviceConfig, broker_password, broker_tls
+from device_sdk.datasource import DataSource, FolderSource, encode_source
 from device_sdk.delivery.install import DeliveryReceiver, InstalledModel, ModelStore
 from device_sdk.device import answer_probe, check_probe_conflict
-from device_sdk.errors import ArtifactError, DeadlinePassed, EcosError, LedgerCorrupt, LedgerUnavailable, MessageError
+from device_sdk.errors import (
+    ArtifactError,
+    DeadlinePassed,
+    EcosError,
+    InputError,
+    LedgerCorrupt,
+    LedgerUnavailable,
+    MessageError,
+    SignatureError,
+)
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.logsafe import clean
-from device_sdk.protocol.round import Probe
 from device_sdk.predict import Predictor, evaluate
 from device_sdk.privacy.ledger import PrivacyLedger
-from device_sdk.errors import SignatureError
-from device_sdk.protocol import ArtifactChunk, ArtifactManifest, InstallFailed, Installed, KeyUpdate, Message, Refusal, Status, clip_reason, decode_for_device, device_status, inbox, outbox
-from device_sdk.runtime.models import Model, load_model
-from device_sdk.scoring import check_compatible, encode_items
-from device_sdk.trust import trust_from_settings, verify_probe
+from device_sdk.protocol import (
+    ArtifactChunk,
+    ArtifactManifest,
+    Installed,
+    InstallFailed,
+    KeyUpdate,
+    Message,
+    Refusal,
+    Status,
+    clip_reason,
+    decode_for_device,
+    device_status,
+    inbox,
+    outbox,
+)
+from device_sdk.protocol.round import Probe
+from device_sdk.runtime import Model, load_model
+from device_sdk.scoring import check_compatible
 from device_sdk.transport import MqttTransport
+from device_sdk.trust import trust_from_settings, verify_probe
 
 LOG = logging.getLogger("ecos.agent")
 _LOCAL_PATH = re.compile(r"(?<![\w.:/])(?:~|[A-Za-z]:)?[/\\][^\s'\"(),;]+")  # what is left of a path after the known ones
 ENCODER, CLASSIFIER = "encoder", "classifier"
+
+
+class EventKind:
+    """The ``AgentEvent.kind`` values (plain strings: compare ``event.kind == EventKind.PROBE_ANSWERED``).
+
+    detail keys: PROBE_ANSWERED probe_id, repeated, charged_epsilon, spent_epsilon; PROBE_REFUSED and
+    PROBE_REJECTED probe_id, code, reason; KEYS_UPDATED serial, added, removed, trusted;
+    KEY_UPDATE_REFUSED serial, code, reason; INSTALLED artifact_id, version, accuracy, n_eval;
+    INSTALL_FAILED artifact_id, code, reason; ROLLED_BACK kind, artifact_id, version; REJECTED topic, reason.
+    """
+
+    PROBE_ANSWERED = "probe_answered"
+    PROBE_REFUSED = "probe_refused"
+    PROBE_REJECTED = "probe_rejected"
+    KEYS_UPDATED = "keys_updated"
+    KEY_UPDATE_REFUSED = "key_update_refused"
+    INSTALLED = "installed"
+    INSTALL_FAILED = "install_failed"
+    ROLLED_BACK = "rolled_back"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What runs on the device for one kind of model (``DeviceAgent.model_info``)."""
+
+    kind: str
+    path: str
+    sha256: str
+    runtime: str
+    feature_dim: Optional[int]
+    labels: List[str]
+    version: Optional[int] = None  # None: configured ([models] encoder), not delivered
+    name: Optional[str] = None
+    artifact_id: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -92,11 +154,21 @@ class DeviceAgent:
     ``on_event(AgentEvent)`` is called on the worker thread with kinds ``probe_answered``,
     ``probe_refused``, ``probe_rejected`` (signature check failed: no reply, nothing charged),
     ``keys_updated``, ``key_update_refused``, ``installed``, ``install_failed``, ``rolled_back``
-    and ``rejected``.
+    and ``rejected`` (constants in :class:`EventKind`); a callback that raises is logged, never
+    fatal, and a slow one delays the next message.
+
+    Threads: messages are handled one at a time on the agent's worker thread (probes are scored
+    there, from ``data_source``); the MQTT network thread only queues them. ``predict``,
+    ``predictor``, ``model``, ``model_info`` and ``rollback`` may be called from any app thread
+    while the agent runs (models are loaded under a lock; a TFLite interpreter runs one call at a
+    time). ``start`` and ``stop`` belong to the thread that owns the agent.
     """
 
-    def __init__(self, config: DeviceConfig, on_event: Optional[Callable[[AgentEvent], None]] = None):
+    def __init__(self, config: DeviceConfig, on_event: Optional[Callable[[AgentEvent], None]] = None,
+                 data_source: Optional[DataSource] = None):
+        """``data_source`` gives the private images probes are scored on (default: ``FolderSource([data] local)``)."""
         self.config, self.device_id, self.on_event = config, config.device_id, on_event
+        self.data_source = data_source if data_source is not None else FolderSource(config.data.local)
         privacy = config.privacy
         self.ledger = PrivacyLedger.open(privacy.ledger, device_id=self.device_id, budget_epsilon=privacy.budget_epsilon,
                                          budget_delta=privacy.budget_delta, accountant=privacy.accountant)
@@ -131,12 +203,14 @@ class DeviceAgent:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> "DeviceAgent":
+        """Start the worker thread and connect in the background (reconnecting until ``stop``); returns self."""
         self._worker = threading.Thread(target=self._work, name=f"ecos-agent-{self.device_id}", daemon=True)
         self._worker.start()
         self.transport.start()
         return self
 
     def wait_connected(self, timeout: float) -> bool:
+        """True once connected to the broker, False if ``timeout`` seconds pass first (it keeps trying)."""
         return self.transport.wait_connected(timeout)
 
     def stop(self) -> None:
@@ -172,6 +246,16 @@ class DeviceAgent:
             if cached is None or cached.path != path:
                 cached = self._models[kind] = load_model(path, self.config.models.runtime, self.config.models.threads)
             return cached
+
+    def model_info(self) -> Dict[str, Optional[ModelInfo]]:
+        """Per kind (``encoder``, ``classifier``): what runs now, or None; loads the model if needed."""
+        out: Dict[str, Optional[ModelInfo]] = {}
+        for kind in (ENCODER, CLASSIFIER):
+            model, installed = self.model(kind), self.store.current(kind)
+            out[kind] = None if model is None else ModelInfo(
+                kind, model.path, model.sha256, model.runtime, model.meta.feature_dim, list(model.meta.labels or []),
+                *((installed.version, installed.name, installed.artifact_id) if installed is not None else ()))
+        return out
 
     def rollback(self, kind: str = CLASSIFIER) -> InstalledModel:
         """Make the previous model of ``kind`` current again and tell the cloud."""
@@ -291,12 +375,16 @@ class DeviceAgent:
                    trusted=self.trust.key_ids)
 
     def _local_features(self, encoder: Model) -> np.ndarray:
-        """Features of the local folder, cached per encoder and folder content."""
-        items = scan_image_folder(self.config.data.local)
-        key = (encoder.sha256, tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items))
-        if key not in self._features:
-            self._features = {key: encode_items(encoder, items, self.config.data.batch_size)}
-        return self._features[key]
+        """Features of the data source's images, cached per encoder and source content (``DataSource.key``)."""
+        source_key = self.data_source.key()
+        key = None if source_key is None else (encoder.sha256, source_key)
+        if key is not None and key in self._features:
+            return self._features[key]
+        features = encode_source(encoder, self.data_source, self.config.data.batch_size)
+        if len(features) == 0:
+            raise InputError(f"no local images: {self.data_source!r} gave none")
+        self._features = {} if key is None else {key: features}
+        return features
 
     def _on_delivery(self, msg: Message) -> None:
         for reply in self.receiver.handle(msg):

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
 from device_sdk.errors import InputError
+from device_sdk.preprocess import LEGACY, Preprocess, normalize  # noqa: F401  (normalize: re-exported)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 
@@ -57,43 +58,23 @@ def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
 def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.ndarray:
     """Decode one image to an ``H x W x 3`` uint8 RGB array of the given ``(height, width)``.
 
+    The first version's fitting (stretch, no EXIF turn); a model's own rule is
+    ``ArtifactMeta.preprocessing()`` (device_sdk/preprocess.py), which this delegates to.
     With ``strict`` an image of another size or mode is an error instead of being resized or converted.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if strict and (im.height, im.width) != tuple(size):
-                raise InputError(f"{path}: image is {im.width}x{im.height}, model expects {size[1]}x{size[0]}")
-            if strict and im.mode != "RGB":
-                raise InputError(f"{path}: image mode is {im.mode}, model expects RGB")
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-    if (rgb.height, rgb.width) != tuple(size):
-        rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+    return _legacy(size).decode(path, strict=strict)
 
 
 def load_images(paths: Sequence[str], size: Tuple[int, int], strict: bool = False) -> np.ndarray:
-    """Decode many images into one ``N x H x W x 3`` uint8 array."""
-    out = np.empty((len(paths), size[0], size[1], 3), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        out[i] = load_image(p, size, strict=strict)
-    return out
+    """Decode many images into one ``N x H x W x 3`` uint8 array (as :func:`load_image`)."""
+    return _legacy(size).decode_many(paths, strict=strict)
+
+
+def _legacy(size: Tuple[int, int]) -> Preprocess:
+    return Preprocess(size=(int(size[0]), int(size[1])), channels=3, **LEGACY)
 
 
 def batched(seq: Sequence, batch_size: int) -> Iterator[Tuple[int, Sequence]]:
     """Yield ``(start, chunk)`` pairs over ``seq``."""
     for start in range(0, len(seq), batch_size):
         yield start, seq[start : start + batch_size]
-
-
-def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW, scaled to [0, 1] then standardised per channel."""
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,6 +1,7 @@
 """Run a shipped classifier on the device: images in, labels and probabilities out.
 
-The artifact says how to preprocess (size, mean, std) and what its outputs mean (labels), so
+The artifact says how to preprocess (size, channels, fitting, mean, std: device_sdk/preprocess.py)
+and what its outputs mean (labels), so
 the caller only picks images, and optionally a runtime. ONNX and TFLite artifacts, fp32 and
 int8, behave the same from here; a TFLite model takes one image at a time and the runtime
 loops over a batch.
@@ -14,8 +15,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from device_sdk.errors import ArtifactError, MismatchError
-from device_sdk.imagefolder import ImageItem, batched, load_images
-from device_sdk.runtime.models import Model, load_model
+from device_sdk.imagefolder import ImageItem, batched
+from device_sdk.runtime import Model, load_model
 
 
 @dataclass(frozen=True)
@@ -42,30 +43,45 @@ class Predictor:
 
     def __init__(self, model: Model):
         if model.meta.kind != "classifier" or not model.meta.labels:
-            raise ArtifactError(f"{model.path}: a {model.meta.kind!r} artifact with {len(model.meta.labels)} labels is not a classifier")
+            raise ArtifactError(
+                f"{model.path}: a {model.meta.kind!r} artifact with {len(model.meta.labels)} labels is not a classifier"
+            )
         self.model = model
         self.labels = list(model.meta.labels)
 
     @classmethod
-    def open(cls, path: str, runtime: str = "auto", threads: int = 1, expected_sha256: Optional[str] = None) -> "Predictor":
+    def open(
+        cls, path: str, runtime: str = "auto", threads: int = 1, expected_sha256: Optional[str] = None
+    ) -> "Predictor":
         return cls(load_model(path, runtime=runtime, threads=threads, expected_sha256=expected_sha256))
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Softmax over the labels for uint8 NHWC ``images`` (one image: add a batch axis)."""
         logits = self.model.run(images)
         if logits.ndim != 2 or logits.shape[1] != len(self.labels):
-            raise MismatchError(f"{self.model.path}: output shape {logits.shape} does not match {len(self.labels)} labels")
+            raise MismatchError(
+                f"{self.model.path}: output shape {logits.shape} does not match {len(self.labels)} labels"
+            )
         z = np.exp(logits - logits.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
-    def predict_items(self, items: Sequence[ImageItem], strict: bool = False, batch: int = 256,
-                      progress: Optional[Callable[[int, int], None]] = None) -> List[Prediction]:
+    def predict_items(
+        self,
+        items: Sequence[ImageItem],
+        strict: bool = False,
+        batch: int = 256,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> List[Prediction]:
         """Predict image files; ``strict`` refuses an image of the wrong size instead of resizing it."""
+        spec = self.model.meta.preprocessing()
         out: List[Prediction] = []
         for start, chunk in batched(items, batch):
-            probs = self.probabilities(load_images([it.path for it in chunk], self.model.meta.image_size, strict=strict))
+            probs = self.probabilities(spec.decode_many([it.path for it in chunk], strict=strict))
             best = probs.argmax(axis=1)
-            out.extend(Prediction(it.path, self.labels[k], float(probs[i, k]), it.label) for i, (it, k) in enumerate(zip(chunk, best)))
+            out.extend(
+                Prediction(it.path, self.labels[k], float(probs[i, k]), it.label)
+                for i, (it, k) in enumerate(zip(chunk, best))
+            )
             if progress is not None:
                 progress(start + len(chunk), len(items))
         return out

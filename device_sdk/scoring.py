@@ -14,13 +14,18 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from device_sdk.errors import MismatchError
-from device_sdk.imagefolder import ImageItem, load_images
+from device_sdk.imagefolder import ImageItem
 from device_sdk.protocol.round import Probe
-from device_sdk.runtime.models import Model
+from device_sdk.runtime import Model
 
 
-def coverage_counts(features: np.ndarray, centroids: np.ndarray, max_distance: Optional[float] = None,
-                    chunk: int = 8192, radii: Optional[np.ndarray] = None) -> np.ndarray:
+def coverage_counts(
+    features: np.ndarray,
+    centroids: np.ndarray,
+    max_distance: Optional[float] = None,
+    chunk: int = 8192,
+    radii: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Votes per centroid: ``counts[k]`` = local samples whose nearest centroid is ``k``.
 
     With ``radii`` (K cosine distances) the result has K + 1 entries: the last one counts the
@@ -64,16 +69,20 @@ def check_compatible(probe: Probe, model: Model) -> None:
         names = ", ".join(f"{e[:12]}..." for e in accepted)
         raise MismatchError(f"probe was made for encoder {names}, this device runs {model.sha256[:12]}...")
     if model.meta.feature_dim is not None and probe.feature_dim != model.meta.feature_dim:
-        raise MismatchError(f"probe has {probe.feature_dim}-d centroids, the encoder outputs {model.meta.feature_dim}-d features")
+        raise MismatchError(
+            f"probe has {probe.feature_dim}-d centroids, the encoder outputs {model.meta.feature_dim}-d features"
+        )
 
 
-def encode_items(model: Model, items: Sequence[ImageItem], batch: int = 256,
-                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """Decode and encode images in batches (bounded memory); ``progress(done, total)``."""
+def encode_items(
+    model: Model, items: Sequence[ImageItem], batch: int = 256, progress: Optional[Callable[[int, int], None]] = None
+) -> np.ndarray:
+    """Decode (as the artifact says) and encode images in batches (bounded memory); ``progress(done, total)``."""
+    spec = model.meta.preprocessing()
     outs: List[np.ndarray] = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        outs.append(model.run(load_images([it.path for it in chunk], model.meta.image_size)))
+        outs.append(model.run(spec.decode_many([it.path for it in chunk])))
         if progress is not None:
             progress(start + len(chunk), len(items))
     return np.concatenate(outs) if outs else np.zeros((0, model.meta.feature_dim or 0), np.float32)

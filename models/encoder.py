@@ -18,7 +18,7 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class ConvEncoder(nn.Module):
-    """Three conv stages (32 -> 16 -> 8 -> 4), an MLP projection, unit-norm output.
+    """Three conv stages (32 -> 16 -> 8 -> 4 at 32 pixels), an MLP projection, unit-norm output.
 
     The flattened 4x4 map (not a global average) keeps layout and colour cues, which ECOS needs:
     the features must tell visual domains apart as well as content.
@@ -31,8 +31,15 @@ class ConvEncoder(nn.Module):
     between two images is ``(1 - style_weight) * cos_content + style_weight * cos_style``.
     """
 
-    def __init__(self, feature_dim: int = 64, width: int = 32, in_channels: int = 3, input_size: int = 32,
-                 style_dim: int = 0, style_weight: float = 0.5):
+    def __init__(
+        self,
+        feature_dim: int = 64,
+        width: int = 32,
+        in_channels: int = 3,
+        input_size: int = 32,
+        style_dim: int = 0,
+        style_weight: float = 0.5,
+    ):
         super().__init__()
         if not 0 <= style_dim < feature_dim:
             raise ValueError(f"style_dim must lie in 0..{feature_dim - 1}; got {style_dim}")
@@ -40,12 +47,20 @@ class ConvEncoder(nn.Module):
         self.stage1 = nn.Sequential(_conv(in_channels, w), nn.MaxPool2d(2))
         self.stage2 = nn.Sequential(_conv(w, 2 * w), nn.MaxPool2d(2))
         self.stage3 = nn.Sequential(_conv(2 * w, 4 * w), nn.MaxPool2d(2))
-        flat = 4 * w * (input_size // 8) ** 2
+        if input_size % 32 or not 32 <= input_size <= 512:
+            raise ValueError(f"input_size must be a multiple of 32 in [32, 512]; got {input_size}")
         content_dim = feature_dim - style_dim
-        self.project = nn.Sequential(nn.Flatten(), nn.Linear(flat, 256), nn.ReLU(inplace=True), nn.Linear(256, content_dim))
+        # larger inputs: the last map (input_size / 8) is averaged down to the 4x4 of a 32-pixel input, so the
+        # projection (and the layout cues it keeps) is the same size whatever the input size
+        pool = [] if input_size == 32 else [nn.AdaptiveAvgPool2d(4)]
+        self.project = nn.Sequential(
+            *pool, nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(inplace=True), nn.Linear(256, content_dim)
+        )
         self.style = None
         if style_dim:
-            self.style = nn.Sequential(nn.Linear(2 * (w + 2 * w), 128), nn.ReLU(inplace=True), nn.Linear(128, style_dim))
+            self.style = nn.Sequential(
+                nn.Linear(2 * (w + 2 * w), 128), nn.ReLU(inplace=True), nn.Linear(128, style_dim)
+            )
         self.style_weight = float(style_weight)
         self.feature_dim = feature_dim
 
@@ -57,7 +72,7 @@ class ConvEncoder(nn.Module):
             return F.normalize(content, dim=1)
         stats = torch.cat([_moments(h1), _moments(h2)], dim=1)
         style = self.style(stats)
-        a, b = (1.0 - self.style_weight) ** 0.5, self.style_weight ** 0.5
+        a, b = (1.0 - self.style_weight) ** 0.5, self.style_weight**0.5
         return F.normalize(torch.cat([a * F.normalize(content, dim=1), b * F.normalize(style, dim=1)], dim=1), dim=1)
 
 
@@ -69,8 +84,20 @@ def _moments(h: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("conv_encoder", kind="encoder")
-def conv_encoder(feature_dim: int = 64, width: int = 32, input_size: int = 32, style_dim: int = 0,
-                 style_weight: float = 0.5) -> ConvEncoder:
-    """Small CNN encoder for 32x32 RGB images, unit-norm features (optionally with a style code)."""
-    return ConvEncoder(feature_dim=feature_dim, width=width, input_size=input_size, style_dim=style_dim,
-                       style_weight=style_weight)
+def conv_encoder(
+    feature_dim: int = 64,
+    width: int = 32,
+    input_size: int = 32,
+    in_channels: int = 3,
+    style_dim: int = 0,
+    style_weight: float = 0.5,
+) -> ConvEncoder:
+    """Small CNN encoder (32 to 224 pixels, a multiple of 32; RGB or grey), unit-norm features (optional style code)."""
+    return ConvEncoder(
+        feature_dim=feature_dim,
+        width=width,
+        in_channels=in_channels,
+        input_size=input_size,
+        style_dim=style_dim,
+        style_weight=style_weight,
+    )

@@ -1,27 +1,79 @@
-"""Labelled image folders loaded into memory for training (cloud side)."""
+"""Pool images for training (cloud side): decoded into memory, or listed for streaming from disk.
+
+Both decode through the model's :class:`~device_sdk.preprocess.Preprocess` (the rule the device
+uses too). A file that cannot be decoded is counted, named in the log and left out, never fatal
+(:class:`Unreadable` keeps the list).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device_sdk.imagefolder import ImageItem, load_images, scan_image_folder
-
 from cloud.log import LOG, Progress
+from device_sdk.errors import InputError
+from device_sdk.imagefolder import ImageItem, scan_image_folder
+from device_sdk.preprocess import DEFAULTS, Preprocess
+
+
+def default_preprocess(size: Tuple[int, int] = (32, 32), channels: int = 3, **policy) -> Preprocess:
+    """A new model's preprocessing: ``DEFAULTS`` fitting (centre crop, EXIF, JPEG draft), stats filled in later."""
+    return Preprocess(
+        size=(int(size[0]), int(size[1])),
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        **{**DEFAULTS, **policy},
+    )
 
 
 @dataclass
-class ImageSet:
-    """Images as uint8 NHWC plus integer label and domain codes (``-1`` where unknown)."""
+class Unreadable:
+    """Files that could not be decoded: how many, and the first ``keep`` of them with the reason."""
+
+    count: int = 0
+    examples: List[Tuple[str, str]] = field(default_factory=list)
+    keep: int = 100
+
+    def add(self, path: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append((path, reason))
+
+    def log(self, what: str) -> None:
+        if self.count:
+            LOG.warning(
+                "%s: %d unreadable file(s) skipped; first: %s",
+                what,
+                self.count,
+                "; ".join(reason for _, reason in self.examples[:3]),
+            )
+
+
+@dataclass
+class PoolSet:
+    """Pool images as files, with integer label and domain codes (``-1`` where unknown); nothing decoded."""
 
     items: List[ImageItem]
-    images: np.ndarray
     labels: np.ndarray
     domains: np.ndarray
     label_names: List[str]
     domain_names: List[str]
+    preprocess: Preprocess = field(default_factory=default_preprocess)
+    unreadable: Unreadable = field(default_factory=Unreadable)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class ImageSet(PoolSet):
+    """A :class:`PoolSet` decoded into memory: ``images`` is uint8 NHWC."""
+
+    images: np.ndarray = field(default_factory=lambda: np.zeros((0, 32, 32, 3), np.uint8))
 
 
 def _codes(values: Sequence[str], names: Sequence[str]) -> np.ndarray:
@@ -29,20 +81,106 @@ def _codes(values: Sequence[str], names: Sequence[str]) -> np.ndarray:
     return np.array([index.get(v, -1) for v in values], dtype=np.int64)
 
 
-def load_image_set(items: List[ImageItem], size=(32, 32), label_names=None, domain_names=None, batch: int = 2048) -> ImageSet:
-    """Decode ``items``; label/domain vocabularies default to the sorted names present."""
+def pool_set(
+    items: List[ImageItem], preprocess: Optional[Preprocess] = None, label_names=None, domain_names=None
+) -> PoolSet:
+    """``items`` with their codes; label/domain vocabularies default to the sorted names present."""
     label_names = list(label_names) if label_names is not None else sorted({it.label for it in items if it.label})
     domain_names = list(domain_names) if domain_names is not None else sorted({it.domain for it in items if it.domain})
-    images = np.empty((len(items), size[0], size[1], 3), dtype=np.uint8)
+    return PoolSet(
+        list(items),
+        _codes([it.label for it in items], label_names),
+        _codes([it.domain for it in items], domain_names),
+        label_names,
+        domain_names,
+        preprocess or default_preprocess(),
+    )
+
+
+def decode_batches(
+    spec: Preprocess, paths: Sequence[str], batch: int = 256, workers: int = 1, unreadable: Optional[Unreadable] = None
+) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(start, images, ok)`` per batch of ``paths``: uint8 NHWC and which rows decoded.
+
+    ``workers`` threads decode (Pillow releases the GIL while decoding and resizing); the next
+    batch is decoded while the caller works on this one. An unreadable file leaves its row zero,
+    ``ok`` False, and is recorded in ``unreadable``.
+    """
+
+    def one(path: str):
+        try:
+            return spec.decode(path), None
+        except InputError as exc:
+            return None, str(exc)
+
+    def decode(start: int):
+        chunk = paths[start : start + batch]
+        results = list(pool.map(one, chunk)) if pool is not None else [one(p) for p in chunk]
+        images = np.zeros((len(chunk), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
+        ok = np.zeros(len(chunk), dtype=bool)
+        failed = []
+        for i, (image, error) in enumerate(results):
+            if image is None:
+                failed.append((chunk[i], error))
+            else:
+                images[i], ok[i] = image, True
+        return images, ok, failed
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") if workers > 1 else None
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    try:
+        starts = list(range(0, len(paths), batch))
+        pending = ahead.submit(decode, starts[0]) if starts else None
+        for n, start in enumerate(starts):
+            images, ok, failed = pending.result()
+            pending = ahead.submit(decode, starts[n + 1]) if n + 1 < len(starts) else None
+            for path, error in failed:
+                if unreadable is not None:
+                    unreadable.add(path, error)
+            yield start, images, ok
+    finally:
+        ahead.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def load_image_set(
+    items: List[ImageItem],
+    size=(32, 32),
+    label_names=None,
+    domain_names=None,
+    batch: int = 2048,
+    preprocess: Optional[Preprocess] = None,
+    workers: int = 1,
+) -> ImageSet:
+    """Decode ``items`` into memory (unreadable files left out, counted in ``unreadable``).
+
+    ``preprocess`` (default: :func:`default_preprocess` at ``size``) fits each file.
+    """
+    spec = preprocess or default_preprocess(size)
+    base = pool_set(items, spec, label_names, domain_names)
+    images = np.empty((len(items), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
+    keep = np.zeros(len(items), dtype=bool)
     progress = Progress("decoding images", len(items))
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        images[start : start + len(chunk)] = load_images([it.path for it in chunk], size)
+    for start, chunk, ok in decode_batches(spec, [it.path for it in items], batch, workers, base.unreadable):
+        images[start : start + len(chunk)] = chunk
+        keep[start : start + len(chunk)] = ok
         progress.update(len(chunk))
-    LOG.debug("loaded %d images, %d labels, %d domains", len(items), len(label_names), len(domain_names))
-    return ImageSet(items, images, _codes([it.label for it in items], label_names),
-                    _codes([it.domain for it in items], domain_names), label_names, domain_names)
+    base.unreadable.log("decoding images")
+    if not keep.all():
+        images = images[keep]
+        base.items = [it for it, k in zip(base.items, keep) if k]
+        base.labels, base.domains = base.labels[keep], base.domains[keep]
+    LOG.debug("loaded %d images, %d labels, %d domains", len(base.items), len(base.label_names), len(base.domain_names))
+    return ImageSet(
+        base.items, base.labels, base.domains, base.label_names, base.domain_names, spec, base.unreadable, images
+    )
 
 
-def load_folder(root: str, size=(32, 32)) -> ImageSet:
-    return load_image_set(scan_image_folder(root), size)
+def load_folder(root: str, size=(32, 32), preprocess: Optional[Preprocess] = None) -> ImageSet:
+    return load_image_set(scan_image_folder(root), size, preprocess=preprocess)
+
+
+def decoded_bytes(n: int, spec: Preprocess) -> int:
+    """Memory the decoded uint8 images of ``n`` files take."""
+    return n * spec.size[0] * spec.size[1] * spec.channels

@@ -11,11 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from device_sdk.runtime.artifact import ArtifactMeta
-
-from cloud.training.encoder_config import EncoderConfig
-
 from cloud.log import LOG
+from cloud.training.encoder_config import EncoderConfig
+from device_sdk.runtime.artifact import ArtifactMeta
 
 
 @dataclass(frozen=True)
@@ -38,16 +36,24 @@ def ensure_dataset(workdir: str, cfg: PipelineConfig) -> str:
     root = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(root, "dataset.json")):
         LOG.info("generating digits benchmark under %s", root)
-        generate(root, per_domain=cfg.per_domain, domains=cfg.domains or DOMAINS, seed=cfg.seed, layout="benchmark",
-                 device_local=cfg.device_local, device_test=cfg.device_test, workers=os.cpu_count() or 1)
+        generate(
+            root,
+            per_domain=cfg.per_domain,
+            domains=cfg.domains or DOMAINS,
+            seed=cfg.seed,
+            layout="benchmark",
+            device_local=cfg.device_local,
+            device_test=cfg.device_test,
+            workers=os.cpu_count() or 1,
+        )
     return root
 
 
 def ensure_encoder(workdir: str, pool_root: str, cfg: PipelineConfig) -> str:
     """Train and export the encoder to ``workdir/encoder.onnx`` unless present."""
+    from cloud.export.formats import export_onnx
     from cloud.pool.dataset import load_folder
     from cloud.training.encoder import train_encoder
-    from cloud.export.formats import export_onnx
 
     path = os.path.join(workdir, "encoder.onnx")
     if not os.path.exists(path):
@@ -60,10 +66,22 @@ def ensure_encoder(workdir: str, pool_root: str, cfg: PipelineConfig) -> str:
 
 def encoder_meta(cfg, data, report) -> ArtifactMeta:
     """The metadata an exported encoder carries (what the device needs to preprocess)."""
-    return ArtifactMeta(kind="encoder", arch=cfg.arch, input_shape=(3, 32, 32), mean=report["mean"], std=report["std"],
-                        feature_dim=cfg.feature_dim, labels=data.label_names, domains=data.domain_names,
-                        extra={"config": dict(cfg.__dict__), "val_label_acc": _finite_or_none(report["val_label_acc"]),
-                               "val_domain_acc": _finite_or_none(report["val_domain_acc"])})
+    return ArtifactMeta(
+        kind="encoder",
+        arch=cfg.arch,
+        input_shape=data.preprocess.input_shape,
+        mean=report["mean"],
+        std=report["std"],
+        preprocess=data.preprocess.policy(),
+        feature_dim=cfg.feature_dim,
+        labels=data.label_names,
+        domains=data.domain_names,
+        extra={
+            "config": dict(cfg.__dict__),
+            "val_label_acc": _finite_or_none(report["val_label_acc"]),
+            "val_domain_acc": _finite_or_none(report["val_domain_acc"]),
+        },
+    )
 
 
 def _finite_or_none(value: float):
@@ -78,7 +96,13 @@ def ensure_index(workdir: str, pool_root: str, encoder_path: str, cfg: PipelineC
     path = os.path.join(workdir, "pool.index.npz")
     if os.path.exists(path):
         return PoolIndex.load(path)
-    index = build_index(pool_root, encoder_path, k=cfg.k, seed=cfg.seed, cache_dir=os.path.join(workdir, "cache"),
-                        threads=os.cpu_count() or 1)
+    index = build_index(
+        pool_root,
+        encoder_path,
+        k=cfg.k,
+        seed=cfg.seed,
+        cache_dir=os.path.join(workdir, "cache"),
+        threads=os.cpu_count() or 1,
+    )
     index.save(path)
     return index

@@ -29,19 +29,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from device_sdk.runtime.artifact import ArtifactMeta
+from cloud.log import LOG
+from cloud.pool.dataset import ImageSet, PoolSet, load_image_set
+from cloud.training.data import InMemory, batch_source
+from cloud.training.encoder import pool_stats, random_shift, shape_kwargs, split_indices, warmup_cosine
 from device_sdk.errors import ArtifactError, InputError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
 from device_sdk.imagefolder import ImageItem, normalize
-
+from device_sdk.preprocess import Preprocess
+from device_sdk.runtime.artifact import ArtifactMeta
 from models import get_model
 
-from cloud.pool.dataset import ImageSet, load_image_set
-from cloud.training.encoder import channel_stats, random_shift, split_indices, warmup_cosine
-from cloud.log import LOG
-
 CHECKPOINT_FORMAT = 1
-INPUT_SHAPE = (3, 32, 32)
+INPUT_SHAPE = (3, 32, 32)  # of checkpoints made before the input size was a parameter
+MAX_STREAMED_VAL = 2000  # held-out images scored per epoch when the pool is streamed from disk
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise UsageError(f"epochs and batch_size must be >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})")
+            raise UsageError(
+                f"epochs and batch_size must be >= 1 and lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
 
@@ -95,11 +98,25 @@ class Trained:
     labels: List[str]
     role: str = "teacher"  # what this model is for here, whatever its architecture
     report: Dict[str, Any] = field(default_factory=dict)
+    input_shape: Tuple[int, int, int] = INPUT_SHAPE  # (channels, height, width)
+    policy: Dict[str, Any] = field(default_factory=dict)  # Preprocess.policy(); empty = the first version's
+
+    def spec(self) -> Preprocess:
+        """How files are decoded for this model (and, once exported, on the device)."""
+        return Preprocess.from_meta(self.input_shape, self.mean, self.std, self.policy)
 
     def meta(self, precision: str = "fp32", **extra: Any) -> ArtifactMeta:
-        return ArtifactMeta(kind="classifier", arch=self.arch, input_shape=INPUT_SHAPE, mean=tuple(self.mean),
-                            std=tuple(self.std), labels=list(self.labels), precision=precision,
-                            extra={"role": self.role, "arch_kwargs": self.arch_kwargs, **extra})
+        return ArtifactMeta(
+            kind="classifier",
+            arch=self.arch,
+            input_shape=tuple(self.input_shape),
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            labels=list(self.labels),
+            precision=precision,
+            extra={"role": self.role, "arch_kwargs": self.arch_kwargs, **extra},
+            preprocess=dict(self.policy),
+        )
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         """uint8 NHWC -> the normalised float tensor this model was trained on."""
@@ -108,8 +125,11 @@ class Trained:
 
 # ---- data ------------------------------------------------------------------------------------
 
-def load_selection(csv_path: str, label_names: List[str], size: Tuple[int, int] = (32, 32)) -> ImageSet:
-    """Decode the images a selection CSV names, with labels coded against ``label_names``.
+
+def load_selection(
+    csv_path: str, label_names: List[str], size: Tuple[int, int] = (32, 32), preprocess: Preprocess | None = None
+) -> ImageSet:
+    """Decode the images a selection CSV names (as ``preprocess`` says), with labels coded against ``label_names``.
 
     Every path is checked before any image is decoded (a training run must not die half-way),
     and labels the teacher does not know are refused: the student's outputs are the teacher's.
@@ -118,11 +138,15 @@ def load_selection(csv_path: str, label_names: List[str], size: Tuple[int, int] 
     items = _read_selection_rows(csv_path)
     missing = [it.path for it in items if not os.path.isfile(it.path)]
     if missing:
-        raise InputError(f"{csv_path}: {len(missing)} of {len(items)} selected images do not exist; first: {missing[0]}")
+        raise InputError(
+            f"{csv_path}: {len(missing)} of {len(items)} selected images do not exist; first: {missing[0]}"
+        )
     unknown = sorted({it.label for it in items if it.label and it.label not in label_names})
     if unknown:
-        raise MismatchError(f"{csv_path}: labels unknown to the teacher: {', '.join(unknown)} (teacher knows {', '.join(label_names)})")
-    return load_image_set(items, size, label_names=label_names)
+        raise MismatchError(
+            f"{csv_path}: labels unknown to the teacher: {', '.join(unknown)} (teacher knows {', '.join(label_names)})"
+        )
+    return load_image_set(items, size, label_names=label_names, preprocess=preprocess)
 
 
 def _read_selection_rows(csv_path: str) -> List[ImageItem]:
@@ -132,31 +156,54 @@ def _read_selection_rows(csv_path: str) -> List[ImageItem]:
     except OSError as exc:
         raise InputError(f"cannot read selection {csv_path}: {exc.strerror}") from None
     if not rows or "path" not in rows[0]:
-        raise InputError(f"{csv_path}: not a selection CSV (needs a header with at least 'path'; columns path,label,domain,cluster,rank)")
+        raise InputError(
+            f"{csv_path}: not a selection CSV (needs a header with at least 'path'; columns path,label,domain,cluster,rank)"
+        )
     return [ImageItem(r["path"], (r.get("label") or "").strip(), (r.get("domain") or "").strip()) for r in rows]
 
 
 # ---- training --------------------------------------------------------------------------------
 
-def train_teacher(data: ImageSet, cfg: TeacherConfig = TeacherConfig()) -> Trained:
-    """Train ``cfg.arch`` on the labelled pool; logs held-out accuracy after every epoch."""
+
+def train_teacher(data: PoolSet, cfg: TeacherConfig = TeacherConfig(), workers: int = 2) -> Trained:
+    """Train ``cfg.arch`` on the labelled pool; logs held-out accuracy after every epoch.
+
+    ``data`` decoded in memory (:class:`ImageSet`) or as files (:class:`PoolSet`, streamed from disk by
+    ``workers`` threads: memory bounded by a few batches whatever the pool's size).
+    """
     if len(data.label_names) < 2 or not (data.labels >= 0).any():
         raise InputError("teacher training needs a labelled pool with at least 2 class folders")
     torch.manual_seed(cfg.seed)
-    mean, std = channel_stats(data.images)
-    kwargs = {"num_classes": len(data.label_names), "width": cfg.width}
-    trained = Trained(get_model(cfg.arch, **kwargs), cfg.arch, kwargs, mean, std, list(data.label_names))
-    x, y = trained.inputs(data.images), torch.from_numpy(data.labels)
-    train_idx, val_idx = split_indices(len(x), cfg.val_fraction, cfg.seed)
+    mean, std = pool_stats(data, cfg.seed, workers)
+    kwargs = {"num_classes": len(data.label_names), "width": cfg.width, **shape_kwargs(data.preprocess)}
+    trained = Trained(
+        get_model(cfg.arch, **kwargs),
+        cfg.arch,
+        kwargs,
+        mean,
+        std,
+        list(data.label_names),
+        input_shape=data.preprocess.input_shape,
+        policy=data.preprocess.policy(),
+    )
+    source, y = batch_source(data, mean, std, workers), torch.from_numpy(data.labels)
+    train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
     train_idx = train_idx[data.labels[train_idx] >= 0]
+    if source.streaming:
+        val_idx = val_idx[:MAX_STREAMED_VAL]
 
     def loss(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(trained.model(xb), y[idx])
 
     def validate() -> Dict[str, float]:
-        return {"val_acc": accuracy(predict_logits(trained.model, x[val_idx]), data.labels[val_idx])} if len(val_idx) else {}
+        if not len(val_idx):
+            return {}
+        return {"val_acc": accuracy(predict_logits(trained.model, source.take(val_idx)), data.labels[val_idx])}
 
-    trained.report = {"config": asdict(cfg), "history": _fit(trained.model, x, train_idx, loss, validate, cfg, "teacher")}
+    trained.report = {
+        "config": asdict(cfg),
+        "history": _fit(trained.model, source, train_idx, loss, validate, cfg, "teacher"),
+    }
     trained.report.update(trained.report["history"][-1])
     return trained
 
@@ -176,9 +223,21 @@ def distill(student: nn.Module, teacher: Trained, data: ImageSet, cfg: DistillCo
     x, y = teacher.inputs(data.images), torch.from_numpy(data.labels)
     soft = torch.from_numpy(predict_logits(teacher.model, x))
     train_idx, val_idx = split_indices(len(x), cfg.val_fraction, cfg.seed)
-    kwargs = {"num_classes": len(teacher.labels), "width": cfg.width}
-    _check_same_shape(student, get_model(cfg.arch, **kwargs), f"{cfg.arch}(num_classes={len(teacher.labels)}, width={cfg.width})")
-    trained = Trained(student, cfg.arch, kwargs, teacher.mean, teacher.std, list(teacher.labels), role="student")
+    kwargs = student_kwargs(teacher, cfg)
+    _check_same_shape(
+        student, get_model(cfg.arch, **kwargs), f"{cfg.arch}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+    )
+    trained = Trained(
+        student,
+        cfg.arch,
+        kwargs,
+        teacher.mean,
+        teacher.std,
+        list(teacher.labels),
+        role="student",
+        input_shape=teacher.input_shape,
+        policy=dict(teacher.policy),
+    )
 
     def loss(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         return distillation_loss(student(xb), soft[idx], y[idx], cfg.temperature, cfg.alpha)
@@ -187,13 +246,24 @@ def distill(student: nn.Module, teacher: Trained, data: ImageSet, cfg: DistillCo
         if not len(val_idx):
             return {}
         logits = predict_logits(student, x[val_idx])
-        return {"val_acc": accuracy(logits, data.labels[val_idx]),
-                "val_teacher_agreement": float(np.mean(logits.argmax(1) == soft[val_idx].numpy().argmax(1)))}
+        return {
+            "val_acc": accuracy(logits, data.labels[val_idx]),
+            "val_teacher_agreement": float(np.mean(logits.argmax(1) == soft[val_idx].numpy().argmax(1))),
+        }
 
-    trained.report = {"config": asdict(cfg), "proxy_images": len(x), "labelled": int((data.labels >= 0).sum()),
-                      "history": _fit(student, x, train_idx, loss, validate, cfg, "student")}
+    trained.report = {
+        "config": asdict(cfg),
+        "proxy_images": len(x),
+        "labelled": int((data.labels >= 0).sum()),
+        "history": _fit(student, InMemory(x), train_idx, loss, validate, cfg, "student"),
+    }
     trained.report.update(trained.report["history"][-1])
     return trained
+
+
+def student_kwargs(teacher: Trained, cfg: DistillConfig) -> Dict[str, Any]:
+    """The registry arguments of ``cfg.arch`` as a student of ``teacher`` (same classes, same input)."""
+    return {"num_classes": len(teacher.labels), "width": cfg.width, **shape_kwargs(teacher.spec())}
 
 
 def _check_same_shape(model: nn.Module, reference: nn.Module, name: str) -> None:
@@ -202,22 +272,37 @@ def _check_same_shape(model: nn.Module, reference: nn.Module, name: str) -> None
         raise UsageError(f"the student passed is not {name}; build it with models.get_model")
 
 
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float, alpha: float) -> torch.Tensor:
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
     """Hinton et al.: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)``.
 
     ``T^2`` keeps the soft term's gradients on the scale of the hard term's; images without a
     label (``-1``) contribute the soft term only.
     """
-    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
-                    reduction="batchmean", log_target=True) * temperature ** 2
+    soft = (
+        F.kl_div(
+            F.log_softmax(logits / temperature, dim=1),
+            F.log_softmax(teacher_logits / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
     keep = labels >= 0
     hard = F.cross_entropy(logits[keep], labels[keep]) if bool(keep.any()) else logits.sum() * 0.0
     return alpha * soft + (1.0 - alpha) * hard
 
 
-def _fit(model: nn.Module, x: torch.Tensor, train_idx: np.ndarray, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-         validate: Callable[[], Dict[str, float]], cfg: FitConfig, what: str) -> List[Dict[str, float]]:
+def _fit(
+    model: nn.Module,
+    source,
+    train_idx: np.ndarray,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    validate: Callable[[], Dict[str, float]],
+    cfg: FitConfig,
+    what: str,
+) -> List[Dict[str, float]]:
     """AdamW + warm-up/cosine schedule over shifted mini-batches; returns one log row per epoch."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -228,9 +313,11 @@ def _fit(model: nn.Module, x: torch.Tensor, train_idx: np.ndarray, loss_fn: Call
         model.train()
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            loss = loss_fn(idx, random_shift(x[idx], gen))
+        chunks = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        for idx, xb in source.batches(chunks):
+            if not len(idx):
+                continue
+            loss = loss_fn(idx, random_shift(xb, gen))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -238,8 +325,14 @@ def _fit(model: nn.Module, x: torch.Tensor, train_idx: np.ndarray, loss_fn: Call
             total += float(loss.detach()) * len(idx)
         row = {"epoch": epoch + 1, "loss": total / max(len(order), 1), **validate(), "seconds": time.monotonic() - t0}
         history.append(row)
-        LOG.info("%s epoch %d/%d: %s", what, epoch + 1, cfg.epochs,
-                 ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds")) + f" ({row['seconds']:.0f}s)")
+        LOG.info(
+            "%s epoch %d/%d: %s",
+            what,
+            epoch + 1,
+            cfg.epochs,
+            ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+            + f" ({row['seconds']:.0f}s)",
+        )
     model.eval()
     return history
 
@@ -262,12 +355,23 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
+
 def save_checkpoint(trained: Trained, path: str) -> None:
     """safetensors: the weights plus a JSON header that rebuilds the model; written atomically."""
     from safetensors.torch import save
 
-    header = {"format": CHECKPOINT_FORMAT, "arch": trained.arch, "arch_kwargs": trained.arch_kwargs, "role": trained.role,
-              "mean": list(trained.mean), "std": list(trained.std), "labels": trained.labels, "report": trained.report}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": trained.arch,
+        "arch_kwargs": trained.arch_kwargs,
+        "role": trained.role,
+        "mean": list(trained.mean),
+        "std": list(trained.std),
+        "labels": trained.labels,
+        "report": trained.report,
+        "input_shape": list(trained.input_shape),
+        "preprocess": trained.policy,
+    }
     tensors = {k: v.detach().contiguous() for k, v in trained.model.state_dict().items()}
     atomic_write_bytes(path, save(tensors, metadata={"ecos": json.dumps(header)}))
 
@@ -294,8 +398,23 @@ def load_checkpoint(path: str) -> Trained:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: weights do not fit {header['arch']} ({str(exc).splitlines()[0]})") from None
-    return Trained(model.eval(), header["arch"], header["arch_kwargs"], tuple(header["mean"]), tuple(header["std"]),
-                   list(header["labels"]), header.get("role", "teacher"), header.get("report", {}))
+    trained = Trained(
+        model.eval(),
+        header["arch"],
+        header["arch_kwargs"],
+        tuple(header["mean"]),
+        tuple(header["std"]),
+        list(header["labels"]),
+        header.get("role", "teacher"),
+        header.get("report", {}),
+        tuple(header.get("input_shape", INPUT_SHAPE)),
+        dict(header.get("preprocess") or {}),
+    )
+    try:
+        trained.spec()
+    except InputError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
+    return trained
 
 
 def _safetensors_metadata(data: bytes) -> Dict[str, str]:

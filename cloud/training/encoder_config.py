@@ -28,6 +28,10 @@ class EncoderConfig:
     min_zoom: float = 1.0
     max_zoom: float = 2.0
     permute_channels: bool = True
+    # fixed raw-pixel branch (models/hybrid.py, docs/sampling.md): the last pixel_dim of the feature_dim outputs
+    # are a PCA of the pool's pooled pixels, weighted pixel_weight in the cosine (0 = the learned encoder alone)
+    pixel_weight: float = 0.0
+    pixel_dim: int = 0  # 0: half of feature_dim
     scale: float = 16.0  # temperature of the cosine heads
     val_fraction: float = 0.1
     seed: int = 0

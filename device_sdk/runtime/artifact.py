@@ -13,7 +13,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from device_sdk.errors import ArtifactError
+from device_sdk.errors import ArtifactError, InputError
+from device_sdk.preprocess import Preprocess
 from device_sdk.protocol.envelope import parse_json
 
 META_KEY = "ecos"
@@ -35,10 +36,24 @@ class ArtifactMeta:
     opset: Optional[int] = None
     precision: str = "fp32"
     extra: Dict[str, Any] = field(default_factory=dict)
+    # how a file is fitted and decoded (device_sdk/preprocess.py: resize, interpolation, exif, draft);
+    # empty in artifacts made before it existed, which are read with the first version's rule (stretch, RGB)
+    preprocess: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_size(self) -> Tuple[int, int]:
         return (int(self.input_shape[1]), int(self.input_shape[2]))
+
+    @property
+    def channels(self) -> int:
+        return int(self.input_shape[0])
+
+    def preprocessing(self) -> Preprocess:
+        """The preprocessing this model was trained with, shared by the cloud and the device."""
+        try:
+            return Preprocess.from_meta(self.input_shape, self.mean, self.std, self.preprocess)
+        except InputError as exc:
+            raise ArtifactError(f"artifact {self.arch}: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -56,8 +71,14 @@ class ArtifactMeta:
         problem = _problem(known)
         if problem is not None:
             raise ArtifactError(f"{source}: malformed metadata ({problem})")
-        return cls(**{**known, "input_shape": tuple(known["input_shape"]), "mean": tuple(known["mean"]),
-                      "std": tuple(known["std"])})
+        return cls(
+            **{
+                **known,
+                "input_shape": tuple(known["input_shape"]),
+                "mean": tuple(known["mean"]),
+                "std": tuple(known["std"]),
+            }
+        )
 
 
 MAX_INPUT_DIM = 1 << 14
@@ -95,4 +116,17 @@ def _problem(meta: Dict[str, Any]) -> Optional[str]:
         return "precision must be a short string"
     if not isinstance(meta.get("extra", {}), dict):
         return "extra must be an object"
+    return _preprocess_problem(meta)
+
+
+def _preprocess_problem(meta: Dict[str, Any]) -> Optional[str]:
+    policy = meta.get("preprocess", {})
+    if not isinstance(policy, dict):
+        return "preprocess must be an object"
+    if not policy:
+        return None
+    try:
+        Preprocess.from_meta(meta["input_shape"], meta["mean"], meta["std"], policy)
+    except (InputError, TypeError, ValueError) as exc:
+        return str(exc)[:200]
     return None

@@ -7,12 +7,11 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from device_sdk.clikit import add_common, run_cli, setup_logging
-from device_sdk.errors import UsageError
-
 from cloud.log import Progress
 from cloud.tools.datagen.digits import DOMAINS, LAYOUTS, PREVIEW_NAME, generate
 from cloud.tools.datagen.realdigits import DEFAULT_JUNK, DEFAULT_PER_DOMAIN, REAL_DOMAINS, generate_real
+from device_sdk.clikit import add_common, run_cli, setup_logging
+from device_sdk.errors import UsageError
 
 SOURCES = ("generated", "real")
 

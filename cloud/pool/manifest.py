@@ -1,0 +1,92 @@
+"""A pool is a folder of images, or a manifest: a CSV (or Parquet) table of image paths.
+
+Scraped pools usually come as a table: one row per file, a ``path`` column (absolute, or relative
+to the manifest's folder), and optionally ``label`` and ``domain`` columns (any other column is
+metadata and ignored here). Parquet needs ``pyarrow`` (``pip install pyarrow``; not a dependency of
+the device or of the cloud's base install). Rows with an empty path are counted and skipped; a
+path that does not exist or does not decode is found when the pool is indexed (counted, listed,
+skipped there: see ``cloud/pool/features.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, Iterable, List
+
+from cloud.log import LOG
+from device_sdk.errors import InputError
+from device_sdk.imagefolder import ImageItem, scan_image_folder
+
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+
+
+def is_manifest(source: str) -> bool:
+    return os.path.splitext(source)[1].lower() in MANIFEST_EXTENSIONS and not os.path.isdir(source)
+
+
+def scan_pool(source: str) -> List[ImageItem]:
+    """The images of ``source``: a folder (labels from folder names) or a CSV/Parquet manifest."""
+    if not is_manifest(source):
+        return scan_image_folder(source)
+    if not os.path.isfile(source):
+        raise InputError(f"manifest not found: {source}")
+    rows = _parquet_rows(source) if source.lower().endswith((".parquet", ".pq")) else _csv_rows(source)
+    base = os.path.dirname(os.path.abspath(source))
+    items: List[ImageItem] = []
+    empty = 0
+    for row in rows:
+        path = (row.get("path") or "").strip()
+        if not path:
+            empty += 1
+            continue
+        items.append(
+            ImageItem(
+                path if os.path.isabs(path) else os.path.join(base, path),
+                (row.get("label") or "").strip(),
+                (row.get("domain") or "").strip(),
+            )
+        )
+    if empty:
+        LOG.warning("%s: %d row(s) without a path skipped", source, empty)
+    if not items:
+        raise InputError(f"{source}: the manifest lists no images (it needs a 'path' column)")
+    LOG.info("manifest %s: %d images", source, len(items))
+    return items
+
+
+def _csv_rows(path: str) -> Iterable[Dict[str, str]]:
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError(f"cannot read manifest {path}: {exc.strerror}") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
+            raise InputError(
+                f"{path}: not a pool manifest (needs a header row with a 'path' column; optional 'label' and 'domain')"
+            )
+        try:
+            for row in reader:
+                yield {(k or "").strip(): v for k, v in row.items() if isinstance(v, str)}
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: unreadable CSV near line {reader.line_num} ({exc})") from None
+
+
+def _parquet_rows(path: str) -> Iterable[Dict[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow), or give a CSV") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for damaged files
+        raise InputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__}: {exc})") from None
+    names = parquet.schema_arrow.names
+    if "path" not in names:
+        raise InputError(f"{path}: not a pool manifest (needs a 'path' column; optional 'label' and 'domain')")
+    columns = [c for c in ("path", "label", "domain") if c in names]
+    for batch in parquet.iter_batches(columns=columns, batch_size=65536):
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            yield {c: "" if data[c][i] is None else str(data[c][i]) for c in columns}

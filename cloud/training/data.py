@@ -1,0 +1,85 @@
+"""Mini-batches for training: from images decoded in memory, or streamed from disk.
+
+:func:`batch_source` picks: an :class:`~cloud.pool.dataset.ImageSet` (decoded) is served from one
+normalised tensor, as the first version did; a :class:`~cloud.pool.dataset.PoolSet` (files only)
+is decoded batch by batch by ``workers`` threads, one batch ahead of the training step, so memory
+holds a few batches whatever the pool's size. Files that fail to decode are dropped from their
+batch and counted in the set's ``unreadable``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from cloud.pool.dataset import ImageSet, PoolSet, decode_batches
+from device_sdk.preprocess import normalize
+
+
+class InMemory:
+    """Batches cut from one normalised tensor of the whole (decoded) set."""
+
+    streaming = False
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def batches(self, chunks: Sequence[torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for idx in chunks:
+            yield idx, self.x[idx]
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        return self.x[torch.as_tensor(idx)]
+
+
+class Streaming:
+    """Batches decoded from disk on demand (``workers`` threads, one batch ahead)."""
+
+    streaming = True
+
+    def __init__(self, data: PoolSet, mean: Sequence[float], std: Sequence[float], workers: int = 2):
+        self.data, self.mean, self.std, self.workers = data, mean, std, workers
+        self.paths = [it.path for it in data.items]
+
+    def batches(self, chunks: Sequence[torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        sizes = [len(c) for c in chunks]
+        if not sizes:
+            return
+        order = torch.cat(list(chunks)).numpy()
+        # decode_batches needs one batch size: feed it the chunks' concatenation and cut it again
+        for (_, images, ok), idx in zip(
+            decode_batches(
+                self.data.preprocess, [self.paths[i] for i in order], sizes[0], self.workers, self.data.unreadable
+            ),
+            chunks,
+        ):
+            keep = torch.from_numpy(ok)
+            yield idx[keep], torch.from_numpy(normalize(images[ok], self.mean, self.std))
+
+    def take(self, idx: np.ndarray) -> torch.Tensor:
+        out: List[torch.Tensor] = []
+        for _, images, _ in decode_batches(self.data.preprocess, [self.paths[i] for i in idx], 256, self.workers):
+            out.append(torch.from_numpy(normalize(images, self.mean, self.std)))
+        return torch.cat(out) if out else torch.zeros((0, self.data.preprocess.channels) + self.data.preprocess.size)
+
+
+def batch_source(data: PoolSet, mean: Sequence[float], std: Sequence[float], workers: int = 2):
+    if isinstance(data, ImageSet):
+        return InMemory(torch.from_numpy(normalize(data.images, mean, std)))
+    return Streaming(data, mean, std, workers)
+
+
+def channel_stats_streaming(data: PoolSet, sample: int = 2000, seed: int = 0, workers: int = 2):
+    """Per-channel mean and std (on the [0, 1] scale) from up to ``sample`` files drawn at random."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(data.items))[:sample])
+    c = data.preprocess.channels
+    total, total_sq, n = np.zeros(c), np.zeros(c), 0
+    for _, images, ok in decode_batches(data.preprocess, [data.items[i].path for i in pick], 256, workers):
+        x = images[ok].reshape(-1, c).astype(np.float64) / 255.0
+        total, total_sq, n = total + x.sum(0), total_sq + (x**2).sum(0), n + len(x)
+    mean = total / max(n, 1)
+    std = np.sqrt(np.maximum(total_sq / max(n, 1) - mean**2, 0.0))
+    return tuple(float(v) for v in mean), tuple(float(max(v, 1e-3)) for v in std)

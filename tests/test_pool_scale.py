@@ -1,0 +1,110 @@
+"""Pools as users have them: CSV manifests, unreadable files, and a feature cache that resumes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from cloud.pool.features import encode_pool_checked
+from cloud.pool.index import build_index
+from cloud.pool.manifest import scan_pool
+from device_sdk.errors import InputError
+from device_sdk.imagefolder import scan_image_folder
+from device_sdk.runtime import load_model
+
+
+def _entries(cache_dir: str) -> int:
+    return sum(len(np.load(p)["keys"]) for p in glob.glob(os.path.join(cache_dir, "features-*", "shard-*.npz")))
+
+
+def test_csv_manifest_with_relative_paths_extra_columns_and_bad_rows(digits_root, encoder_path, tmp_path):
+    items = scan_image_folder(str(digits_root / "pool"))[:40]
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff definitely not a jpeg")
+    rows = ["path,label,domain,source_url"]
+    rows += [
+        f"{os.path.relpath(it.path, tmp_path)},{it.label},{it.domain},http://example/{i}" for i, it in enumerate(items)
+    ]
+    rows += ["broken.jpg,3,x,", "missing/nowhere.png,3,x,", ",,,"]
+    (tmp_path / "pool.csv").write_text("\n".join(rows) + "\n")
+
+    listed = scan_pool(str(tmp_path / "pool.csv"))
+    assert len(listed) == 42 and listed[0].label == items[0].label and os.path.isabs(listed[0].path)
+    index = build_index(str(tmp_path / "pool.csv"), str(encoder_path), k=4, iters=5, threads=1)
+    assert len(index.paths) == 40 and index.unreadable.count == 2
+    assert {os.path.basename(p) for p, _ in index.unreadable.examples} == {"broken.jpg", "nowhere.png"}
+    assert list(index.labels) == [it.label for it in items]
+
+
+def test_manifest_without_a_path_column_is_an_input_error(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\na.png,1\n")
+    with pytest.raises(InputError, match="'path' column"):
+        scan_pool(str(tmp_path / "m.csv"))
+    with pytest.raises(InputError, match="not found"):
+        scan_pool(str(tmp_path / "absent.csv"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Counting:
+    """The model, counting the images it encodes; optionally interrupted after ``stop_after`` batches."""
+
+    def __init__(self, model, stop_after=None):
+        self.model, self.stop_after, self.images, self.batches = model, stop_after, 0, 0
+        self.meta, self.sha256 = model.meta, model.sha256
+
+    def run(self, images):
+        if self.stop_after is not None and self.batches >= self.stop_after:
+            raise _Interrupted()
+        self.batches += 1
+        self.images += len(images)
+        return self.model.run(images)
+
+
+def test_interrupted_indexing_resumes_without_recomputing(digits_root, encoder_path, tmp_path):
+    items = scan_image_folder(str(digits_root / "pool"))[:30]
+    cache = str(tmp_path / "cache")
+    model = load_model(str(encoder_path))
+    reference = encode_pool_checked(model, items).features
+
+    first = _Counting(model, stop_after=3)  # batches of 4, shards of 8: two shards (16 images) reach the disk
+    with pytest.raises(_Interrupted):
+        encode_pool_checked(first, items, cache, batch=4, shard_size=8)
+    assert _entries(cache) == 8  # 12 encoded before the interruption: one full shard written, 4 lost
+
+    second = _Counting(model)
+    resumed = encode_pool_checked(second, items, cache, batch=4, shard_size=8)
+    assert second.images == 30 - 8  # only what no shard held
+    np.testing.assert_allclose(resumed.features, reference, atol=1e-6)
+
+    third = _Counting(model)
+    again = encode_pool_checked(third, items, cache, batch=4, shard_size=8)
+    assert third.images == 0 and again.cached == 30
+    np.testing.assert_array_equal(again.features, resumed.features)
+
+
+def test_changed_and_removed_files_are_pruned_and_unreadable_ones_not_retried(digits_root, encoder_path, tmp_path):
+    import shutil
+
+    src = scan_image_folder(str(digits_root / "pool"))[:12]
+    for i, it in enumerate(src):
+        shutil.copy(it.path, tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    items = scan_image_folder(str(tmp_path))
+    cache = str(tmp_path / "cache")
+    model = load_model(str(encoder_path))
+    first = encode_pool_checked(model, items, cache)
+    assert len(first.features) == 12 and first.unreadable.count == 1 and _entries(cache) == 13
+
+    os.utime(tmp_path / "0.png", ns=(1, 1))  # changed mtime: encoded again, the old entry pruned
+    counting = _Counting(model)
+    second = encode_pool_checked(counting, items, cache)
+    assert counting.images == 1 and second.unreadable.count == 1 and _entries(cache) == 13
+
+    fewer = [it for it in items if not it.path.endswith("5.png")]
+    encode_pool_checked(model, fewer, cache, prune_missing=True)
+    assert _entries(cache) == 12
