@@ -278,15 +278,21 @@ def write_markdown(result: Dict[str, Any], path: str, command: str) -> None:
         "# Model compression on the generated Digits benchmark",
         "",
         f"Command: `{command}`{status}; "
-        f"{result['total_seconds'] / 60:.1f} min on {result['machine']['cpus']} CPUs, {result['machine']['torch_threads']} torch threads.",
+        f"{result['total_seconds'] / 60:.1f} min on {result['machine']['cpus']} CPUs, "
+        f"{result['machine']['torch_threads']} torch threads.",
         "",
-        f"Teacher: {result['teacher_config']['arch']} (width {result['teacher_config']['width']}, {result['teacher_config']['epochs']} epochs) "
-        f"on the whole labelled pool, held-out accuracy {100 * result['teacher_report'].get('val_acc', float('nan')):.1f}%. "
-        f"Students: {result['student_config']['arch']} (width {result['student_config']['width']}, {result['student_config']['epochs']} epochs, "
-        f"T={result['student_config']['temperature']:g}, alpha={result['student_config']['alpha']:g}) distilled on each selection, "
+        f"Teacher: {result['teacher_config']['arch']} (width {result['teacher_config']['width']}, "
+        f"{result['teacher_config']['epochs']} epochs) "
+        "on the whole labelled pool, held-out accuracy "
+        f"{100 * result['teacher_report'].get('val_acc', float('nan')):.1f}%. "
+        f"Students: {result['student_config']['arch']} (width {result['student_config']['width']}, "
+        f"{result['student_config']['epochs']} epochs, "
+        f"T={result['student_config']['temperature']:g}, alpha={result['student_config']['alpha']:g}) distilled on "
+        "each selection, "
         "quantised to int8 ONNX (QDQ) calibrated on that selection.",
         "",
-        "int8 student accuracy (%, ONNX Runtime) on each device's test images; teacher = the fp32 teacher on the same images.",
+        "int8 student accuracy (%, ONNX Runtime) on each device's test images; teacher = the fp32 teacher on the "
+        "same images.",
         "",
         "| domain | budget | ecos | random | kcenter | oracle | teacher |",
         "|---|---|---|---|---|---|---|",
@@ -328,7 +334,8 @@ def write_markdown(result: Dict[str, Any], path: str, command: str) -> None:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {v['agreement']:.4f} | {100 * v['int8']:.1f} | {100 * v['fp32']:.1f} | {v['int8_bytes']} | {v['int8_latency_ms']:.3f} |"
+            f"| {k} | {v['agreement']:.4f} | {100 * v['int8']:.1f} | {100 * v['fp32']:.1f} | {v['int8_bytes']} | "
+            f"{v['int8_latency_ms']:.3f} |"
             for k, v in result["formats"]["onnx_int8_variants"].items()
         ]
     atomic_write_text(path, "\n".join(lines) + "\n")

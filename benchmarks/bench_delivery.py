@@ -51,8 +51,15 @@ from device_sdk.protocol import (
 from device_sdk.signing import load_public_key  # noqa: E402
 from device_sdk.transport import MqttTransport  # noqa: E402
 
-META = {"kind": "classifier", "arch": "bench", "input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
-        "labels": [str(i) for i in range(10)], "precision": "int8"}
+META = {
+    "kind": "classifier",
+    "arch": "bench",
+    "input_shape": [3, 32, 32],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "labels": [str(i) for i in range(10)],
+    "precision": "int8",
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,7 +71,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (the median is reported)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "delivery.json"))
     args = parser.parse_args()
-    args.host, args.port = (args.broker.rsplit(":", 1)[0], int(args.broker.rsplit(":", 1)[1])) if args.broker else ("", 0)
+    args.host, args.port = (
+        (args.broker.rsplit(":", 1)[0], int(args.broker.rsplit(":", 1)[1])) if args.broker else ("", 0)
+    )
     return args
 
 
@@ -74,8 +83,14 @@ class Device:
     def __init__(self, args: argparse.Namespace, device_id: str, public_key: Path, store: Path):
         self.device_id, self.bytes_up = device_id, 0
         self.receiver = DeliveryReceiver(ModelStore(store), load_public_key(public_key), device_id, formats=("onnx",))
-        self.transport = MqttTransport(f"bench-{device_id}", args.host, args.port, subscriptions=[inbox(device_id)],
-                                       on_message=self.on_message, clean=True)
+        self.transport = MqttTransport(
+            f"bench-{device_id}",
+            args.host,
+            args.port,
+            subscriptions=[inbox(device_id)],
+            on_message=self.on_message,
+            clean=True,
+        )
 
     def on_message(self, topic: str, payload: bytes) -> None:
         for reply in self.receiver.handle(decode_for_device(self.device_id, topic, payload)):
@@ -88,12 +103,19 @@ def run_case(args, keys, workdir: Path, size: int, chunk: int, window: int, run:
     device_id = f"bench-{size}-{chunk}-{window}-{run}"
     artifact = workdir / f"{device_id}.onnx"
     artifact.write_bytes(np.random.default_rng(run).integers(0, 256, size, dtype=np.uint8).tobytes())
-    manifest = build_manifest(artifact, keys[0], name="bench", version=1, targets=[device_id], chunk_size=chunk,
-                              meta=META)
+    manifest = build_manifest(
+        artifact, keys[0], name="bench", version=1, targets=[device_id], chunk_size=chunk, meta=META
+    )
     device = Device(args, device_id, keys[1], workdir / device_id)
     replies: "queue.Queue" = queue.Queue()
-    cloud = MqttTransport(f"bench-cloud-{device_id}", args.host, args.port, subscriptions=list(CLOUD_SUBSCRIPTIONS),
-                          on_message=lambda t, p: replies.put(decode_from_device(t, p)[1]), clean=True)
+    cloud = MqttTransport(
+        f"bench-cloud-{device_id}",
+        args.host,
+        args.port,
+        subscriptions=list(CLOUD_SUBSCRIPTIONS),
+        on_message=lambda t, p: replies.put(decode_from_device(t, p)[1]),
+        clean=True,
+    )
     for transport in (device.transport, cloud):
         transport.start()
         if not transport.wait_connected(10):
@@ -112,8 +134,13 @@ def run_case(args, keys, workdir: Path, size: int, chunk: int, window: int, run:
         transport.stop()
     if sender.outcome != "installed":
         raise SystemExit(f"{device_id}: {sender.outcome} {sender.result}")
-    return {"seconds": seconds, "bytes_down": sender.bytes_sent, "bytes_up": device.bytes_up,
-            "chunks": manifest.n_chunks, "chunks_sent": sender.chunks_sent}
+    return {
+        "seconds": seconds,
+        "bytes_down": sender.bytes_sent,
+        "bytes_up": device.bytes_up,
+        "chunks": manifest.n_chunks,
+        "chunks_sent": sender.chunks_sent,
+    }
 
 
 def run_cases(args: argparse.Namespace, broker: str, results: List[Dict[str, object]]) -> None:
@@ -126,12 +153,22 @@ def run_cases(args: argparse.Namespace, broker: str, results: List[Dict[str, obj
                     size, chunk = size_kb * 1000, chunk_kb * 1024
                     runs = [run_case(args, keys, workdir, size, chunk, window, r) for r in range(args.repeats)]
                     best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-                    row = {"broker": broker, "size_bytes": size, "chunk_bytes": chunk, "window": window, **best,
-                           "overhead": (best["bytes_down"] + best["bytes_up"]) / size - 1.0,
-                           "mb_per_s": size / best["seconds"] / 1e6}
+                    row = {
+                        "broker": broker,
+                        "size_bytes": size,
+                        "chunk_bytes": chunk,
+                        "window": window,
+                        **best,
+                        "overhead": (best["bytes_down"] + best["bytes_up"]) / size - 1.0,
+                        "mb_per_s": size / best["seconds"] / 1e6,
+                    }
                     results.append(row)
-                    print(f"{broker:>14} {size_kb:>6} KB  chunk {chunk_kb:>3} KiB  window {window}: {best['seconds'] * 1000:8.1f} ms  "
-                          f"down {best['bytes_down']:>9}  up {best['bytes_up']:>6}  overhead {row['overhead'] * 100:5.2f} %")
+                    print(
+                        f"{broker:>14} {size_kb:>6} KB  chunk {chunk_kb:>3} KiB  window {window}: "
+                        f"{best['seconds'] * 1000:8.1f} ms  "
+                        f"down {best['bytes_down']:>9}  up {best['bytes_up']:>6}  overhead "
+                        f"{row['overhead'] * 100:5.2f} %"
+                    )
 
 
 def main() -> None:
@@ -147,8 +184,11 @@ def main() -> None:
                 run_cases(args, f"nodelay={nodelay}", results)
             finally:
                 broker.stop()
-    doc = {"benchmark": "artifact delivery over MQTT (median of repeats)",
-           "machine": {"platform": platform.platform(), "python": platform.python_version()}, "results": results}
+    doc = {
+        "benchmark": "artifact delivery over MQTT (median of repeats)",
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "results": results,
+    }
     atomic_write_text(args.out, json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -186,13 +186,16 @@ def write_markdown(res: dict, args) -> None:
         "|---|---|",
         f"| bare onnxruntime inference, {res['n_images']} images, 1 thread | {res['bare_inference_1thread_s']:.3f} s |",
         f"| PNG decoding of the same images | {res['decode_only_s']:.3f} s |",
-        f"| device scoring in process (decode, encode, count, noise, ledger), 1 thread | {res['scoring_in_process_1thread_s']:.3f} s |",
+        "| device scoring in process (decode, encode, count, noise, ledger), 1 thread | "
+        f"{res['scoring_in_process_1thread_s']:.3f} s |",
         f"| ratio scoring / bare inference | {res['ratio_scoring_to_bare']:.2f}x |",
-        f"| device scoring of already-decoded images (an app's frames), 1 thread | {res['scoring_decoded_images_1thread_s']:.3f} s |",
+        "| device scoring of already-decoded images (an app's frames), 1 thread | "
+        f"{res['scoring_decoded_images_1thread_s']:.3f} s |",
         f"| ratio decoded-image scoring / bare inference | {res['ratio_decoded_scoring_to_bare']:.2f}x |",
         f"| `ecos-device score` process, wall (incl. interpreter start-up) | {cli['wall_s']:.2f} s |",
         f"| `ecos-device score` peak RSS | {cli['peak_rss_mb']:.0f} MB |",
-        f"| pool indexing (decode + encode), {res['index_threads']} threads | {res['index_encode_images_per_s']:.0f} images/s |",
+        f"| pool indexing (decode + encode), {res['index_threads']} threads | {res['index_encode_images_per_s']:.0f} "
+        "images/s |",
         f"| bare inference, {res['index_threads']} threads | {res['bare_inference_images_per_s']:.0f} images/s |",
         f"| probe, K={b['k']}, d={b['d']}, float16 | {b['probe_float16']} bytes |",
         f"| probe, int8 + per-row scale | {b['probe_int8']} bytes |",

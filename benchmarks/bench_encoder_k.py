@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         "# Encoder and K: what they do to ECOS's selection",
         "",
         f"Command: `python benchmarks/bench_encoder_k.py --workdir {args.workdir}`; ecos at epsilon {args.epsilon}, "
-        f"delta 1e-5, budget {args.budget}; share = fraction of the selection from the device's domain, mean over the six domains.",
+        f"delta 1e-5, budget {args.budget}; share = fraction of the selection from the device's domain, mean over "
+        "the six domains.",
         "",
         "| K | share | probe bytes (float16) |",
         "|---|---|---|",

@@ -69,10 +69,17 @@ def synthetic_index(path: str, args: argparse.Namespace) -> PoolIndex:
     centroids = unit(rng.standard_normal((args.k, args.dim)))
     features = unit(rng.standard_normal((args.pool, args.dim)))
     assign = (features @ centroids.T).argmax(axis=1).astype(np.int32)
-    index = PoolIndex(paths=np.array([f"synthetic/{i}.png" for i in range(args.pool)]),
-                      labels=np.array([str(i % 10) for i in range(args.pool)]),
-                      domains=np.array([f"d{a % 6}" for a in assign]), features=features, assign=assign,
-                      centroids=centroids, encoder_sha256=ENCODER, probe_id="unused", created="")
+    index = PoolIndex(
+        paths=np.array([f"synthetic/{i}.png" for i in range(args.pool)]),
+        labels=np.array([str(i % 10) for i in range(args.pool)]),
+        domains=np.array([f"d{a % 6}" for a in assign]),
+        features=features,
+        assign=assign,
+        centroids=centroids,
+        encoder_sha256=ENCODER,
+        probe_id="unused",
+        created="",
+    )
     index.save(path)
     return index
 
@@ -84,8 +91,15 @@ class FakeDevice:
         self.device_id, self.replays = device_id, replays
         self.local = rng.integers(0, 40, size=None)  # which clusters this device's data sits near
         self.rng = rng
-        self.transport = MqttTransport(f"fake-{device_id}", broker.host, broker.port, protocol=protocol,
-                                       subscriptions=[inbox(device_id)], on_message=self._on_probe, keepalive=60)
+        self.transport = MqttTransport(
+            f"fake-{device_id}",
+            broker.host,
+            broker.port,
+            protocol=protocol,
+            subscriptions=[inbox(device_id)],
+            on_message=self._on_probe,
+            keepalive=60,
+        )
 
     def _on_probe(self, topic: str, payload: bytes) -> None:
         probe = Probe.from_bytes(payload)
@@ -99,15 +113,20 @@ class FakeDevice:
 
 def run_fleet(n: int, args: argparse.Namespace, broker, workdir: str) -> Dict[str, object]:
     index_path = os.path.join(workdir, "pool.index.npz")
-    index = synthetic_index(index_path, args)
-    cfg = CloudConfig(broker=BrokerConfig(broker.host, broker.port, protocol=args.protocol, client_id=f"bench-cloud-{n}"),
-                      store=StoreConfig(state_dir=os.path.join(workdir, f"state-{n}"), index=index_path),
-                      rounds=RoundConfig(budget=500, collect_seconds=300.0), metrics=MetricsConfig(port=0),
-                      trainer=TrainerConfig(threads=1))
+    synthetic_index(index_path, args)  # writes the index file the daemon loads
+    cfg = CloudConfig(
+        broker=BrokerConfig(broker.host, broker.port, protocol=args.protocol, client_id=f"bench-cloud-{n}"),
+        store=StoreConfig(state_dir=os.path.join(workdir, f"state-{n}"), index=index_path),
+        rounds=RoundConfig(budget=500, collect_seconds=300.0),
+        metrics=MetricsConfig(port=0),
+        trainer=TrainerConfig(threads=1),
+    )
     daemon = build_daemon(cfg).start(background=False)  # stepped by hand below: it stops before training
     rng = np.random.default_rng(args.seed)
-    devices = [FakeDevice(f"fleet-{i:04d}", broker, args.protocol, np.random.default_rng(rng.integers(1 << 31)), args.replays)
-               for i in range(n)]
+    devices = [
+        FakeDevice(f"fleet-{i:04d}", broker, args.protocol, np.random.default_rng(rng.integers(1 << 31)), args.replays)
+        for i in range(n)
+    ]
     try:
         t0 = time.perf_counter()
         for d in devices:
@@ -133,13 +152,16 @@ def run_fleet(n: int, args: argparse.Namespace, broker, workdir: str) -> Dict[st
         responses = daemon.store.responses(r.round_id)
         round_rec = daemon.store.get_round(r.round_id)
         return {
-            "devices": n, "connect_seconds": round(connect_s, 3),
+            "devices": n,
+            "connect_seconds": round(connect_s, 3),
             "seconds_to_last_answer_recorded": None if recorded_at is None else round(recorded_at, 3),
             "seconds_to_leave_collecting": round(left_collecting_s, 3),
             "answers_per_second": None if recorded_at is None else round(n / recorded_at, 1),
             "state_after": round_rec.state.value,
-            "recorded": len(responses), "unique_devices": len({x.device_id for x in responses}),
-            "new": int(m.value(kind="scores", outcome="new")), "duplicates": int(m.value(kind="scores", outcome="duplicate")),
+            "recorded": len(responses),
+            "unique_devices": len({x.device_id for x in responses}),
+            "new": int(m.value(kind="scores", outcome="new")),
+            "duplicates": int(m.value(kind="scores", outcome="duplicate")),
             "late": int(m.value(kind="scores", outcome="late")),
             "messages_in": int(sum(v for k, v in daemon.metrics.messages.samples() if ("direction", "in") in k)),
             "bytes_in_scores": int(daemon.metrics.bytes.value(direction="in", type="scores")),
@@ -154,32 +176,49 @@ def run_fleet(n: int, args: argparse.Namespace, broker, workdir: str) -> Dict[st
 
 
 def markdown(report: Dict[str, object]) -> str:
-    lines = ["# Fleet collection: one probe, N devices, every answer sent twice", "",
-             "`python benchmarks/bench_fleet.py` (raw numbers: benchmarks/results/fleet.json). Real daemon, real "
-             "Mosquitto, one MQTT connection per simulated device; the daemon is stepped until the round leaves "
-             "`collecting` (training and delivery are measured by bench_ota.py).", "",
-             f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs, load average "
-             f"{report['machine']['load_average_1m_at_start']} at start. \"to last answer\" runs from the round's "
-             "creation (the probes go out on the daemon's next tick, within 0.1 s) to the last device's answer being "
-             "committed to SQLite; \"duplicates\" are the second copies, recognised and not counted again.", "",
-             "| devices | connect s | to last answer s | answers/s | recorded | new | duplicates | late | scores bytes in | probe bytes out |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Fleet collection: one probe, N devices, every answer sent twice",
+        "",
+        "`python benchmarks/bench_fleet.py` (raw numbers: benchmarks/results/fleet.json). Real daemon, real "
+        "Mosquitto, one MQTT connection per simulated device; the daemon is stepped until the round leaves "
+        "`collecting` (training and delivery are measured by bench_ota.py).",
+        "",
+        f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs, load average "
+        f'{report["machine"]["load_average_1m_at_start"]} at start. "to last answer" runs from the round\'s '
+        "creation (the probes go out on the daemon's next tick, within 0.1 s) to the last device's answer being "
+        'committed to SQLite; "duplicates" are the second copies, recognised and not counted again.',
+        "",
+        "| devices | connect s | to last answer s | answers/s | recorded | new | duplicates | late | scores bytes in "
+        "| probe bytes out |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['devices']} | {r['connect_seconds']} | {r['seconds_to_last_answer_recorded']} | "
-                     f"{r['answers_per_second']} | {r['recorded']} | {r['new']} | {r['duplicates']} | {r['late']} | "
-                     f"{r['bytes_in_scores']:,} | {r['bytes_out_probes']:,} |")
-    lines += ["", f"One process simulates at most {MAX_DEVICES_PER_PROCESS} devices: paho-mqtt's select() loop takes only "
-                  "file descriptors below 1024 and each client holds three (800 clients: 340 connected)."]
+        lines.append(
+            f"| {r['devices']} | {r['connect_seconds']} | {r['seconds_to_last_answer_recorded']} | "
+            f"{r['answers_per_second']} | {r['recorded']} | {r['new']} | {r['duplicates']} | {r['late']} | "
+            f"{r['bytes_in_scores']:,} | {r['bytes_out_probes']:,} |"
+        )
+    lines += [
+        "",
+        f"One process simulates at most {MAX_DEVICES_PER_PROCESS} devices: paho-mqtt's select() loop takes only "
+        "file descriptors below 1024 and each client holds three (800 clients: 340 connected).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     args = parse_args()
     if sum(args.devices) > MAX_DEVICES_PER_PROCESS:
-        raise SystemExit(f"at most {MAX_DEVICES_PER_PROCESS} simulated devices in one process (sum of --devices); "
-                         "see MAX_DEVICES_PER_PROCESS")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-               "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
+        raise SystemExit(
+            f"at most {MAX_DEVICES_PER_PROCESS} simulated devices in one process (sum of --devices); "
+            "see MAX_DEVICES_PER_PROCESS"
+        )
+    machine = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
+    }
     results: List[Dict[str, object]] = []
     broker = start_mosquitto(extra_config="set_tcp_nodelay true\n")
     try:
@@ -190,8 +229,11 @@ def main() -> None:
     finally:
         broker.stop()
     machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "markdown")}, "machine": machine,
-              "results": results}
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "markdown")},
+        "machine": machine,
+        "results": results,
+    }
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     atomic_write_text(args.markdown, markdown(report))
     print(markdown(report))

@@ -37,7 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=64, help="feature dimension d")
     parser.add_argument("--blobs", type=int, default=300, help="mixture components of the synthetic pool")
     parser.add_argument(
-        "--spread", type=float, default=0.15,
+        "--spread",
+        type=float,
+        default=0.15,
         help="per-coordinate noise around a blob centre (0.15: blobs overlap, so all Lloyd rounds run)",
     )
     parser.add_argument("--k", type=int, default=256, help="k-means clusters K")
@@ -148,15 +150,21 @@ def table(report: Dict[str, object]) -> str:
     wall, cpu = report["seconds"]["wall"], report["seconds"]["cpu"]
     ecos = report["ecos"]
     lines = [
-        "# k-means + ECOS sampling at scale", "",
+        "# k-means + ECOS sampling at scale",
+        "",
         f"N={config['points']} d={config['dim']} K={config['k']} iters={config['iters']} budget={config['budget']}; "
         f"{m['cpu_count']} CPUs, load average {m['load_average_1m_at_start']} at start. "
-        "Command: `python benchmarks/bench_kmeans_sampling.py`.", "",
-        "| stage | wall s | cpu s |", "|---|---|---|",
+        "Command: `python benchmarks/bench_kmeans_sampling.py`.",
+        "",
+        "| stage | wall s | cpu s |",
+        "|---|---|---|",
     ]
     lines += [f"| {stage} | {wall[stage]:.2f} | {cpu[stage]:.2f} |" for stage in wall]
-    lines += ["", f"ecos kept {ecos['clusters_kept']} clusters; {ecos['fraction_from_device_blobs']:.1%} of picks from the "
-              f"device's blobs (pool: {ecos['fraction_of_pool_from_device_blobs']:.1%})."]
+    lines += [
+        "",
+        f"ecos kept {ecos['clusters_kept']} clusters; {ecos['fraction_from_device_blobs']:.1%} of picks from the "
+        f"device's blobs (pool: {ecos['fraction_of_pool_from_device_blobs']:.1%}).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -38,13 +38,16 @@ def student(arch: str, width: int) -> Trained:
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(16, 3, 32, 32))
-    return Trained(model.eval(), arch, {"num_classes": 10, "width": width}, (0.5,) * 3, (0.25,) * 3, [str(i) for i in range(10)])
+    return Trained(
+        model.eval(), arch, {"num_classes": 10, "width": width}, (0.5,) * 3, (0.25,) * 3, [str(i) for i in range(10)]
+    )
 
 
 def sizes(trained: Trained, images: np.ndarray) -> Dict[str, int]:
     meta = trained.meta()
     out = {"params": sum(p.numel() for p in trained.model.parameters())}
     with tempfile.TemporaryDirectory() as tmp:
+
         def path(name: str) -> str:
             return os.path.join(tmp, name)
 
@@ -72,8 +75,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         onnx = [f"{r[k]} ({r[k] / r['onnx_fp32']:.2f})" for k in ("onnx_int8_QDQ", "onnx_int8_QOperator")]
-        print(f"| {name} | {r['params']} | {r['onnx_fp32']} | {' | '.join(onnx)} | {r['tflite_fp32']} | "
-              f"{r['tflite_int8']} ({r['tflite_int8'] / r['tflite_fp32']:.2f}) |")
+        print(
+            f"| {name} | {r['params']} | {r['onnx_fp32']} | {' | '.join(onnx)} | {r['tflite_fp32']} | "
+            f"{r['tflite_int8']} ({r['tflite_int8'] / r['tflite_fp32']:.2f}) |"
+        )
     return 0
 
 

@@ -16,7 +16,9 @@ def small_cnn(classes: int) -> nn.Module:
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(block(3, 16), block(16, 32), block(32, 64), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 16, classes))
+    return nn.Sequential(
+        block(3, 16), block(16, 32), block(32, 64), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 16, classes)
+    )
 
 
 def _prep(images: np.ndarray) -> torch.Tensor:
@@ -24,8 +26,16 @@ def _prep(images: np.ndarray) -> torch.Tensor:
     return (x - 0.5) / 0.25
 
 
-def train_and_eval(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, classes: int,
-                   epochs: int = 15, batch: int = 64, seed: int = 0) -> float:
+def train_and_eval(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    classes: int,
+    epochs: int = 15,
+    batch: int = 64,
+    seed: int = 0,
+) -> float:
     """Train on (train_x, train_y) uint8 NHWC; return top-1 accuracy on the test set."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -179,7 +179,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     probe = _signed_probe(probe, args.signing_key)
     atomic_write_bytes(args.probe, probe)
     print(
-        f"index -> {args.out} ({len(index.paths)} images, k={index.k}); probe {index.probe_id[:12]} -> {args.probe} ({len(probe)} bytes)"
+        f"index -> {args.out} ({len(index.paths)} images, k={index.k}); probe {index.probe_id[:12]} -> {args.probe} "
+        f"({len(probe)} bytes)"
     )
     return 0
 
@@ -247,7 +248,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecos-cloud",
-        description="ECOS cloud side: encoder, pool index and probe, proxy-set sampling, teacher/student training and export, and the MQTT daemon.",
+        description=(
+            "ECOS cloud side: encoder, pool index and probe, proxy-set sampling, teacher/student training "
+            "and export, and the MQTT daemon."
+        ),
     )
     sub = parser.add_subparsers(metavar="COMMAND")
 

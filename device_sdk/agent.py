@@ -81,7 +81,9 @@ from device_sdk.transport import MqttTransport
 from device_sdk.trust import trust_from_settings, verify_probe
 
 LOG = logging.getLogger("ecos.agent")
-_LOCAL_PATH = re.compile(r"(?<![\w.:/])(?:~|[A-Za-z]:)?[/\\][^\s'\"(),;]+")  # what is left of a path after the known ones
+_LOCAL_PATH = re.compile(
+    r"(?<![\w.:/])(?:~|[A-Za-z]:)?[/\\][^\s'\"(),;]+"
+)  # what is left of a path after the known ones
 ENCODER, CLASSIFIER = "encoder", "classifier"
 
 
@@ -164,25 +166,42 @@ class DeviceAgent:
     time). ``start`` and ``stop`` belong to the thread that owns the agent.
     """
 
-    def __init__(self, config: DeviceConfig, on_event: Optional[Callable[[AgentEvent], None]] = None,
-                 data_source: Optional[DataSource] = None):
+    def __init__(
+        self,
+        config: DeviceConfig,
+        on_event: Optional[Callable[[AgentEvent], None]] = None,
+        data_source: Optional[DataSource] = None,
+    ):
         """``data_source`` gives the private images probes are scored on (default: ``FolderSource([data] local)``)."""
         self.config, self.device_id, self.on_event = config, config.device_id, on_event
         self.data_source = data_source if data_source is not None else FolderSource(config.data.local)
         privacy = config.privacy
-        self.ledger = PrivacyLedger.open(privacy.ledger, device_id=self.device_id, budget_epsilon=privacy.budget_epsilon,
-                                         budget_delta=privacy.budget_delta, accountant=privacy.accountant)
+        self.ledger = PrivacyLedger.open(
+            privacy.ledger,
+            device_id=self.device_id,
+            budget_epsilon=privacy.budget_epsilon,
+            budget_delta=privacy.budget_delta,
+            accountant=privacy.accountant,
+        )
         self.store = ModelStore(config.models.store)
         self.trust = trust_from_settings(config.models)
         self.accept_unsigned = privacy.accept_unsigned_probes
         if self.accept_unsigned:
-            LOG.warning("[privacy] accept_unsigned_probes is on: anyone who can write this device's inbox can spend "
-                        "its privacy budget (development only)")
+            LOG.warning(
+                "[privacy] accept_unsigned_probes is on: anyone who can write this device's inbox can spend "
+                "its privacy budget (development only)"
+            )
         self.receiver = DeliveryReceiver(
-            self.store, self.trust, self.device_id,
-            max_bytes=int(config.models.max_artifact_mb * (1 << 20)), formats=supported_formats(),
-            allow_downgrade=config.models.allow_downgrade, validate=self._validate, evaluate=self._evaluate,
-            fleets=config.models.fleets)
+            self.store,
+            self.trust,
+            self.device_id,
+            max_bytes=int(config.models.max_artifact_mb * (1 << 20)),
+            formats=supported_formats(),
+            allow_downgrade=config.models.allow_downgrade,
+            validate=self._validate,
+            evaluate=self._evaluate,
+            fleets=config.models.fleets,
+        )
         self.stats = AgentStats()
         self._models: Dict[str, Model] = {}
         self._models_lock = threading.Lock()
@@ -195,10 +214,20 @@ class DeviceAgent:
         b = self.config.broker
         offline = Status(self.device_id, "offline").to_bytes()
         return MqttTransport(
-            f"ecos-device-{self.device_id}", b.host, b.port, protocol=b.protocol, subscriptions=[inbox(self.device_id)],
-            on_message=self._enqueue, will=(device_status(self.device_id), offline, True),
-            online=(device_status(self.device_id), self._status_payload(), True), keepalive=b.keepalive,
-            session_expiry=b.session_expiry, username=b.username, password=broker_password(b), tls=broker_tls(b))
+            f"ecos-device-{self.device_id}",
+            b.host,
+            b.port,
+            protocol=b.protocol,
+            subscriptions=[inbox(self.device_id)],
+            on_message=self._enqueue,
+            will=(device_status(self.device_id), offline, True),
+            online=(device_status(self.device_id), self._status_payload(), True),
+            keepalive=b.keepalive,
+            session_expiry=b.session_expiry,
+            username=b.username,
+            password=broker_password(b),
+            tls=broker_tls(b),
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -252,9 +281,19 @@ class DeviceAgent:
         out: Dict[str, Optional[ModelInfo]] = {}
         for kind in (ENCODER, CLASSIFIER):
             model, installed = self.model(kind), self.store.current(kind)
-            out[kind] = None if model is None else ModelInfo(
-                kind, model.path, model.sha256, model.runtime, model.meta.feature_dim, list(model.meta.labels or []),
-                *((installed.version, installed.name, installed.artifact_id) if installed is not None else ()))
+            out[kind] = (
+                None
+                if model is None
+                else ModelInfo(
+                    kind,
+                    model.path,
+                    model.sha256,
+                    model.runtime,
+                    model.meta.feature_dim,
+                    list(model.meta.labels or []),
+                    *((installed.version, installed.name, installed.artifact_id) if installed is not None else ()),
+                )
+            )
         return out
 
     def rollback(self, kind: str = CLASSIFIER) -> InstalledModel:
@@ -293,8 +332,9 @@ class DeviceAgent:
             self._handle(topic, payload)
         except Exception as exc:  # noqa: BLE001 - one message must never stop the agent
             self.stats.dropped += 1
-            LOG.warning("dropped a message on %s: unexpected %s: %s", clean(topic), exc.__class__.__name__,
-                        clean(str(exc), 300))
+            LOG.warning(
+                "dropped a message on %s: unexpected %s: %s", clean(topic), exc.__class__.__name__, clean(str(exc), 300)
+            )
             LOG.debug("traceback of the dropped message", exc_info=True)
             self._emit("rejected", topic=topic, reason=f"internal error ({exc.__class__.__name__})")
 
@@ -328,29 +368,49 @@ class DeviceAgent:
         try:
             check_probe_conflict(probe, self.ledger)
             if probe.deadline is not None and time.time() > probe.deadline:
-                raise DeadlinePassed(f"probe {probe.probe_id} arrived {time.time() - probe.deadline:.0f}s after its deadline")
+                raise DeadlinePassed(
+                    f"probe {probe.probe_id} arrived {time.time() - probe.deadline:.0f}s after its deadline"
+                )
             encoder = self.model(ENCODER)
             if encoder is None:
                 raise ArtifactError("no encoder on this device: set [models] encoder or deliver one")
             check_compatible(probe, encoder)  # before touching a single private image
-            _, result = answer_probe(probe, encoder, self._local_features(encoder), self.ledger,
-                                     epsilon=self.config.privacy.epsilon, sigma=self.config.privacy.sigma,
-                                     commit=self._publish_out, trust=self.trust, accept_unsigned=self.accept_unsigned)
+            _, result = answer_probe(
+                probe,
+                encoder,
+                self._local_features(encoder),
+                self.ledger,
+                epsilon=self.config.privacy.epsilon,
+                sigma=self.config.privacy.sigma,
+                commit=self._publish_out,
+                trust=self.trust,
+                accept_unsigned=self.accept_unsigned,
+            )
         except EcosError as err:  # a ledger that cannot be written (disk full, read-only) too: a typed refusal
             level = logging.WARNING if isinstance(err, (LedgerUnavailable, LedgerCorrupt)) else logging.INFO
             LOG.log(level, "refused probe %s: %s", clean(probe.probe_id), clean(str(err), 300))
             self._send(Refusal(probe.probe_id, self.device_id, err.code, self._public_reason(err)))
             self._emit("probe_refused", probe_id=probe.probe_id, code=err.code, reason=str(err))
             return
-        self._emit("probe_answered", probe_id=probe.probe_id, repeated=result.repeated,
-                   charged_epsilon=result.charged_epsilon, spent_epsilon=result.spent_epsilon)
+        self._emit(
+            "probe_answered",
+            probe_id=probe.probe_id,
+            repeated=result.repeated,
+            charged_epsilon=result.charged_epsilon,
+            spent_epsilon=result.spent_epsilon,
+        )
 
     def _public_reason(self, err: EcosError) -> str:
         """What a refusal tells the cloud: the error without this device's local paths (the log keeps them)."""
         text = getattr(err, "public", None) or str(err)
         c = self.config
-        for path, name in ((c.privacy.ledger, "<ledger>"), (c.data.local, "<data.local>"), (c.data.eval, "<data.eval>"),
-                           (c.models.store, "<models.store>"), (c.models.encoder, "<models.encoder>")):
+        for path, name in (
+            (c.privacy.ledger, "<ledger>"),
+            (c.data.local, "<data.local>"),
+            (c.data.eval, "<data.eval>"),
+            (c.models.store, "<models.store>"),
+            (c.models.encoder, "<models.encoder>"),
+        ):
             if path:
                 text = text.replace(os.path.abspath(path), name).replace(str(path), name)
         return clip_reason(_LOCAL_PATH.sub("<path>", text))
@@ -368,11 +428,16 @@ class DeviceAgent:
         if not result.applied:
             LOG.debug("key update %d already applied (serial %d)", update.serial, result.serial)
             return
-        LOG.info("key update %d applied: trusted %s, revoked %s", update.serial, self.trust.key_ids,
-                 sorted(self.trust.revoked))
+        LOG.info(
+            "key update %d applied: trusted %s, revoked %s",
+            update.serial,
+            self.trust.key_ids,
+            sorted(self.trust.revoked),
+        )
         self.transport.set_online((device_status(self.device_id), self._status_payload(), True))
-        self._emit("keys_updated", serial=result.serial, added=result.added, removed=result.revoked,
-                   trusted=self.trust.key_ids)
+        self._emit(
+            "keys_updated", serial=result.serial, added=result.added, removed=result.revoked, trusted=self.trust.key_ids
+        )
 
     def _local_features(self, encoder: Model) -> np.ndarray:
         """Features of the data source's images, cached per encoder and source content (``DataSource.key``)."""
@@ -391,8 +456,13 @@ class DeviceAgent:
             self._send(reply)
             if isinstance(reply, Installed):
                 self.transport.set_online((device_status(self.device_id), self._status_payload(), True))
-                self._emit("installed", artifact_id=reply.artifact_id, version=reply.version,
-                           accuracy=reply.accuracy, n_eval=reply.n_eval)
+                self._emit(
+                    "installed",
+                    artifact_id=reply.artifact_id,
+                    version=reply.version,
+                    accuracy=reply.accuracy,
+                    n_eval=reply.n_eval,
+                )
             elif isinstance(reply, InstallFailed):
                 self._emit("install_failed", artifact_id=reply.artifact_id, code=reply.code, reason=reply.reason)
 
@@ -403,8 +473,10 @@ class DeviceAgent:
         model = load_model(path, self.config.models.runtime, self.config.models.threads)
         expected = manifest.artifact_meta
         if (model.meta.kind, model.meta.input_shape) != (expected.kind, expected.input_shape):
-            raise ArtifactError(f"model metadata ({model.meta.kind}, {model.meta.input_shape}) differs from the "
-                                f"manifest's ({expected.kind}, {expected.input_shape})")
+            raise ArtifactError(
+                f"model metadata ({model.meta.kind}, {model.meta.input_shape}) differs from the "
+                f"manifest's ({expected.kind}, {expected.input_shape})"
+            )
 
     def _evaluate(self, installed: InstalledModel) -> Tuple[Optional[float], int]:
         """Accuracy of an installed classifier on the labelled eval folder, or (None, 0)."""
@@ -413,8 +485,9 @@ class DeviceAgent:
             return None, 0
         try:
             predictor = self.predictor()
-            result = evaluate(predictor.predict_items(scan_image_folder(folder), batch=self.config.data.batch_size),
-                              predictor.labels)
+            result = evaluate(
+                predictor.predict_items(scan_image_folder(folder), batch=self.config.data.batch_size), predictor.labels
+            )
         except (EcosError, OSError) as err:
             LOG.warning("could not evaluate %s on %s: %s", installed.artifact_id, folder, err)
             return None, 0
@@ -431,8 +504,10 @@ class DeviceAgent:
         self._publish_out(msg.to_bytes())
 
     def _status_payload(self) -> bytes:
-        refs = {kind: (m.ref() if m is not None else None) for kind, m in
-                ((CLASSIFIER, self.store.current(CLASSIFIER)), (ENCODER, self.store.current(ENCODER)))}
+        refs = {
+            kind: (m.ref() if m is not None else None)
+            for kind, m in ((CLASSIFIER, self.store.current(CLASSIFIER)), (ENCODER, self.store.current(ENCODER)))
+        }
         return Status(self.device_id, "online", refs[CLASSIFIER], refs[ENCODER], keys=self.trust.key_ids).to_bytes()
 
     def _emit(self, kind: str, **detail: Any) -> None:

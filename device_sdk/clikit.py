@@ -12,7 +12,9 @@ from device_sdk.errors import EcosError
 INTERRUPTED = 130
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], setup: Callable[[argparse.Namespace], None]) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], setup: Callable[[argparse.Namespace], None]
+) -> int:
     """Parse ``argv``, run ``args.func(args)``; ``EcosError`` -> ``error[code]: message``."""
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
@@ -31,7 +33,9 @@ def run_cli(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], setu
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@
 ``[data]``, ``[models]``). Any scalar key can be overridden by ``ECOS_DEVICE_<TABLE>_<KEY>``
 (``ECOS_DEVICE_BROKER_PASSWORD``, ``ECOS_DEVICE_DEVICE_ID``), so a secret need not sit in the
 file; a variable with that prefix that names no key is an error. Relative paths are taken
-relative to the file's folder. Every value is checked once, at load, and a bad one is a ``UsageError`` that names the key and what would be accepted.
+relative to the file's folder. Every value is checked once, at load, and a bad one is a
+``UsageError`` that names the key and what would be accepted.
 
 ``from_mapping`` and ``apply_env`` are generic (any dataclass with dataclass-typed sections).
 """
@@ -120,9 +121,18 @@ class DeviceConfig:
 
 
 _PATH_LIST_KEYS = {("models", "trusted_keys")}
-_PATH_KEYS = {("privacy", "ledger"), ("data", "local"), ("data", "eval"), ("models", "store"),
-              ("models", "cloud_public_key"), ("models", "encoder"), ("broker", "ca_file"),
-              ("broker", "cert_file"), ("broker", "key_file"), ("broker", "password_file")}
+_PATH_KEYS = {
+    ("privacy", "ledger"),
+    ("data", "local"),
+    ("data", "eval"),
+    ("models", "store"),
+    ("models", "cloud_public_key"),
+    ("models", "encoder"),
+    ("broker", "ca_file"),
+    ("broker", "cert_file"),
+    ("broker", "key_file"),
+    ("broker", "password_file"),
+}
 
 
 def load_device_config(path: str, env: Optional[Mapping[str, str]] = None) -> DeviceConfig:
@@ -139,10 +149,18 @@ def _resolve_paths(cfg: DeviceConfig, base: str) -> DeviceConfig:
     sections = {}
     for section in {s for s, _ in _PATH_KEYS}:
         table = getattr(cfg, section)
-        changes = {key: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(table, key))))
-                   for s, key in _PATH_KEYS if s == section and getattr(table, key)}
-        changes.update({key: [os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in getattr(table, key)]
-                        for s, key in _PATH_LIST_KEYS if s == section})
+        changes = {
+            key: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(table, key))))
+            for s, key in _PATH_KEYS
+            if s == section and getattr(table, key)
+        }
+        changes.update(
+            {
+                key: [os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in getattr(table, key)]
+                for s, key in _PATH_LIST_KEYS
+                if s == section
+            }
+        )
         sections[section] = dataclasses.replace(table, **changes)
     return dataclasses.replace(cfg, **sections)
 
@@ -166,8 +184,11 @@ def from_mapping(cls: Any, raw: Any, source: str, section: str = "") -> Any:
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)} at {where}; valid: {', '.join(hints)}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise UsageError(f"{source}: {where} needs {', '.join(missing)}")
     values = {}
@@ -220,9 +241,11 @@ def apply_env(raw: Dict[str, Any], cls: Any, prefix: str, env: Mapping[str, str]
     unknown = sorted(var for var in env if var.startswith(prefix) and var not in known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        raise UsageError(f"environment variable {unknown[0]} is not a setting"
-                         + (f" (did you mean {close[0]}?)" if close else "")
-                         + f"; unset it or use one of {prefix}<TABLE>_<KEY> for the keys of {source}")
+        raise UsageError(
+            f"environment variable {unknown[0]} is not a setting"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; unset it or use one of {prefix}<TABLE>_<KEY> for the keys of {source}"
+        )
 
 
 def _env_value(table: Dict[str, Any], key: str, hint: Any, var: str, env: Mapping[str, str]) -> None:
@@ -249,16 +272,36 @@ def validate(cfg: DeviceConfig, source: str) -> None:
     b, p, d, m = cfg.broker, cfg.privacy, cfg.data, cfg.models
     _need(is_valid_id(cfg.device_id), f"{source}: device_id {cfg.device_id!r} must be 1-64 of A-Z a-z 0-9 _ . -")
     _need(1 <= b.port <= 65535, f"{source}: [broker] port must be 1..65535, got {b.port}")
-    _need(b.protocol in PROTOCOLS, f"{source}: [broker] protocol must be one of {sorted(PROTOCOLS)} (a string), got {b.protocol!r}")
-    _need(b.keepalive >= 5 and b.session_expiry >= 0, f"{source}: [broker] keepalive must be >= 5 s and session_expiry >= 0")
+    _need(
+        b.protocol in PROTOCOLS,
+        f"{source}: [broker] protocol must be one of {sorted(PROTOCOLS)} (a string), got {b.protocol!r}",
+    )
+    _need(
+        b.keepalive >= 5 and b.session_expiry >= 0,
+        f"{source}: [broker] keepalive must be >= 5 s and session_expiry >= 0",
+    )
     check_broker_login(b, source)
-    _need(p.accountant in ACCOUNTANTS, f"{source}: [privacy] accountant must be one of {ACCOUNTANTS}, got {p.accountant!r}")
-    _need(p.budget_epsilon > 0 and 0 < p.budget_delta < 1, f"{source}: [privacy] need budget_epsilon > 0 and 0 < budget_delta < 1")
-    _need(p.epsilon_per_probe is None or p.sigma is None, f"{source}: [privacy] set epsilon_per_probe or sigma, not both")
-    _need((p.epsilon or 1.0) > 0 and (p.sigma is None or p.sigma > 0), f"{source}: [privacy] epsilon_per_probe and sigma must be > 0")
+    _need(
+        p.accountant in ACCOUNTANTS,
+        f"{source}: [privacy] accountant must be one of {ACCOUNTANTS}, got {p.accountant!r}",
+    )
+    _need(
+        p.budget_epsilon > 0 and 0 < p.budget_delta < 1,
+        f"{source}: [privacy] need budget_epsilon > 0 and 0 < budget_delta < 1",
+    )
+    _need(
+        p.epsilon_per_probe is None or p.sigma is None, f"{source}: [privacy] set epsilon_per_probe or sigma, not both"
+    )
+    _need(
+        (p.epsilon or 1.0) > 0 and (p.sigma is None or p.sigma > 0),
+        f"{source}: [privacy] epsilon_per_probe and sigma must be > 0",
+    )
     _need(d.batch_size >= 1, f"{source}: [data] batch_size must be >= 1, got {d.batch_size}")
-    _need(bool(m.key_files), f"{source}: [models] cloud_public_key (or trusted_keys) is required: the cloud's Ed25519 "
-                             "public key(s) (PEM, or 64 hex digits) this device verifies every model and probe with")
+    _need(
+        bool(m.key_files),
+        f"{source}: [models] cloud_public_key (or trusted_keys) is required: the cloud's Ed25519 "
+        "public key(s) (PEM, or 64 hex digits) this device verifies every model and probe with",
+    )
     for path in m.key_files:
         key = "cloud_public_key" if path == m.cloud_public_key else "trusted_keys"
         _need(os.path.isfile(path), f"{source}: [models] {key} {path} does not exist")
@@ -275,6 +318,7 @@ def _need(ok: bool, message: str) -> None:
 
 # ---- TLS and login: shared by the device's [broker] and the cloud's ----------------------------------
 
+
 def check_broker_login(b: Any, source: str) -> None:
     """The TLS and login keys of a ``[broker]`` table (the device's or the cloud's), checked at load.
 
@@ -286,15 +330,21 @@ def check_broker_login(b: Any, source: str) -> None:
     opened here, so a wrong path stops the process at start with the key's name.
     """
     where = f"{source}: [broker]"
-    _need(b.tls_version in TLS_VERSIONS,
-          f"{where} tls_version must be one of {', '.join(TLS_VERSIONS)} (a string), got {b.tls_version!r}")
+    _need(
+        b.tls_version in TLS_VERSIONS,
+        f"{where} tls_version must be one of {', '.join(TLS_VERSIONS)} (a string), got {b.tls_version!r}",
+    )
     tls_on = b.tls or b.ca_file is not None
-    _need(tls_on or (b.cert_file is None and b.key_file is None and not b.tls_insecure),
-          f"{where} cert_file, key_file and tls_insecure need TLS: set ca_file (or tls = true for the system's CAs)")
+    _need(
+        tls_on or (b.cert_file is None and b.key_file is None and not b.tls_insecure),
+        f"{where} cert_file, key_file and tls_insecure need TLS: set ca_file (or tls = true for the system's CAs)",
+    )
     _need((b.cert_file is None) == (b.key_file is None), f"{where} cert_file and key_file go together")
     _need(b.password is None or b.password_file is None, f"{where} set password or password_file, not both")
-    _need(b.username is not None or (b.password is None and b.password_file is None),
-          f"{where} a password needs username (MQTT sends no password without a user name)")
+    _need(
+        b.username is not None or (b.password is None and b.password_file is None),
+        f"{where} a password needs username (MQTT sends no password without a user name)",
+    )
     if b.ca_file is not None:
         _need(os.path.isfile(b.ca_file), f"{where} ca_file {b.ca_file} does not exist")
     for key in ("cert_file", "key_file"):

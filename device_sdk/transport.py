@@ -67,8 +67,10 @@ class TlsConfig:
             try:
                 ctx.load_cert_chain(self.cert_file or "", self.key_file)
             except (OSError, ssl.SSLError) as exc:
-                raise UsageError(f"cert_file {self.cert_file} / key_file {self.key_file}: not a readable PEM "
-                                 f"certificate and its private key ({_reason(exc)})") from None
+                raise UsageError(
+                    f"cert_file {self.cert_file} / key_file {self.key_file}: not a readable PEM "
+                    f"certificate and its private key ({_reason(exc)})"
+                ) from None
         if self.insecure:
             ctx.check_hostname = False  # verify_mode stays CERT_REQUIRED
         return ctx
@@ -81,12 +83,25 @@ def _reason(exc: BaseException) -> str:
 class MqttTransport:
     """A paho client that stays connected, publishes its presence and hands payloads to a callback."""
 
-    def __init__(self, client_id: str, host: str = "127.0.0.1", port: int = 1883, *, protocol: str = "5",
-                 subscriptions: Sequence[str] = (), on_message: Optional[MessageCallback] = None,
-                 will: Optional[RetainedMessage] = None, online: Optional[RetainedMessage] = None,
-                 keepalive: int = 30, clean: bool = False, session_expiry: int = 3600,
-                 username: Optional[str] = None, password: Optional[str] = None, tls: Optional[TlsConfig] = None,
-                 reconnect_delay: Tuple[int, int] = (1, 30)):
+    def __init__(
+        self,
+        client_id: str,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        protocol: str = "5",
+        subscriptions: Sequence[str] = (),
+        on_message: Optional[MessageCallback] = None,
+        will: Optional[RetainedMessage] = None,
+        online: Optional[RetainedMessage] = None,
+        keepalive: int = 30,
+        clean: bool = False,
+        session_expiry: int = 3600,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        tls: Optional[TlsConfig] = None,
+        reconnect_delay: Tuple[int, int] = (1, 30),
+    ):
         if protocol not in PROTOCOLS:
             raise UsageError(f"MQTT protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         self.client_id, self.host, self.port, self.protocol = client_id, host, int(port), protocol
@@ -101,11 +116,20 @@ class MqttTransport:
         self._tls = tls is not None
         self._client = self._make_client(username, password, tls, reconnect_delay)
 
-    def _make_client(self, username: Optional[str], password: Optional[str], tls: Optional[TlsConfig],
-                     reconnect_delay: Tuple[int, int]) -> mqtt.Client:
+    def _make_client(
+        self,
+        username: Optional[str],
+        password: Optional[str],
+        tls: Optional[TlsConfig],
+        reconnect_delay: Tuple[int, int],
+    ) -> mqtt.Client:
         v5 = self.protocol == "5"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=PROTOCOLS[self.protocol],
-                             clean_session=None if v5 else self._clean)
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=PROTOCOLS[self.protocol],
+            clean_session=None if v5 else self._clean,
+        )
         client.reconnect_delay_set(*reconnect_delay)
         if username is not None:
             client.username_pw_set(username, password)
@@ -173,12 +197,21 @@ class MqttTransport:
     def _on_connect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.last_error = f"refused: {reason_code}"
-            LOG.warning("%s: broker %s:%d refused the connection: %s", self.client_id, self.host, self.port, reason_code)
+            LOG.warning(
+                "%s: broker %s:%d refused the connection: %s", self.client_id, self.host, self.port, reason_code
+            )
             return
         sock = client.socket()
         tls = f"TLS {sock.version()}" if self._tls and hasattr(sock, "version") else "no TLS"
-        LOG.info("%s: connected to %s:%d (MQTT %s, %s, session present: %s)", self.client_id, self.host, self.port,
-                 self.protocol, tls, flags.session_present)
+        LOG.info(
+            "%s: connected to %s:%d (MQTT %s, %s, session present: %s)",
+            self.client_id,
+            self.host,
+            self.port,
+            self.protocol,
+            tls,
+            flags.session_present,
+        )
         self.last_error = None
         _no_delay(sock)
         if self.subscriptions:
@@ -194,8 +227,9 @@ class MqttTransport:
         exc = sys.exc_info()[1]
         error = clean(f"{type(exc).__name__}: {exc}" if exc is not None else "connection failed")
         if error != self.last_error:
-            LOG.warning("%s: cannot connect to %s:%d: %s; retrying with backoff", self.client_id, self.host, self.port,
-                        error)
+            LOG.warning(
+                "%s: cannot connect to %s:%d: %s; retrying with backoff", self.client_id, self.host, self.port, error
+            )
         self.last_error = error
 
     def _on_disconnect(self, client: mqtt.Client, userdata, flags, reason_code, properties) -> None:

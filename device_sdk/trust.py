@@ -64,8 +64,12 @@ class DeviceTrust:
     ``DeviceTrust`` and always checks against the latest keys.
     """
 
-    def __init__(self, provisioned: Sequence[Ed25519PublicKey], revoked: Iterable[str] = (),
-                 state_path: Optional[PathLike] = None):
+    def __init__(
+        self,
+        provisioned: Sequence[Ed25519PublicKey],
+        revoked: Iterable[str] = (),
+        state_path: Optional[PathLike] = None,
+    ):
         self._provisioned = {key_id(k): k for k in provisioned}
         self._configured_revoked = frozenset(revoked)
         self.state_path = None if state_path is None else Path(state_path)
@@ -73,12 +77,15 @@ class DeviceTrust:
         self._serial, self._learned, self._learned_revoked = self._read_state()
         self._store = self._build()
         if not self._store.key_ids:
-            raise UsageError(f"no usable signing key: every trusted key is revoked ({sorted(self._store.revoked)}); "
-                             "provision a current key ([models] trusted_keys)")
+            raise UsageError(
+                f"no usable signing key: every trusted key is revoked ({sorted(self._store.revoked)}); "
+                "provision a current key ([models] trusted_keys)"
+            )
 
     @classmethod
-    def from_files(cls, paths: Sequence[PathLike], revoked: Iterable[str] = (),
-                   state_path: Optional[PathLike] = None) -> "DeviceTrust":
+    def from_files(
+        cls, paths: Sequence[PathLike], revoked: Iterable[str] = (), state_path: Optional[PathLike] = None
+    ) -> "DeviceTrust":
         return cls([load_public_key(p) for p in paths], revoked, state_path)
 
     # ---- reading -----------------------------------------------------------------------------
@@ -122,11 +129,14 @@ class DeviceTrust:
             all_revoked = self._configured_revoked | revoked
             usable = [k for k in {**learned, **self._provisioned} if k not in all_revoked]
             if not usable:
-                raise TrustError(f"key update {update.serial} would leave no trusted key (revokes "
-                                 f"{sorted(update.revoked)}); refused")
+                raise TrustError(
+                    f"key update {update.serial} would leave no trusted key (revokes {sorted(update.revoked)}); refused"
+                )
             if len(learned) > MAX_TRUST_KEYS or len(revoked) > MAX_REVOKED:
-                raise TrustError(f"key update {update.serial} would grow the trust state past {MAX_TRUST_KEYS} keys "
-                                 f"or {MAX_REVOKED} revocations; refused")
+                raise TrustError(
+                    f"key update {update.serial} would grow the trust state past {MAX_TRUST_KEYS} keys "
+                    f"or {MAX_REVOKED} revocations; refused"
+                )
             before = set(self._store.key_ids)
             old = (self._serial, self._learned, self._learned_revoked)
             self._serial, self._learned, self._learned_revoked = update.serial, learned, revoked
@@ -134,8 +144,9 @@ class DeviceTrust:
                 self._write_state()
             except OSError as exc:
                 self._serial, self._learned, self._learned_revoked = old
-                raise TrustError(f"key update {update.serial} could not be saved ({exc.strerror}); "
-                                 "not applied") from None
+                raise TrustError(
+                    f"key update {update.serial} could not be saved ({exc.strerror}); not applied"
+                ) from None
             self._store = self._build()
             after = set(self._store.key_ids)
             return UpdateResult(True, update.serial, sorted(after - before), sorted(before - after))
@@ -150,26 +161,43 @@ class DeviceTrust:
         if not isinstance(doc, dict) or doc.get("kind") != STATE_KIND:
             raise MessageError(f"{source} is not a trust state file; fix or restore it (never reset automatically)")
         serial, keys, revoked = doc.get("serial"), doc.get("keys"), doc.get("revoked")
-        ok = (isinstance(serial, int) and not isinstance(serial, bool) and serial >= 0 and isinstance(keys, dict)
-              and isinstance(revoked, list) and all(is_key_id(r) for r in revoked)
-              and all(is_public_hex(v) and key_id_of_raw(bytes.fromhex(v)) == k for k, v in keys.items()))
+        ok = (
+            isinstance(serial, int)
+            and not isinstance(serial, bool)
+            and serial >= 0
+            and isinstance(keys, dict)
+            and isinstance(revoked, list)
+            and all(is_key_id(r) for r in revoked)
+            and all(is_public_hex(v) and key_id_of_raw(bytes.fromhex(v)) == k for k, v in keys.items())
+        )
         if not ok:
-            raise MessageError(f"{source} is corrupt (serial, keys by id, revoked ids); fix or restore it "
-                               "(it is never reset automatically: that could bring back a revoked key)")
+            raise MessageError(
+                f"{source} is corrupt (serial, keys by id, revoked ids); fix or restore it "
+                "(it is never reset automatically: that could bring back a revoked key)"
+            )
         return serial, {k: public_key_from_hex(v) for k, v in keys.items()}, frozenset(revoked)
 
     def _write_state(self) -> None:
         if self.state_path is None:
             return
-        doc = {"kind": STATE_KIND, "version": 1, "serial": self._serial,
-               "keys": {k: public_raw(v).hex() for k, v in sorted(self._learned.items())},
-               "revoked": sorted(self._learned_revoked)}
+        doc = {
+            "kind": STATE_KIND,
+            "version": 1,
+            "serial": self._serial,
+            "keys": {k: public_raw(v).hex() for k, v in sorted(self._learned.items())},
+            "revoked": sorted(self._learned_revoked),
+        }
         atomic_write_text(self.state_path, json.dumps(doc, indent=1) + "\n")
 
     def describe(self) -> Dict[str, Any]:
-        return {"trusted": self.key_ids, "revoked": sorted(self.revoked), "serial": self._serial,
-                "provisioned": sorted(self._provisioned), "learned": sorted(self._learned),
-                "state": None if self.state_path is None else str(self.state_path)}
+        return {
+            "trusted": self.key_ids,
+            "revoked": sorted(self.revoked),
+            "serial": self._serial,
+            "provisioned": sorted(self._provisioned),
+            "learned": sorted(self._learned),
+            "state": None if self.state_path is None else str(self.state_path),
+        }
 
 
 def verify_probe(probe: Probe, trust: Any, accept_unsigned: bool = False) -> Optional[str]:

@@ -6,7 +6,7 @@ one; ``list_models(kind)`` lists them. Only the cloud imports this package (it n
 
 from __future__ import annotations
 
-from .registry import get_model, list_models, model_info, register_model  # noqa: F401
 from . import encoder, student, teacher  # noqa: F401  (fills the registry)
+from .registry import get_model, list_models, model_info, register_model  # noqa: F401
 
 __all__ = ["get_model", "list_models", "model_info", "register_model"]

@@ -29,8 +29,9 @@ def broker_available() -> bool:
     return mosquitto_binary() is not None or port_open(SHARED_HOST, SHARED_PORT)
 
 
-requires_broker = pytest.mark.skipif(not broker_available(),
-                                     reason="no mosquitto binary and nothing listens on 127.0.0.1:1883")
+requires_broker = pytest.mark.skipif(
+    not broker_available(), reason="no mosquitto binary and nothing listens on 127.0.0.1:1883"
+)
 
 
 @pytest.fixture
@@ -79,9 +80,15 @@ class CloudClient:
         self.messages: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
         self.rejected: List[str] = []
         self._lock = threading.Lock()
-        self.transport = MqttTransport(unique_id("test-cloud"), broker.host, broker.port, protocol=protocol,
-                                       subscriptions=list(CLOUD_SUBSCRIPTIONS), on_message=self._on_message,
-                                       reconnect_delay=(1, 2))
+        self.transport = MqttTransport(
+            unique_id("test-cloud"),
+            broker.host,
+            broker.port,
+            protocol=protocol,
+            subscriptions=list(CLOUD_SUBSCRIPTIONS),
+            on_message=self._on_message,
+            reconnect_delay=(1, 2),
+        )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic.split("/")[3] not in self.device_ids:

@@ -31,10 +31,10 @@ def encoder_path(digits_root, tmp_path_factory) -> Path:
     contrastive objective needs more steps than 5 batches a few times to find the domains)."""
     import torch
 
-    from device_sdk.runtime.artifact import ArtifactMeta
+    from cloud.export.formats import export_onnx
     from cloud.pool.dataset import load_folder
     from cloud.training.encoder import EncoderConfig, train_encoder
-    from cloud.export.formats import export_onnx
+    from device_sdk.runtime.artifact import ArtifactMeta
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     data = load_folder(str(digits_root / "pool"))
@@ -42,8 +42,16 @@ def encoder_path(digits_root, tmp_path_factory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder, report = train_encoder(data, cfg)
-        meta = ArtifactMeta(kind="encoder", arch=cfg.arch, input_shape=(3, 32, 32), mean=report["mean"], std=report["std"],
-                            feature_dim=cfg.feature_dim, labels=data.label_names, domains=data.domain_names)
+        meta = ArtifactMeta(
+            kind="encoder",
+            arch=cfg.arch,
+            input_shape=(3, 32, 32),
+            mean=report["mean"],
+            std=report["std"],
+            feature_dim=cfg.feature_dim,
+            labels=data.label_names,
+            domains=data.domain_names,
+        )
         path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
         export_onnx(encoder, meta, str(path), output_name="features")
     return path

@@ -23,8 +23,12 @@ import pytest
 
 
 def _mount(size_kib: int, folder: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", folder],
-                          capture_output=True, text=True, timeout=10)
+    return subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", folder],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
 
 
 @lru_cache(maxsize=1)

@@ -55,19 +55,25 @@ TLS_KEYS = 'ca_file = "ca.pem"\ncert_file = "client.pem"\nkey_file = "client.key
 
 
 def test_the_cloud_accepts_the_documented_tls_keys_with_paths_relative_to_the_file(certs):
-    cfg = load_config(cloud_toml(certs, TLS_KEYS + 'username = "ecos-cloud"\npassword_file = "broker.password"\n'),
-                      env={})
+    cfg = load_config(
+        cloud_toml(certs, TLS_KEYS + 'username = "ecos-cloud"\npassword_file = "broker.password"\n'), env={}
+    )
     b = cfg.broker
-    assert (b.ca_file, b.cert_file, b.key_file) == (str(certs / "ca.pem"), str(certs / "client.pem"),
-                                                    str(certs / "client.key"))
-    assert broker_tls(b) == TlsConfig(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"),
-                                      version="1.3")
+    assert (b.ca_file, b.cert_file, b.key_file) == (
+        str(certs / "ca.pem"),
+        str(certs / "client.pem"),
+        str(certs / "client.key"),
+    )
+    assert broker_tls(b) == TlsConfig(
+        str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"), version="1.3"
+    )
     assert broker_password(b) == "correct horse battery staple"  # the file's one line, newline stripped
 
 
 def test_the_device_accepts_the_same_keys(certs):
-    b = load_device_config(device_toml(certs, TLS_KEYS + 'username = "pi-1"\npassword_file = "broker.password"\n'),
-                           env={}).broker
+    b = load_device_config(
+        device_toml(certs, TLS_KEYS + 'username = "pi-1"\npassword_file = "broker.password"\n'), env={}
+    ).broker
     assert broker_tls(b).cert_file == str(certs / "client.pem") and broker_tls(b).version == "1.3"
     assert broker_password(b) == "correct horse battery staple"
 
@@ -91,26 +97,30 @@ def test_the_password_never_appears_in_a_repr(certs):
     cfg = load_config(env={"ECOS_CLOUD_BROKER_USERNAME": "ecos-cloud", "ECOS_CLOUD_BROKER_PASSWORD": "hunter2-secret"})
     assert broker_password(cfg.broker) == "hunter2-secret"
     assert "hunter2" not in repr(cfg) and "hunter2" not in str(cfg.broker)
-    dev = load_device_config(device_toml(certs, 'username = "pi-1"\n'),
-                             env={"ECOS_DEVICE_BROKER_PASSWORD": "hunter2-x"})
+    dev = load_device_config(
+        device_toml(certs, 'username = "pi-1"\n'), env={"ECOS_DEVICE_BROKER_PASSWORD": "hunter2-x"}
+    )
     assert broker_password(dev.broker) == "hunter2-x" and "hunter2" not in repr(dev)
 
 
-@pytest.mark.parametrize("broker, needle", [
-    ('ca_file = "nope.pem"\n', "[broker] ca_file"),
-    ('ca_file = "client.key"\n', "[broker] ca_file"),
-    ('ca_file = "ca.pem"\ncert_file = "client.pem"\n', "cert_file and key_file go together"),
-    ('ca_file = "ca.pem"\nkey_file = "client.key"\n', "cert_file and key_file go together"),
-    ('ca_file = "ca.pem"\ncert_file = "ca.pem"\nkey_file = "client.key"\n', "[broker] cert_file"),
-    ('cert_file = "client.pem"\nkey_file = "client.key"\n', "need TLS"),
-    ('tls_insecure = true\n', "need TLS"),
-    ('tls = true\ntls_version = "1.1"\n', "tls_version must be one of 1.2, 1.3"),
-    ('username = "u"\npassword = "p"\npassword_file = "broker.password"\n', "password or password_file, not both"),
-    ('password_file = "broker.password"\n', "needs username"),
-    ('username = "u"\npassword_file = "missing.password"\n', "[broker] password_file"),
-    ('username = "u"\npassword_file = "empty.password"\n', "is empty"),
-    ('cafile = "ca.pem"\n', "unknown key(s) cafile"),
-])
+@pytest.mark.parametrize(
+    "broker, needle",
+    [
+        ('ca_file = "nope.pem"\n', "[broker] ca_file"),
+        ('ca_file = "client.key"\n', "[broker] ca_file"),
+        ('ca_file = "ca.pem"\ncert_file = "client.pem"\n', "cert_file and key_file go together"),
+        ('ca_file = "ca.pem"\nkey_file = "client.key"\n', "cert_file and key_file go together"),
+        ('ca_file = "ca.pem"\ncert_file = "ca.pem"\nkey_file = "client.key"\n', "[broker] cert_file"),
+        ('cert_file = "client.pem"\nkey_file = "client.key"\n', "need TLS"),
+        ("tls_insecure = true\n", "need TLS"),
+        ('tls = true\ntls_version = "1.1"\n', "tls_version must be one of 1.2, 1.3"),
+        ('username = "u"\npassword = "p"\npassword_file = "broker.password"\n', "password or password_file, not both"),
+        ('password_file = "broker.password"\n', "needs username"),
+        ('username = "u"\npassword_file = "missing.password"\n', "[broker] password_file"),
+        ('username = "u"\npassword_file = "empty.password"\n', "is empty"),
+        ('cafile = "ca.pem"\n', "unknown key(s) cafile"),
+    ],
+)
 def test_bad_tls_and_login_settings_name_the_key(certs, broker, needle):
     with pytest.raises(UsageError) as cloud_err:
         load_config(cloud_toml(certs, broker), env={})
@@ -138,11 +148,15 @@ def test_the_daemon_hands_tls_and_the_password_to_its_transport(certs, tmp_path)
         def __init__(self, client_id, host, port, **options):
             seen.update(options, client_id=client_id)
 
-    broker = BrokerConfig(port=8883, username="ecos-cloud", password_file=str(certs / "broker.password"),
-                          ca_file=str(certs / "ca.pem"), cert_file=str(certs / "client.pem"),
-                          key_file=str(certs / "client.key"))
-    cfg = CloudConfig(broker=broker, store=StoreConfig(state_dir=str(tmp_path / "s")),
-                      metrics=MetricsConfig(port=0))
+    broker = BrokerConfig(
+        port=8883,
+        username="ecos-cloud",
+        password_file=str(certs / "broker.password"),
+        ca_file=str(certs / "ca.pem"),
+        cert_file=str(certs / "client.pem"),
+        key_file=str(certs / "client.key"),
+    )
+    cfg = CloudConfig(broker=broker, store=StoreConfig(state_dir=str(tmp_path / "s")), metrics=MetricsConfig(port=0))
     Daemon(cfg, SimpleNamespace(round_counts=dict), index=None, trainer=None, transport_factory=Recording)
     assert seen["tls"] == TlsConfig(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
     assert seen["username"] == "ecos-cloud" and seen["password"] == "correct horse battery staple"

@@ -8,7 +8,7 @@ from test_sampling import make_pool
 
 from cloud.sampling import PoolView, ScoreSet, get_sampler
 from device_sdk.device import answer_probe, release_key
-from device_sdk.errors import MessageError, MismatchError
+from device_sdk.errors import MessageError, MismatchError, UsageError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.privacy.accounting import epsilon
 from device_sdk.privacy.ledger import PrivacyLedger
@@ -169,5 +169,5 @@ def test_uncovered_far_share_scales_the_rule():
     s = _scores(pool, far=180.0)  # f = 0.5
     assert get_sampler("ecos", uncovered_far_share=0.5).plan(pool, 300, s).uncovered == pytest.approx(1.0)
     assert get_sampler("ecos", uncovered_far_share=0.7).plan(pool, 300, s).uncovered == pytest.approx(0.4 / 0.6)
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError):
         get_sampler("ecos", uncovered_far_share=0.0)

@@ -10,16 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.tools.datagen import cli
-from cloud.tools.datagen import digits, renderers
+from cloud.tools.datagen import cli, digits, renderers
 from cloud.tools.datagen.digits import DOMAINS, PREVIEW_NAME, generate, image_rng, render
 from device_sdk.errors import UsageError
 from device_sdk.imagefolder import load_image, scan_image_folder
 
 
 def _digests(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -81,7 +83,11 @@ def test_benchmark_layout_has_pool_and_one_device_per_domain(tmp_path):
     assert Counter(it.domain for it in pool) == {"handwritten": 20, "street": 20}
     devices = scan_image_folder(tmp_path / "devices")
     assert Counter(it.domain for it in devices) == {
-        "handwritten/local": 10, "handwritten/test": 30, "street/local": 10, "street/test": 30}
+        "handwritten/local": 10,
+        "handwritten/test": 30,
+        "street/local": 10,
+        "street/test": 30,
+    }
     test_split = scan_image_folder(tmp_path / "devices" / "street" / "test")
     assert Counter(it.label for it in test_split) == {str(k): 3 for k in range(10)}
     manifest = json.loads((tmp_path / "dataset.json").read_text())
@@ -143,12 +149,17 @@ def _style_features(images: np.ndarray) -> np.ndarray:
     grey = x.mean(axis=3)
     gx, gy = np.abs(np.diff(grey, axis=2))[:, :-1], np.abs(np.diff(grey, axis=1))[:, :, :-1]
     edges = gx + gy
-    return np.column_stack([
-        x.mean(axis=(1, 2)), x.std(axis=(1, 2)),
-        (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2)),
-        (edges > 40).mean(axis=(1, 2)), edges.mean(axis=(1, 2)),
-        (grey < 50).mean(axis=(1, 2)), (grey > 200).mean(axis=(1, 2)),
-    ])
+    return np.column_stack(
+        [
+            x.mean(axis=(1, 2)),
+            x.std(axis=(1, 2)),
+            (x.max(axis=3) - x.min(axis=3)).mean(axis=(1, 2)),
+            (edges > 40).mean(axis=(1, 2)),
+            edges.mean(axis=(1, 2)),
+            (grey < 50).mean(axis=(1, 2)),
+            (grey > 200).mean(axis=(1, 2)),
+        ]
+    )
 
 
 def test_domains_are_told_apart_by_simple_style_statistics():

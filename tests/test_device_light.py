@@ -41,7 +41,9 @@ def _imports(path: Path):
             yield node.module
 
 
-@pytest.mark.parametrize("module", sorted(p.relative_to(ROOT / "device_sdk").as_posix() for p in (ROOT / "device_sdk").rglob("*.py")))
+@pytest.mark.parametrize(
+    "module", sorted(p.relative_to(ROOT / "device_sdk").as_posix() for p in (ROOT / "device_sdk").rglob("*.py"))
+)
 def test_no_heavy_imports_in_device_sdk(module):
     bad = [m for m in _imports(ROOT / "device_sdk" / module) if m.split(".")[0] in FORBIDDEN]
     assert not bad, f"device_sdk/{module} imports {bad}"
@@ -51,7 +53,9 @@ def test_base_dependencies_pull_no_torch():
     if tomllib is None:
         pytest.skip("tomllib needs Python 3.11")
     deps = tomllib.loads((ROOT / "packaging/device/pyproject.toml").read_text())["project"]["dependencies"]
-    assert not [d for d in deps if d.split(">")[0].split("=")[0].split("<")[0].strip().lower() in ("torch", "torchvision")]
+    assert not [
+        d for d in deps if d.split(">")[0].split("=")[0].split("<")[0].strip().lower() in ("torch", "torchvision")
+    ]
 
 
 def test_device_scores_without_cloud_packages(pool_index, encoder_path, digits_root, tmp_path):
@@ -62,9 +66,22 @@ def test_device_scores_without_cloud_packages(pool_index, encoder_path, digits_r
 
     ring = KeyRing(tmp_path / "keys")  # the cloud signs; the device only verifies, without cloud code
     probe.write_bytes(PoolIndex.load(str(index_path)).probe().to_bytes(signer=ring.current))
-    argv = ["score", str(digits_root / "devices" / "lcd" / "local"), "--encoder", str(encoder_path), "--probe", str(probe),
-            "--out", str(tmp_path / "s.scores"), "--ledger", str(tmp_path / "l.json"), "--epsilon", "1",
-            "--trusted-key", str(ring.public_key_path)]
+    argv = [
+        "score",
+        str(digits_root / "devices" / "lcd" / "local"),
+        "--encoder",
+        str(encoder_path),
+        "--probe",
+        str(probe),
+        "--out",
+        str(tmp_path / "s.scores"),
+        "--ledger",
+        str(tmp_path / "l.json"),
+        "--epsilon",
+        "1",
+        "--trusted-key",
+        str(ring.public_key_path),
+    ]
     code = BLOCKER.format(forbidden=set(FORBIDDEN), argv=argv)  # onnxruntime (a different package) stays
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -25,7 +25,9 @@ EXTERNAL = {"examples/data/digits.png"}  # opencv-doc's digits sheet (cloud/tool
 
 def _tracked() -> list[str]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if f.endswith((".md", ".py", ".sh", ".toml", ".service")) and (ROOT / f).exists()]
+    return [
+        f for f in out.splitlines() if f.endswith((".md", ".py", ".sh", ".toml", ".service")) and (ROOT / f).exists()
+    ]
 
 
 def _exists(ref: str, base: Path) -> bool:
@@ -35,6 +37,8 @@ def _exists(ref: str, base: Path) -> bool:
 
 def _refs():
     for name in _tracked():
+        if name == "tests/test_docs_links.py":  # names missing files on purpose
+            continue
         text = (ROOT / name).read_text(encoding="utf-8", errors="replace")
         base = (ROOT / name).parent
         for m in PATH_RE.finditer(text):

@@ -15,11 +15,11 @@ import sys
 import pytest
 from cryptography import x509
 
+from cloud.cli import main as cloud_main
 from cloud.security import pki
 from cloud.security.brokerconf import render_acl, write_broker_config
-from cloud.cli import main as cloud_main
-from cloud.serve.config import BrokerConfig
 from cloud.security.enroll import Deployment, check_mosquitto_hash, enroll, mosquitto_hash, read_password_file, revoke
+from cloud.serve.config import BrokerConfig
 from device_sdk.config import BrokerSettings, broker_password, broker_tls, from_mapping, read_toml
 from device_sdk.errors import UsageError
 
@@ -30,14 +30,21 @@ def mode_of(path) -> int:
 
 @pytest.fixture
 def cert_dep(tmp_path):
-    return write_broker_config(tmp_path / "dep", mode="certificate", hostnames=["localhost", "127.0.0.1"],
-                               broker_group=None)
+    return write_broker_config(
+        tmp_path / "dep", mode="certificate", hostnames=["localhost", "127.0.0.1"], broker_group=None
+    )
 
 
 @pytest.fixture
 def pass_dep(tmp_path):
-    return write_broker_config(tmp_path / "dep", mode="password", hostnames=["broker.example.com"], port=8884,
-                               tls_version="1.3", broker_group=None)
+    return write_broker_config(
+        tmp_path / "dep",
+        mode="password",
+        hostnames=["broker.example.com"],
+        port=8884,
+        tls_version="1.3",
+        broker_group=None,
+    )
 
 
 def test_our_hash_is_mosquittos_format_and_reads_mosquitto_passwd_output(tmp_path):
@@ -55,10 +62,16 @@ def test_our_hash_is_mosquittos_format_and_reads_mosquitto_passwd_output(tmp_pat
 
 def test_certificate_mode_config_binds_identity_and_client_id(cert_dep):
     conf = (cert_dep.broker_dir / "ecos.conf").read_text().splitlines()
-    for line in ("listener 8883", "require_certificate true", "use_identity_as_username true",
-                 "use_username_as_clientid true", "allow_anonymous false",
-                 f"cafile {cert_dep.broker_dir.resolve()}/ca.pem", f"crlfile {cert_dep.broker_dir.resolve()}/crl.pem",
-                 f"acl_file {cert_dep.broker_dir.resolve()}/ecos.acl"):
+    for line in (
+        "listener 8883",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"cafile {cert_dep.broker_dir.resolve()}/ca.pem",
+        f"crlfile {cert_dep.broker_dir.resolve()}/crl.pem",
+        f"acl_file {cert_dep.broker_dir.resolve()}/ecos.acl",
+    ):
         assert line in conf
     assert not any(line.startswith("password_file") for line in conf)
     server = pki.load_cert(cert_dep.broker_dir / "server.pem")
@@ -70,17 +83,28 @@ def test_certificate_mode_config_binds_identity_and_client_id(cert_dep):
 
 def test_the_acl_gives_the_cloud_every_device_and_a_device_only_itself():
     acl = [line for line in render_acl("ecos-cloud").splitlines() if line and not line.startswith("#")]
-    assert acl == ["user ecos-cloud",
-                   "topic read ecos/v1/dev/+/out", "topic read ecos/v1/dev/+/status", "topic write ecos/v1/dev/+/in",
-                   "topic readwrite ecos/v1/cloud/status",
-                   "pattern read ecos/v1/dev/%u/in", "pattern write ecos/v1/dev/%u/out",
-                   "pattern write ecos/v1/dev/%u/status"]
+    assert acl == [
+        "user ecos-cloud",
+        "topic read ecos/v1/dev/+/out",
+        "topic read ecos/v1/dev/+/status",
+        "topic write ecos/v1/dev/+/in",
+        "topic readwrite ecos/v1/cloud/status",
+        "pattern read ecos/v1/dev/%u/in",
+        "pattern write ecos/v1/dev/%u/out",
+        "pattern write ecos/v1/dev/%u/status",
+    ]
 
 
 def test_password_mode_config_and_a_device_bundle(pass_dep):
     conf = (pass_dep.broker_dir / "ecos.conf").read_text().splitlines()
-    for line in ("listener 8884", f"password_file {pass_dep.broker_dir.resolve()}/passwd", "tls_version tlsv1.3",
-                 "use_username_as_clientid true", "allow_anonymous false", "require_certificate false"):
+    for line in (
+        "listener 8884",
+        f"password_file {pass_dep.broker_dir.resolve()}/passwd",
+        "tls_version tlsv1.3",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        "require_certificate false",
+    ):
         assert line in conf
     bundle = enroll(pass_dep.root, "pi-1")
     assert mode_of(bundle) == 0o700 and sorted(os.listdir(bundle)) == ["broker.password", "broker.toml", "ca.pem"]
@@ -117,9 +141,17 @@ def test_a_certificate_bundle_is_signed_by_the_ca_with_the_device_id_as_common_n
     assert pki.common_name(pki.load_cert(cloud.cert_file)) == "ecos-cloud"
 
 
-@pytest.mark.parametrize("device_id, needle", [
-    ("ecos-cloud", "the cloud's identity"), ("a/b", "invalid"), ("+", "invalid"), ("#", "invalid"), ("..", "invalid"),
-    ("", "invalid")])
+@pytest.mark.parametrize(
+    "device_id, needle",
+    [
+        ("ecos-cloud", "the cloud's identity"),
+        ("a/b", "invalid"),
+        ("+", "invalid"),
+        ("#", "invalid"),
+        ("..", "invalid"),
+        ("", "invalid"),
+    ],
+)
 def test_enroll_refuses_the_cloud_identity_and_ids_that_are_not_topic_safe(cert_dep, device_id, needle):
     with pytest.raises(UsageError, match=needle):
         enroll(cert_dep.root, device_id)
@@ -160,8 +192,9 @@ def test_rotation_and_revocation_in_password_mode_rewrite_the_password_file(pass
 
 def test_an_expired_certificate_can_be_made_for_tests(cert_dep):
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
-    cert = pki.load_cert(enroll(cert_dep.root, "old", not_before=past, not_after=past + datetime.timedelta(days=1))
-                         / "client.pem")
+    cert = pki.load_cert(
+        enroll(cert_dep.root, "old", not_before=past, not_after=past + datetime.timedelta(days=1)) / "client.pem"
+    )
     assert pki.not_after(cert) < datetime.datetime.now(datetime.timezone.utc)
 
 
@@ -176,8 +209,12 @@ def test_switching_modes_with_enrolled_devices_needs_force(cert_dep):
 
 def test_the_commands(tmp_path, capsys):
     dep = str(tmp_path / "dep")
-    assert cloud_main(["broker-config", "--dir", dep, "--mode", "password", "--hostname", "localhost",
-                       "--broker-group", ""]) == 0
+    assert (
+        cloud_main(
+            ["broker-config", "--dir", dep, "--mode", "password", "--hostname", "localhost", "--broker-group", ""]
+        )
+        == 0
+    )
     assert cloud_main(["enroll", "pi-1", "--dir", dep]) == 0
     out = capsys.readouterr().out
     assert "ecos.conf" in out and "clients/pi-1" in out
@@ -190,6 +227,8 @@ def test_the_commands(tmp_path, capsys):
 
 
 def test_device_sdk_does_not_import_the_cloud():
-    code = ("import sys, device_sdk.config, device_sdk.transport, device_sdk.agent; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch')]; assert not bad, bad")
+    code = (
+        "import sys, device_sdk.config, device_sdk.transport, device_sdk.agent; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

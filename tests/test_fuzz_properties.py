@@ -36,12 +36,23 @@ from device_sdk.protocol.round import Probe, Scores
 from device_sdk.runtime.artifact import ArtifactMeta
 
 FUZZ_EXAMPLES = int(os.environ.get("ECOS_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize="ECOS_FUZZ_EXAMPLES" not in os.environ,
-                database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize="ECOS_FUZZ_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 DEV = "pi-1"
-META = {"kind": "classifier", "arch": "linear", "input_shape": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3,
-        "labels": ["a", "b"], "precision": "int8"}
+META = {
+    "kind": "classifier",
+    "arch": "linear",
+    "input_shape": [3, 8, 8],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "labels": ["a", "b"],
+    "precision": "int8",
+}
 
 
 def typed_only(fn: Callable[..., Any], *args: Any) -> Any:
@@ -53,6 +64,7 @@ def typed_only(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 # ---- valid inputs and their mutations ------------------------------------------------------------------
+
 
 def _signing_key():
     """A fixed signing key (issue 8: signed probes, manifests and key updates are in the corpus too)."""
@@ -66,11 +78,20 @@ def _signing_key():
 def _signed_corpus() -> List[bytes]:
     key = _signing_key()
     centroids = np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32)
-    manifest = P.ArtifactManifest("art-2", "student", 8, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META,
-                                  targets=[DEV, "fleet:f1"])
+    manifest = P.ArtifactManifest(
+        "art-2", "student", 8, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META, targets=[DEV, "fleet:f1"]
+    )
     return [
-        Probe("r2", "e" * 64, centroids, "float16", None, "2026-01-01T00:00:00+00:00", 1e9,
-              radii=np.full(4, 0.25, np.float32)).to_bytes(signer=key),
+        Probe(
+            "r2",
+            "e" * 64,
+            centroids,
+            "float16",
+            None,
+            "2026-01-01T00:00:00+00:00",
+            1e9,
+            radii=np.full(4, 0.25, np.float32),
+        ).to_bytes(signer=key),
         manifest.signed_by(key).to_bytes(),
         P.KeyUpdate(2, [{"key_id": key.key_id, "public_key": key.public_hex}], ["0" * 16]).signed_by(key).to_bytes(),
         P.Status(DEV, "online", None, None, keys=[key.key_id]).to_bytes(),
@@ -92,8 +113,9 @@ def _corpus() -> List[bytes]:
         P.Status(DEV, "online", {"artifact_id": "art-1", "version": 2, "name": "n", "sha256": "a" * 64}).to_bytes(),
         P.Status(DEV, "offline").to_bytes(),
         P.ArtifactChunk("art-1", 2, bytes(range(256)) * 4).to_bytes(),
-        P.ArtifactManifest("art-1", "student", 7, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META,
-                           "d" * 128).to_bytes(),
+        P.ArtifactManifest(
+            "art-1", "student", 7, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META, "d" * 128
+        ).to_bytes(),
     ]
 
 
@@ -164,18 +186,60 @@ def replaced(doc: Any, path: tuple, value: Any) -> Tuple[Any, Any]:
 
 # What a hostile header holds where a valid one has something else: each found a bug in one reader.
 HOSTILE_VALUES = [
-    -1, 0, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 53 + 1, 2 ** 63, 2 ** 70, -2 ** 63 - 1, 10 ** 400,
-    Raw("9" * 400), Raw("1" * 5000), Raw("1e999"), Raw("-1e999"), Raw("NaN"), Raw("Infinity"),
-    True, False, None, 1.5, -0.0, 1e308, 5e-324,
-    "", "x" * 70_000, "y" * 3000, "\ud800", "a\nb\x00\x1b[2J", "../..", "ecos/v1/dev/+/out",
-    [], {}, [[]], [-1, -1], [2 ** 32, 2 ** 32], [2 ** 62, 0], [True], ["3"], [1.5], [0], [1] * 40,
-    {"sigma": 10 ** 400}, {"artifact_id": "a", "version": 2 ** 40}, [{"name": "x"}],
-    Raw("[" * 3000 + "]" * 3000), Raw("[" * 40 + "]" * 40), Raw('{"a":' * 2000 + "1" + "}" * 2000),
+    -1,
+    0,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63,
+    2**70,
+    -(2**63) - 1,
+    10**400,
+    Raw("9" * 400),
+    Raw("1" * 5000),
+    Raw("1e999"),
+    Raw("-1e999"),
+    Raw("NaN"),
+    Raw("Infinity"),
+    True,
+    False,
+    None,
+    1.5,
+    -0.0,
+    1e308,
+    5e-324,
+    "",
+    "x" * 70_000,
+    "y" * 3000,
+    "\ud800",
+    "a\nb\x00\x1b[2J",
+    "../..",
+    "ecos/v1/dev/+/out",
+    [],
+    {},
+    [[]],
+    [-1, -1],
+    [2**32, 2**32],
+    [2**62, 0],
+    [True],
+    ["3"],
+    [1.5],
+    [0],
+    [1] * 40,
+    {"sigma": 10**400},
+    {"artifact_id": "a", "version": 2**40},
+    [{"name": "x"}],
+    Raw("[" * 3000 + "]" * 3000),
+    Raw("[" * 40 + "]" * 40),
+    Raw('{"a":' * 2000 + "1" + "}" * 2000),
 ]
 HOSTILE = st.one_of(
     st.sampled_from(HOSTILE_VALUES),
-    st.integers(), st.floats(), st.text(max_size=40),
-    st.lists(st.integers(min_value=-3, max_value=2 ** 40), max_size=10),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=40),
+    st.lists(st.integers(min_value=-3, max_value=2**40), max_size=10),
     st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8) | st.none(), max_size=4),
 )
 
@@ -216,8 +280,9 @@ def mutated(draw, corpus: List[bytes] = CORPUS) -> bytes:
     return join(header, bytes(payload))
 
 
-ANY_MESSAGE = st.one_of(st.binary(max_size=512), rewritten(), mutated(),
-                        st.binary(max_size=256).map(lambda b: wire.MAGIC + b"\x01" + b))
+ANY_MESSAGE = st.one_of(
+    st.binary(max_size=512), rewritten(), mutated(), st.binary(max_size=256).map(lambda b: wire.MAGIC + b"\x01" + b)
+)
 
 
 def header_sweep() -> Iterator[Tuple[str, bytes]]:
@@ -257,10 +322,11 @@ def decode_everywhere(data: bytes) -> None:
     typed_only(P.decode_for_device, DEV, P.inbox(DEV), data)
     manifest = typed_only(P.ArtifactManifest.from_bytes, data)
     if manifest is not None:
-        manifest.artifact_meta
+        _ = manifest.artifact_meta
 
 
 # ---- 1. the decoders --------------------------------------------------------------------------------------
+
 
 def test_every_header_value_replaced_by_every_hostile_value_gives_only_typed_errors():
     cases = list(header_sweep())
@@ -286,8 +352,16 @@ def test_every_decoder_gives_only_typed_errors(data):
 @FUZZ
 @given(rewritten())
 def test_header_rewrites_give_only_typed_errors_for_every_message_type(data):
-    for cls in (P.Ack, P.Refusal, P.Installed, P.InstallFailed, P.Status, P.ArtifactChunk, P.ArtifactManifest,
-                P.KeyUpdate):
+    for cls in (
+        P.Ack,
+        P.Refusal,
+        P.Installed,
+        P.InstallFailed,
+        P.Status,
+        P.ArtifactChunk,
+        P.ArtifactManifest,
+        P.KeyUpdate,
+    ):
         typed_only(cls.from_bytes, data)
     msg = typed_only(P.decode_message, data)
     if msg is not None:  # what decodes is within bounds: it re-encodes and decodes to itself
@@ -295,6 +369,7 @@ def test_header_rewrites_give_only_typed_errors_for_every_message_type(data):
 
 
 # ---- files ------------------------------------------------------------------------------------------------
+
 
 @st.composite
 def json_files(draw, valid: Any) -> bytes:
@@ -337,7 +412,7 @@ def test_every_value_of_every_json_file_replaced_by_every_hostile_value_gives_on
         from device_sdk.trust import DeviceTrust
 
         (files / "trust.json").write_bytes(data)
-        DeviceTrust([_signing_key().public], state_path=files / "trust.json").key_ids
+        _ = DeviceTrust([_signing_key().public], state_path=files / "trust.json").key_ids
 
     def ring(data: bytes) -> None:
         from cloud.security.keys import KeyRing
@@ -350,14 +425,21 @@ def test_every_value_of_every_json_file_replaced_by_every_hostile_value_gives_on
     assert untyped_failures(json_sweep(_ledger_doc()), ledger) == []
     assert untyped_failures(json_sweep(_state_doc()), state) == []
     assert untyped_failures(json_sweep(_trust_doc()), trust) == []
-    assert untyped_failures(json_sweep({"kind": "ecos.keyring", "version": 1, "serial": 3, "revoked": ["0" * 16]}),
-                            ring) == []
+    assert (
+        untyped_failures(json_sweep({"kind": "ecos.keyring", "version": 1, "serial": 3, "revoked": ["0" * 16]}), ring)
+        == []
+    )
 
 
 def _trust_doc() -> dict:
     key = _signing_key()
-    return {"kind": "ecos.trust_state", "version": 1, "serial": 2, "keys": {key.key_id: key.public_hex},
-            "revoked": ["0" * 16]}
+    return {
+        "kind": "ecos.trust_state",
+        "version": 1,
+        "serial": 2,
+        "keys": {key.key_id: key.public_hex},
+        "revoked": ["0" * 16],
+    }
 
 
 @FUZZ
@@ -369,11 +451,28 @@ def test_artifact_metadata_gives_only_artifact_errors(data):
 
 def _ledger_doc() -> dict:
     payload = b"released"
-    return {"kind": "ecos.privacy_ledger", "version": 1, "device_id": DEV, "created_utc": "2026-01-01T00:00:00Z",
-            "accountant": "gaussian", "budget": {"epsilon": 3.0, "delta": 1e-5}, "budget_changes": [],
-            "releases": [{"key": "r1", "mechanism": "gaussian", "sigma": 2.0, "sensitivity": 1.0, "n_values": 4,
-                          "time_utc": "", "epsilon_after": 1.0, "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                          "payload_b64": "cmVsZWFzZWQ="}]}
+    return {
+        "kind": "ecos.privacy_ledger",
+        "version": 1,
+        "device_id": DEV,
+        "created_utc": "2026-01-01T00:00:00Z",
+        "accountant": "gaussian",
+        "budget": {"epsilon": 3.0, "delta": 1e-5},
+        "budget_changes": [],
+        "releases": [
+            {
+                "key": "r1",
+                "mechanism": "gaussian",
+                "sigma": 2.0,
+                "sensitivity": 1.0,
+                "n_values": 4,
+                "time_utc": "",
+                "epsilon_after": 1.0,
+                "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                "payload_b64": "cmVsZWFzZWQ=",
+            }
+        ],
+    }
 
 
 @FUZZ
@@ -391,8 +490,16 @@ def test_the_privacy_ledger_file_gives_only_typed_errors(files, data):
 
 
 def _state_doc() -> dict:
-    record = {"kind": "classifier", "artifact_id": "art-1", "name": "n", "version": 1, "sha256": "a" * 64,
-              "format": "onnx", "path": "/tmp/none.onnx", "installed_utc": ""}
+    record = {
+        "kind": "classifier",
+        "artifact_id": "art-1",
+        "name": "n",
+        "version": 1,
+        "sha256": "a" * 64,
+        "format": "onnx",
+        "path": "/tmp/none.onnx",
+        "installed_utc": "",
+    }
     return {"slots": {"classifier": {"current": record, "previous": dict(record, version=0), "max_version": 1}}}
 
 
@@ -427,14 +534,21 @@ def test_probe_scores_and_manifest_files_give_only_typed_errors(files, data):
 
 
 def _index_arrays() -> dict:
-    return {"paths": np.array(["a.png", "b.png", "c.png"]), "labels": np.array(["0", "1", "1"]),
-            "domains": np.array(["d", "d", "e"]), "features": np.eye(3, 4, dtype=np.float32),
-            "assign": np.array([0, 1, 1], np.int32), "centroids": np.eye(2, 4, dtype=np.float32),
-            "meta": np.array(json.dumps({"format": 1, "encoder_sha256": "e" * 64, "probe_id": "p1", "created": ""}))}
+    return {
+        "paths": np.array(["a.png", "b.png", "c.png"]),
+        "labels": np.array(["0", "1", "1"]),
+        "domains": np.array(["d", "d", "e"]),
+        "features": np.eye(3, 4, dtype=np.float32),
+        "assign": np.array([0, 1, 1], np.int32),
+        "centroids": np.eye(2, 4, dtype=np.float32),
+        "meta": np.array(json.dumps({"format": 1, "encoder_sha256": "e" * 64, "probe_id": "p1", "created": ""})),
+    }
 
 
-ARRAY_STRATEGY = hnp.arrays(st.sampled_from([np.float32, np.float64, np.int32, np.uint8, np.dtype("U4"), np.bool_]),
-                            hnp.array_shapes(min_dims=0, max_dims=3, max_side=4))
+ARRAY_STRATEGY = hnp.arrays(
+    st.sampled_from([np.float32, np.float64, np.int32, np.uint8, np.dtype("U4"), np.bool_]),
+    hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+)
 
 
 @st.composite
@@ -480,8 +594,11 @@ def key_pems(tmp_path_factory) -> List[bytes]:
     from device_sdk.signing import load_public_key
 
     private, public = generate_keypair(tmp_path_factory.mktemp("fuzz-keys"))
-    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    other = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     raw_hex = load_public_key(public).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
     return [private.read_bytes(), public.read_bytes(), other, raw_hex.encode()]
 
@@ -503,7 +620,7 @@ def test_key_files_give_only_usage_errors(files, key_pems, data):
 
 
 @FUZZ
-@given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=2 ** 32 - 1), max_size=24))
+@given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=24))
 def test_tflite_metadata_gives_only_artifact_errors(tail, words):
     from device_sdk.runtime.tflite_meta import read_tflite_metadata
 
@@ -512,8 +629,10 @@ def test_tflite_metadata_gives_only_artifact_errors(tail, words):
 
 
 @FUZZ
-@given(st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=20)),
-       st.one_of(st.text(max_size=20), st.sampled_from(["\ud800", "a\x00b"]), st.integers()))
+@given(
+    st.one_of(st.integers(), st.floats(), st.booleans(), st.none(), st.text(max_size=20)),
+    st.one_of(st.text(max_size=20), st.sampled_from(["\ud800", "a\x00b"]), st.integers()),
+)
 def test_store_inputs_give_only_store_errors(number, text):
     from cloud.serve.store import SqliteStore
 
@@ -527,6 +646,7 @@ def test_store_inputs_give_only_store_errors(number, text):
 
 
 # ---- 3. the message loops: no unexpected failure for any of these inputs ---------------------------------
+
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):

@@ -41,6 +41,7 @@ def no_space(*args, **kwargs):
 
 # ---- the ledger -----------------------------------------------------------------------------------
 
+
 def test_enospc_while_charging_is_typed_charges_nothing_and_names_no_path(tmp_path, monkeypatch):
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", device_id="dev")
     monkeypatch.setattr(fsutil.os, "fsync", no_space)
@@ -107,6 +108,7 @@ def test_a_read_only_ledger_refuses_typed():
 
 # ---- the agent: a refusal reaches the cloud, no path in it, and the agent goes on -------------------
 
+
 class Recorder:
     def __init__(self):
         self.sent: List[Tuple[str, bytes]] = []
@@ -148,8 +150,15 @@ def make_agent(state: Path, keys: Path, digits_root: Path, encoder_path: Path):
     from device_sdk.agent import DeviceAgent
 
     folder = digits_root / "devices" / "street"
-    cfg = simulated_device_config("dev-full", str(state), Broker("127.0.0.1", 1, "given"), raw_public_key(keys),
-                                  str(encoder_path), str(folder / "local"), None)
+    cfg = simulated_device_config(
+        "dev-full",
+        str(state),
+        Broker("127.0.0.1", 1, "given"),
+        raw_public_key(keys),
+        str(encoder_path),
+        str(folder / "local"),
+        None,
+    )
     agent = DeviceAgent(cfg)
     agent.transport = Recorder()  # no broker needed: the test reads what the agent publishes
     return agent
@@ -158,8 +167,9 @@ def make_agent(state: Path, keys: Path, digits_root: Path, encoder_path: Path):
 def probe_of(pool_index, probe_id: str) -> Probe:
     index, _ = pool_index
     p = index.probe()
-    return Probe.from_bytes(Probe(probe_id, p.encoder_sha256, p.centroids, p.codec, p.max_distance,
-                                  p.created).to_bytes(signer=CLOUD_KEY))
+    return Probe.from_bytes(
+        Probe(probe_id, p.encoder_sha256, p.centroids, p.codec, p.max_distance, p.created).to_bytes(signer=CLOUD_KEY)
+    )
 
 
 def assert_no_local_path(text: str, *paths: Path) -> None:
@@ -168,8 +178,9 @@ def assert_no_local_path(text: str, *paths: Path) -> None:
     assert not re.search(r"(^|[\s'\"(=])/[\w.-]+/", text), text
 
 
-def test_agent_refuses_with_a_typed_code_when_charging_fails_and_keeps_answering(tmp_path, monkeypatch, pool_index,
-                                                                               digits_root, encoder_path):
+def test_agent_refuses_with_a_typed_code_when_charging_fails_and_keeps_answering(
+    tmp_path, monkeypatch, pool_index, digits_root, encoder_path
+):
     agent = make_agent(tmp_path / "dev", tmp_path, digits_root, encoder_path)
     monkeypatch.setattr(fsutil.os, "fsync", no_space)
     agent._on_probe(probe_of(pool_index, "round-1"))

@@ -51,7 +51,9 @@ def test_the_endpoint_serves_metrics_and_nothing_else():
     try:
         host, port = server.address
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
-            assert resp.read() == b"ecos_up 1\n" and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert resp.read() == b"ecos_up 1\n" and resp.headers["Content-Type"].startswith(
+                "text/plain; version=0.0.4"
+            )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(f"http://{host}:{port}/admin", timeout=5)
         assert err.value.code == 404
@@ -73,7 +75,9 @@ def test_events_as_key_value_lines():
     log_event(logger, "round_state", round="abc", state="collecting", devices=["a", "b"], note="two words", empty="")
     line = stream.getvalue().strip()
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO test\.eventlog\.kv ", line)
-    assert line.endswith('event=round_state round=abc state=collecting devices="[\\"a\\", \\"b\\"]" note="two words" empty=""')
+    assert line.endswith(
+        'event=round_state round=abc state=collecting devices="[\\"a\\", \\"b\\"]" note="two words" empty=""'
+    )
 
 
 def test_events_as_json_lines_with_exceptions():

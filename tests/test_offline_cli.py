@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_sdk.protocol.round import Probe
 from device_sdk.privacy.ledger import PrivacyLedger
+from device_sdk.protocol.round import Probe
 
 BIN = Path(sys.executable).parent
 
@@ -47,8 +47,23 @@ def round_files(pool_index, encoder_path, digits_root, tmp_path_factory):
     probe = work / "round.probe"
     assert run("ecos-cloud", "probe", "--index", index_path, "--out", probe).returncode == 0
     scores = work / "street.scores"
-    proc = run("ecos-device", "score", digits_root / "devices" / "street" / "local", "--encoder", encoder_path,
-               "--probe", probe, "--out", scores, "--ledger", work / "ledger.json", "--epsilon", "2", "--device-id", "street")
+    proc = run(
+        "ecos-device",
+        "score",
+        digits_root / "devices" / "street" / "local",
+        "--encoder",
+        encoder_path,
+        "--probe",
+        probe,
+        "--out",
+        scores,
+        "--ledger",
+        work / "ledger.json",
+        "--epsilon",
+        "2",
+        "--device-id",
+        "street",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "charged epsilon 2.0000" in proc.stdout
     return work, index_path, probe, scores
@@ -60,7 +75,20 @@ def test_sampling_methods_write_exact_budget(round_files, pool_index):
     shares = {}
     for method in ("ecos", "random", "kcenter"):
         out = work / f"{method}.csv"
-        proc = run("ecos-cloud", "sample", "--index", index_path, "--scores", scores, "--method", method, "--budget", 60, "--out", out)
+        proc = run(
+            "ecos-cloud",
+            "sample",
+            "--index",
+            index_path,
+            "--scores",
+            scores,
+            "--method",
+            method,
+            "--budget",
+            60,
+            "--out",
+            out,
+        )
         assert proc.returncode == 0, proc.stderr
         rows = list(csv.DictReader(out.open()))
         assert len(rows) == 60 and len({r["path"] for r in rows}) == 60
@@ -75,14 +103,41 @@ def test_sampling_methods_write_exact_budget(round_files, pool_index):
 def test_repeated_probe_costs_nothing(round_files, encoder_path, digits_root):
     work, _, probe, scores = round_files
     before = scores.read_bytes()
-    proc = run("ecos-device", "score", digits_root / "devices" / "street" / "local", "--encoder", encoder_path,
-               "--probe", probe, "--out", scores, "--ledger", work / "ledger.json", "--epsilon", "2")
+    proc = run(
+        "ecos-device",
+        "score",
+        digits_root / "devices" / "street" / "local",
+        "--encoder",
+        encoder_path,
+        "--probe",
+        probe,
+        "--out",
+        scores,
+        "--ledger",
+        work / "ledger.json",
+        "--epsilon",
+        "2",
+    )
     assert proc.returncode == 0 and "replayed" in proc.stdout and "charged epsilon 0.0000" in proc.stdout
     assert scores.read_bytes() == before
 
 
 def _score(folder, encoder, probe, out, ledger, eps="0.58"):
-    return run("ecos-device", "score", folder, "--encoder", encoder, "--probe", probe, "--out", out, "--ledger", ledger, "--epsilon", eps)
+    return run(
+        "ecos-device",
+        "score",
+        folder,
+        "--encoder",
+        encoder,
+        "--probe",
+        probe,
+        "--out",
+        out,
+        "--ledger",
+        ledger,
+        "--epsilon",
+        eps,
+    )
 
 
 def test_bad_device_inputs(round_files, encoder_path, digits_root, tmp_path):
@@ -117,13 +172,28 @@ def test_bad_device_inputs(round_files, encoder_path, digits_root, tmp_path):
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"
-    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 10**6, "--out", out), "budget", 9, out)
+    assert_fails(
+        run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 10**6, "--out", out),
+        "budget",
+        9,
+        out,
+    )
     bad_scores = tmp_path / "bad.scores"
     bad_scores.write_bytes(scores.read_bytes()[:-7])
-    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--scores", bad_scores, "--budget", 10, "--out", out), "message", 4, out)
+    assert_fails(
+        run("ecos-cloud", "sample", "--index", index_path, "--scores", bad_scores, "--budget", 10, "--out", out),
+        "message",
+        4,
+        out,
+    )
     broken_index = tmp_path / "broken.npz"
     broken_index.write_bytes(index_path.read_bytes()[:1000])
-    assert_fails(run("ecos-cloud", "sample", "--index", broken_index, "--method", "random", "--budget", 10, "--out", out), "message", 4, out)
+    assert_fails(
+        run("ecos-cloud", "sample", "--index", broken_index, "--method", "random", "--budget", 10, "--out", out),
+        "message",
+        4,
+        out,
+    )
     assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--budget", 10, "--out", out), "usage", 2, out)
 
 
@@ -133,9 +203,19 @@ def test_scores_for_another_probe_are_refused(round_files, pool_index, tmp_path,
     other_probe = tmp_path / "p2.probe"
     other_probe.write_bytes(Probe("another-round", p.encoder_sha256, p.centroids).to_bytes())
     s2 = tmp_path / "p2.scores"
-    assert _score(digits_root / "devices" / "lcd" / "local", encoder_path, other_probe, s2, tmp_path / "l2.json").returncode == 0
+    assert (
+        _score(
+            digits_root / "devices" / "lcd" / "local", encoder_path, other_probe, s2, tmp_path / "l2.json"
+        ).returncode
+        == 0
+    )
     out = tmp_path / "sel.csv"
-    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--scores", s2, "--budget", 10, "--out", out), "mismatch", 5, out)
+    assert_fails(
+        run("ecos-cloud", "sample", "--index", index_path, "--scores", s2, "--budget", 10, "--out", out),
+        "mismatch",
+        5,
+        out,
+    )
 
 
 def test_help_lists_every_command():
@@ -155,27 +235,61 @@ def test_signed_probes_on_the_command_line(round_files, encoder_path, digits_roo
     assert shown.returncode == 0 and "current" in shown.stdout, shown.stderr
     public = keys / "cloud_ed25519.pub.pem"
     signed = tmp_path / "signed.probe"
-    assert run("ecos-cloud", "probe", "--index", index_path, "--out", signed,
-               "--signing-key", keys / "cloud_ed25519.pem").returncode == 0
+    assert (
+        run(
+            "ecos-cloud", "probe", "--index", index_path, "--out", signed, "--signing-key", keys / "cloud_ed25519.pem"
+        ).returncode
+        == 0
+    )
     local = digits_root / "devices" / "lcd" / "local"
     out, ledger = tmp_path / "s.scores", tmp_path / "ledger.json"
 
     def score(probe, *extra):
-        return run("ecos-device", "score", local, "--encoder", encoder_path, "--probe", probe, "--out", out,
-                   "--ledger", ledger, "--epsilon", "0.58", "--trusted-key", public, *extra)
+        return run(
+            "ecos-device",
+            "score",
+            local,
+            "--encoder",
+            encoder_path,
+            "--probe",
+            probe,
+            "--out",
+            out,
+            "--ledger",
+            ledger,
+            "--epsilon",
+            "0.58",
+            "--trusted-key",
+            public,
+            *extra,
+        )
 
     assert_fails(score(unsigned), "unsigned", 10, out, ledger)  # refused before the ledger even exists
     other = tmp_path / "other-keys"
     assert run("ecos-cloud", "keys", "show", "--keys-dir", other).returncode == 0
-    assert run("ecos-cloud", "probe", "--index", index_path, "--out", tmp_path / "other.probe",
-               "--signing-key", other / "cloud_ed25519.pem").returncode == 0
+    assert (
+        run(
+            "ecos-cloud",
+            "probe",
+            "--index",
+            index_path,
+            "--out",
+            tmp_path / "other.probe",
+            "--signing-key",
+            other / "cloud_ed25519.pem",
+        ).returncode
+        == 0
+    )
     assert_fails(score(tmp_path / "other.probe"), "unknown_key", 10, out, ledger)
     proc = score(signed)
     assert proc.returncode == 0 and "charged epsilon 0.58" in proc.stdout, proc.stderr
     p = Probe.from_bytes(signed.read_bytes())
     conflict = tmp_path / "conflict.probe"
-    conflict.write_bytes(Probe(p.probe_id, p.encoder_sha256, p.centroids[::-1].copy(), p.codec, p.max_distance,
-                               p.created, radii=p.radii).to_bytes(signer=_key(keys)))
+    conflict.write_bytes(
+        Probe(
+            p.probe_id, p.encoder_sha256, p.centroids[::-1].copy(), p.codec, p.max_distance, p.created, radii=p.radii
+        ).to_bytes(signer=_key(keys))
+    )
     out.unlink()
     assert_fails(score(conflict), "probe_conflict", 15, out)
     assert len(PrivacyLedger(ledger).releases()) == 1
@@ -210,5 +324,5 @@ def test_a_key_rotation_on_the_command_line(tmp_path):
     assert shown.returncode == 0, shown.stderr
     import json
 
-    info = json.loads(shown.stdout[shown.stdout.index("{"):])
+    info = json.loads(shown.stdout[shown.stdout.index("{") :])
     assert info["trusted"] == [_key(keys).key_id] and info["revoked"] == [old]

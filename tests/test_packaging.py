@@ -30,10 +30,32 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_NAME, FULL_NAME = "ecos-fleet-device", "ecos-fleet"
 # Not a single one of these may reach a device, whichever extra it installs.
-CLOUD_ONLY = {"torch", "torchvision", "onnx", "onnxscript", "scikit-learn", "matplotlib", "litert-torch",
-              "safetensors", "amqtt", "ecos", "ecos-fleet"}
-SKIP = shutil.ignore_patterns(".git", ".venv", "runs", "work", ".hypothesis", ".pytest_cache", "build", "dist",
-                              "__pycache__", "*.pyc", "*.egg-info")
+CLOUD_ONLY = {
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxscript",
+    "scikit-learn",
+    "matplotlib",
+    "litert-torch",
+    "safetensors",
+    "amqtt",
+    "ecos",
+    "ecos-fleet",
+}
+SKIP = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "runs",
+    "work",
+    ".hypothesis",
+    ".pytest_cache",
+    "build",
+    "dist",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+)
 
 
 def _norm(name: str) -> str:
@@ -83,8 +105,20 @@ def wheels(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheels")
     src, out = tmp / "src", tmp / "out"
     shutil.copytree(ROOT, src, ignore=SKIP)
-    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-           "-w", str(out), str(src / "packaging" / "device"), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-w",
+        str(out),
+        str(src / "packaging" / "device"),
+        str(src),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     found = {}

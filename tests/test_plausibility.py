@@ -23,6 +23,7 @@ from test_daemon_rounds import cache  # noqa: F401 - a fixture: the trainer cach
 from cloud.cli import main as cloud_main
 from cloud.errors import ImplausibleScores
 from cloud.sampling.selection import Plausibility, check_plausible, combine_scores
+from device_sdk.errors import UsageError
 from device_sdk.privacy.accounting import calibrate_sigma
 from device_sdk.protocol import outbox
 from device_sdk.protocol.envelope import decode
@@ -52,7 +53,7 @@ def test_the_attack_counts_of_a_million_without_noise_is_refused():
 def test_limits_follow_the_round_epsilon_and_delta():
     assert LIMITS.min_sigma == calibrate_sigma(1.0, 1e-5)
     assert Plausibility.for_round(0.58, 1e-5, 10).min_sigma == pytest.approx(6.137, abs=1e-3)
-    with pytest.raises(Exception):
+    with pytest.raises(UsageError):
         Plausibility.for_round(0.0, 1e-5, 10)
     check_plausible(scores(np.zeros(K), sigma=LIMITS.min_sigma), LIMITS)  # exactly the round's epsilon: accepted
 

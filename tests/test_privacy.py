@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from device_sdk.errors import MessageError, PrivacyBudgetExceeded, UsageError
-from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.privacy.accounting import DEFAULT_RDP_ORDERS, calibrate_sigma, epsilon, gaussian_delta, gaussian_noise
+from device_sdk.privacy.ledger import PrivacyLedger
 
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting.pld import PLDAccountant  # noqa: E402
@@ -24,9 +24,9 @@ from dp_accounting.rdp import rdp_privacy_accountant as rdp_mod  # noqa: E402
 SIGMAS = (0.8, 2.0, 5.0, 10.0)
 DELTAS = (1e-5, 1e-6)
 COMPOSITIONS = [[(s, 1.0)] for s in SIGMAS] + [
-    [(0.8, 1.0), (2.0, 1.0), (5.0, 1.0)],   # three different sigmas
-    [(5.0, 1.0)] * 10,                      # ten equal releases
-    [(4.0, 2.0), (3.0, 1.0)],               # sensitivity other than 1
+    [(0.8, 1.0), (2.0, 1.0), (5.0, 1.0)],  # three different sigmas
+    [(5.0, 1.0)] * 10,  # ten equal releases
+    [(4.0, 2.0), (3.0, 1.0)],  # sensitivity other than 1
 ]
 PLD_INTERVAL = 1e-4  # dp-accounting's default value_discretization_interval
 
@@ -39,11 +39,11 @@ def _pld(releases):
 
 
 def _event(releases):
-    return dp_accounting.ComposedDpEvent(
-        [dp_accounting.GaussianDpEvent(noise_multiplier=s / se) for s, se in releases])
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(noise_multiplier=s / se) for s, se in releases])
 
 
 # ---- accountants -------------------------------------------------------------------------
+
 
 def test_reference_values():
     assert epsilon([(5.0, 1.0)], 1e-5) == pytest.approx(0.7255, abs=5e-5)
@@ -73,16 +73,24 @@ def test_gaussian_matches_pld(releases, delta):
 def test_rdp_matches_rdp_accountant(releases, delta):
     acc = RdpAccountant()
     acc.compose(_event(releases))
-    assert epsilon(releases, delta, accountant="rdp") == pytest.approx(
-        acc.get_epsilon(delta), rel=1e-9)
+    assert epsilon(releases, delta, accountant="rdp") == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
     # the exact accountant is never looser than RDP
     assert epsilon(releases, delta) <= epsilon(releases, delta, accountant="rdp")
 
 
-@pytest.mark.parametrize("sd,eps", [
-    (5.0, 0.7), (0.05, 50.0), (0.05, 300.0), (0.8, 30.0), (0.5, 40.0), (1000.0, 0.004),
-    (1e4, 1e-4), (1.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "sd,eps",
+    [
+        (5.0, 0.7),
+        (0.05, 50.0),
+        (0.05, 300.0),
+        (0.8, 30.0),
+        (0.5, 40.0),
+        (1000.0, 0.004),
+        (1e4, 1e-4),
+        (1.0, 0.0),
+    ],
+)
 def test_gaussian_delta_matches_analytic(sd, eps):
     # far tails included: no overflow of exp(eps), no 0 - 0 underflow
     ref = GaussianPrivacyLoss(sd).get_delta_for_epsilon(eps)
@@ -104,15 +112,15 @@ def test_calibrate_sigma_round_trip(eps, accountant):
     # smallest: a slightly smaller sigma breaks the target
     assert epsilon([(sigma * (1 - 1e-6), 1.0)], 1e-5, accountant) > eps
     # sensitivity scales sigma linearly
-    assert calibrate_sigma(eps, 1e-5, sensitivity=3.0, accountant=accountant) == pytest.approx(
-        3.0 * sigma, rel=1e-9)
+    assert calibrate_sigma(eps, 1e-5, sensitivity=3.0, accountant=accountant) == pytest.approx(3.0 * sigma, rel=1e-9)
 
 
 def test_calibrate_sigma_reference():
     assert epsilon([(calibrate_sigma(0.7255217508577961, 1e-5), 1.0)], 1e-5) <= 0.7255217508577961
     assert calibrate_sigma(0.7255217508577961, 1e-5) == pytest.approx(5.0, rel=1e-6)
     assert calibrate_sigma(0.7945220325371031, 1e-5, accountant="rdp") == pytest.approx(
-        5.0, rel=1e-3)  # RDP epsilon is piecewise (order grid): sigma is only near 5
+        5.0, rel=1e-3
+    )  # RDP epsilon is piecewise (order grid): sigma is only near 5
 
 
 def test_bad_arguments():
@@ -138,6 +146,7 @@ def test_gaussian_noise():
 
 
 # ---- ledger ------------------------------------------------------------------------------
+
 
 def _release(ledger, key, sigma=5.0, payload=b"msg", out=None):
     calls = {"produce": 0}
@@ -229,15 +238,19 @@ def test_commit_failure_rolls_back(tmp_path):
     assert led.lookup("b") is None
     # a failing produce also leaves nothing behind
     with pytest.raises(RuntimeError):
-        led.release("b", 5.0, 1.0, 4, lambda: (_ for _ in ()).throw(RuntimeError("x")),
-                    lambda p: None)
+        led.release("b", 5.0, 1.0, 4, lambda: (_ for _ in ()).throw(RuntimeError("x")), lambda p: None)
     assert path.read_bytes() == before
 
 
-@pytest.mark.parametrize("text", [
-    "{not json", "[]", '{"kind": "other"}',
-    None,  # valid ledger with a release whose sigma is a string
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[]",
+        '{"kind": "other"}',
+        None,  # valid ledger with a release whose sigma is a string
+    ],
+)
 def test_corrupt_ledger_is_an_error(tmp_path, text):
     path = tmp_path / "l.json"
     led = PrivacyLedger.open(path)

@@ -39,9 +39,16 @@ def ticks(daemon, seconds: float) -> None:
 def answer(daemon, round_id: str, device: str) -> None:
     k = daemon.index.k
     rng = np.random.default_rng(5)
-    daemon.handle_message(outbox(device), Scores(round_id, device, daemon.index.encoder_sha256,
-                                                 np.bincount(rng.integers(0, k, 40), minlength=k) + rng.normal(0, 4, k),
-                                                 4.0).to_bytes())
+    daemon.handle_message(
+        outbox(device),
+        Scores(
+            round_id,
+            device,
+            daemon.index.encoder_sha256,
+            np.bincount(rng.integers(0, k, 40), minlength=k) + rng.normal(0, 4, k),
+            4.0,
+        ).to_bytes(),
+    )
 
 
 def test_the_probe_is_resent_to_an_online_device_until_it_answers(tmp_path, pool_index, cache):

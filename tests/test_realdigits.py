@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cloud.tools.datagen import cli
-from cloud.tools.datagen import realdigits
+from cloud.tools.datagen import cli, realdigits
 from cloud.tools.datagen.digits import PREVIEW_NAME
 from cloud.tools.datagen.realdigits import JUNK_DOMAIN, JUNK_LABEL, REAL_DOMAINS, MissingSourceError, generate_real
 from device_sdk.errors import InputError, UsageError
@@ -37,15 +36,25 @@ HAVE_JUNK = not _problem(JUNK_DOMAIN)
 
 
 def _digests(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _build(out: Path, seed: int = 3, domains=AVAILABLE) -> dict:
     if not domains:
         pytest.skip("no real digit source is installed")
-    return generate_real(out, per_domain=POOL, domains=domains, seed=seed, device_local=LOCAL, device_test=TEST,
-                         junk=JUNK if HAVE_JUNK else 0)
+    return generate_real(
+        out,
+        per_domain=POOL,
+        domains=domains,
+        seed=seed,
+        device_local=LOCAL,
+        device_test=TEST,
+        junk=JUNK if HAVE_JUNK else 0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +80,9 @@ def test_layout_counts_and_labels(bench):
         assert sorted(p.name for p in (bench / "pool" / domain).iterdir()) == LABELS
         assert Counter(it.label for it in pool if it.domain == domain) == {k: POOL // 10 for k in LABELS}
     devices = scan_image_folder(bench / "devices")
-    assert Counter(it.domain for it in devices) == {f"{d}/{s}": n for d in AVAILABLE for s, n in
-                                                    (("local", LOCAL), ("test", TEST))}
+    assert Counter(it.domain for it in devices) == {
+        f"{d}/{s}": n for d in AVAILABLE for s, n in (("local", LOCAL), ("test", TEST))
+    }
     manifest = json.loads((bench / "dataset.json").read_text())
     assert manifest["complete"] and manifest["source"] == "real" and manifest["domains"] == list(AVAILABLE)
     assert manifest["total_images"] == len(pool) + len(devices)
@@ -116,8 +126,12 @@ def test_same_seed_same_bytes_and_another_seed_differs(bench, tmp_path):
     assert _digests(bench) == _digests(tmp_path / "again")
     _build(tmp_path / "other", seed=4, domains=AVAILABLE[:2])
     for domain in AVAILABLE[:2]:
-        images = [d for root in (bench, tmp_path / "other") for name, d in sorted(_digests(root).items())
-                  if name.endswith(".png") and f"/{domain}/" in f"/{name}"]
+        images = [
+            d
+            for root in (bench, tmp_path / "other")
+            for name, d in sorted(_digests(root).items())
+            if name.endswith(".png") and f"/{domain}/" in f"/{name}"
+        ]
         half = len(images) // 2
         assert half == POOL + LOCAL + TEST and images[:half] != images[half:]
 
@@ -130,8 +144,11 @@ def test_a_missing_package_is_a_typed_error_naming_it(tmp_path, monkeypatch):
     for cached in (realdigits._opencv, realdigits._fashion, realdigits._mnist):
         cached.cache_clear()
     try:
-        cases = (("opencv", 0, "apt-get install opencv-doc"), ("mnist", 0, "pip install"),
-                 ("fonts", 5, "apt-get install dataset-fashion-mnist"))
+        cases = (
+            ("opencv", 0, "apt-get install opencv-doc"),
+            ("mnist", 0, "pip install"),
+            ("fonts", 5, "apt-get install dataset-fashion-mnist"),
+        )
         for domain, junk, hint in cases:
             with pytest.raises(MissingSourceError, match=hint) as info:
                 generate_real(tmp_path / "out", per_domain=10, domains=(domain,), junk=junk)
@@ -160,9 +177,11 @@ def test_cli_source_real(tmp_path, capsys):
     assert Counter(it.domain for it in scan_image_folder(out / "pool")) == {"optdigits": 10, "fonts": 10}
     assert cli.main([str(out), "--source", "real", "--domains", "fonts", "--overwrite"] + args) == 0
     assert not (out / "pool" / "optdigits").exists(), "--overwrite leaves no stale domain"
-    for bad, message in ((["--domains", "lcd", "--source", "real"], "valid domains with --source real: mnist"),
-                         (["--source", "real", "--layout", "flat"], "benchmark layout only"),
-                         (["--junk", "5"], "--junk needs --source real")):
+    for bad, message in (
+        (["--domains", "lcd", "--source", "real"], "valid domains with --source real: mnist"),
+        (["--source", "real", "--layout", "flat"], "benchmark layout only"),
+        (["--junk", "5"], "--junk needs --source real"),
+    ):
         assert cli.main([str(tmp_path / "x")] + bad + ["--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error[usage]: ") and message in err[0], err

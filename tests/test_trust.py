@@ -42,12 +42,20 @@ from device_sdk.signing import TrustStore, key_id, load_public_key
 from device_sdk.trust import DeviceTrust
 
 ROOT = Path(__file__).resolve().parents[1]
-META = {"kind": "classifier", "arch": "linear", "input_shape": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3,
-        "labels": ["a", "b"], "precision": "int8"}
+META = {
+    "kind": "classifier",
+    "arch": "linear",
+    "input_shape": [3, 8, 8],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "labels": ["a", "b"],
+    "precision": "int8",
+}
 ENCODER = "e" * 64
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def ring(tmp_path):
@@ -65,7 +73,7 @@ def _deliver(receiver: DeliveryReceiver, manifest: P.ArtifactManifest, path: Pat
     replies = receiver.handle(manifest)
     data = path.read_bytes()
     for i in range(manifest.n_chunks):
-        replies = receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, data[i * 1024:(i + 1) * 1024])) or replies
+        replies = receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, data[i * 1024 : (i + 1) * 1024])) or replies
     return replies[-1]
 
 
@@ -91,6 +99,7 @@ FEATURES = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
 
 # ---- key ids and the trust store -----------------------------------------------------------------
 
+
 def test_a_key_id_is_the_sha256_prefix_of_the_raw_public_key(ring):
     raw = ring.current.public.public_bytes_raw()
     assert ring.current.key_id == hashlib.sha256(raw).hexdigest()[:16] == key_id(load_public_key(ring.public_key_path))
@@ -101,10 +110,13 @@ def test_every_way_a_signature_fails_is_its_own_typed_error(ring, tmp_path):
     data = b"manifest bytes"
     assert trusted.verify(data, ring.current.key_id, ring.current.sign(data)) == ring.current.key_id
     stranger = SigningKey.load(generate_keypair(tmp_path / "stranger")[0])
-    cases = [(Unsigned, ring.current.key_id, ""), (UnknownKey, None, ring.current.sign(data)),
-             (UnknownKey, stranger.key_id, stranger.sign(data)),
-             (SignatureError, ring.current.key_id, stranger.sign(data)),  # a trusted id on someone else's signature
-             (SignatureError, ring.current.key_id, ring.current.sign(b"other bytes"))]
+    cases = [
+        (Unsigned, ring.current.key_id, ""),
+        (UnknownKey, None, ring.current.sign(data)),
+        (UnknownKey, stranger.key_id, stranger.sign(data)),
+        (SignatureError, ring.current.key_id, stranger.sign(data)),  # a trusted id on someone else's signature
+        (SignatureError, ring.current.key_id, ring.current.sign(b"other bytes")),
+    ]
     for error, kid, signature in cases:
         with pytest.raises(error) as info:
             trusted.verify(data, kid, signature)
@@ -127,6 +139,7 @@ def test_key_generation_and_signing_live_in_the_cloud_only():
 
 
 # ---- item 6: rotation and revocation -------------------------------------------------------------
+
 
 def test_a_new_key_without_a_rotation_is_refused_typed_and_installs_nothing(ring, tmp_path):
     """The issue: after a new key pair every install failed with bad_signature. Now it is unknown_key."""
@@ -186,8 +199,9 @@ def test_key_updates_cannot_brick_or_be_forged(ring, tmp_path):
     with pytest.raises(UnknownKey):
         trust.apply(forged.signed_by(stranger))
     with pytest.raises(SignatureError):  # a trusted key id on a signature it did not make
-        trust.apply(dataclasses.replace(forged, key_id=ring.current.key_id,
-                                        signature=stranger.sign(forged.signed_bytes())))
+        trust.apply(
+            dataclasses.replace(forged, key_id=ring.current.key_id, signature=stranger.sign(forged.signed_bytes()))
+        )
     with pytest.raises(TrustError, match="no trusted key"):  # the only key revoked: refused, nothing changes
         trust.apply(P.KeyUpdate(6, [], [ring.current.key_id]).signed_by(ring.current))
     assert trust.key_ids == [ring.current.key_id] and trust.serial == 0
@@ -231,8 +245,10 @@ def test_the_device_config_takes_several_trusted_keys_revocations_and_fleets(rin
     (tmp_path / "keys" / "a.pem").write_bytes(ring.public_key_path.read_bytes())
     (tmp_path / "keys" / "b.hex").write_text(nxt.public_hex + "\n")
     config = tmp_path / "device.toml"
-    config.write_text('device_id = "pi-1"\n[models]\ntrusted_keys = ["keys/a.pem", "keys/b.hex"]\n'
-                      f'revoked_keys = ["{"0" * 16}"]\nfleets = ["kitchen"]\n')
+    config.write_text(
+        'device_id = "pi-1"\n[models]\ntrusted_keys = ["keys/a.pem", "keys/b.hex"]\n'
+        f'revoked_keys = ["{"0" * 16}"]\nfleets = ["kitchen"]\n'
+    )
     cfg = load_device_config(str(config))
     assert cfg.models.key_files == [str(tmp_path / "keys" / "a.pem"), str(tmp_path / "keys" / "b.hex")]
     assert trust_from_settings(cfg.models).key_ids == sorted([ring.current.key_id, nxt.key_id])
@@ -240,16 +256,19 @@ def test_the_device_config_takes_several_trusted_keys_revocations_and_fleets(rin
     cfg = load_device_config(str(config), env=env)
     assert cfg.models.revoked_keys == [nxt.key_id, "1" * 16] and cfg.models.fleets == ["a", "b"]
     assert trust_from_settings(cfg.models).key_ids == [ring.current.key_id]
-    for text, why in (('[models]\ntrusted_keys = ["nope.pem"]\n', "does not exist"),
-                      ('[models]\ncloud_public_key = "keys/a.pem"\nrevoked_keys = ["XYZ"]\n', "revoked_keys"),
-                      ('[models]\ncloud_public_key = "keys/a.pem"\nfleets = ["a/b"]\n', "fleets"),
-                      ("[models]\n", "cloud_public_key")):
+    for text, why in (
+        ('[models]\ntrusted_keys = ["nope.pem"]\n', "does not exist"),
+        ('[models]\ncloud_public_key = "keys/a.pem"\nrevoked_keys = ["XYZ"]\n', "revoked_keys"),
+        ('[models]\ncloud_public_key = "keys/a.pem"\nfleets = ["a/b"]\n', "fleets"),
+        ("[models]\n", "cloud_public_key"),
+    ):
         config.write_text('device_id = "pi-1"\n' + text)
         with pytest.raises(UsageError, match=why):
             load_device_config(str(config))
 
 
 # ---- item 2: signed probes -----------------------------------------------------------------------
+
 
 def test_forged_probes_are_refused_before_anything_is_computed_or_charged(ring, tmp_path):
     """The issue: 19 forged probes used up a default ledger in 1.6 s. Now none is charged."""
@@ -283,14 +302,24 @@ def test_radii_and_every_field_are_covered_by_the_signature(ring):
     radii = np.full(4, 0.25, dtype=np.float32)
     signed = _probe("round-2", ring.current, radii=radii, deadline=2e9, max_distance=0.5)
     trust.verify(signed.signed_bytes(), signed.key_id, signed.signature)
-    for change in ({"radii": radii * 2}, {"radii": None}, {"deadline": 3e9}, {"max_distance": 0.9},
-                   {"encoder_sha256": "f" * 64}, {"created": "2030-01-01"}, {"codec": "float32"}):
+    for change in (
+        {"radii": radii * 2},
+        {"radii": None},
+        {"deadline": 3e9},
+        {"max_distance": 0.9},
+        {"encoder_sha256": "f" * 64},
+        {"created": "2030-01-01"},
+        {"codec": "float32"},
+    ):
         tampered = dataclasses.replace(signed, **change)
         with pytest.raises(SignatureError):
             trust.verify(tampered.signed_bytes(), tampered.key_id, tampered.signature)
     for codec in ("float16", "int8", "float32"):  # signed as the device decodes it, whatever the codec
-        p = Probe.from_bytes(Probe("c", ENCODER, np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32),
-                                   codec).to_bytes(signer=ring.current))
+        p = Probe.from_bytes(
+            Probe("c", ENCODER, np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32), codec).to_bytes(
+                signer=ring.current
+            )
+        )
         trust.verify(p.signed_bytes(), p.key_id, p.signature)
 
 
@@ -304,8 +333,9 @@ def test_unsigned_probes_only_with_the_explicit_dev_option(ring, tmp_path):
     assert result.charged_epsilon > 0
     stranger = SigningKey.load(generate_keypair(tmp_path / "attacker")[0])
     with pytest.raises(UnknownKey):  # accept_unsigned never lets a wrong signature through
-        answer_probe(_probe("dev-2", stranger), FakeEncoder(), FEATURES, ledger, epsilon=0.58, trust=trust,
-                     accept_unsigned=True)
+        answer_probe(
+            _probe("dev-2", stranger), FakeEncoder(), FEATURES, ledger, epsilon=0.58, trust=trust, accept_unsigned=True
+        )
 
 
 def test_same_id_other_content_is_refused_and_an_exact_replay_is_free(ring, tmp_path):
@@ -322,8 +352,15 @@ def test_same_id_other_content_is_refused_and_an_exact_replay_is_free(ring, tmp_
             answer_probe(other, FakeEncoder(), FEATURES, ledger, epsilon=0.58, trust=trust)
     assert ledger.spent()[0] == spent and len(ledger.releases()) == 1
     sent = []
-    again, replay = answer_probe(Probe.from_bytes(first.to_bytes()), FakeEncoder(), FEATURES, ledger, epsilon=0.58,
-                                 trust=trust, commit=sent.append)
+    again, replay = answer_probe(
+        Probe.from_bytes(first.to_bytes()),
+        FakeEncoder(),
+        FEATURES,
+        ledger,
+        epsilon=0.58,
+        trust=trust,
+        commit=sent.append,
+    )
     assert replay.repeated and replay.charged_epsilon == 0 and sent == [ledger.lookup(ledger.releases()[0]["key"])]
     assert again.message_id == scores.message_id and np.array_equal(again.scores, scores.scores)
 
@@ -339,13 +376,18 @@ def test_signature_fields_of_a_probe_are_checked_on_decode(ring):
     env = wire.decode(Probe("p", ENCODER, np.eye(2, dtype=np.float32)).to_bytes(signer=ring.current))
     fields = {k: v for k, v in env.fields.items() if k not in ("type", "version")}
     without_key_id = {k: v for k, v in fields.items() if k != "key_id"}
-    for changed, why in (({**fields, "key_id": "XYZ"}, "key_id"), ({**fields, "signature": "00"}, "signature"),
-                         (without_key_id, "go together"), ({**fields, "created": 5}, "created")):
+    for changed, why in (
+        ({**fields, "key_id": "XYZ"}, "key_id"),
+        ({**fields, "signature": "00"}, "signature"),
+        (without_key_id, "go together"),
+        ({**fields, "created": 5}, "created"),
+    ):
         with pytest.raises(MessageError, match=why):
             P.decode_message(wire.encode("probe", changed, env.arrays))
 
 
 # ---- item 5: manifests bound to their device, versions only going up --------------------------------
+
 
 def test_another_devices_model_and_an_older_fleet_model_are_refused_and_nothing_is_deleted(ring, tmp_path):
     """The issue: both installed on the device, and its own newer model was deleted from disk."""
@@ -355,19 +397,25 @@ def test_another_devices_model_and_an_older_fleet_model_are_refused_and_nothing_
     own2 = _manifest(_artifact(tmp_path, "own2.onnx", 2), ring.current, version=2)
     for manifest, name in ((own1, "own1.onnx"), (own2, "own2.onnx")):
         assert isinstance(_deliver(receiver, manifest, tmp_path / name), P.Installed)
-    other = _manifest(_artifact(tmp_path, "other.onnx", 3), ring.current, "classifier-pi-2", version=7,
-                      targets=["pi-2"])
-    old_fleet = _manifest(_artifact(tmp_path, "fleet.onnx", 4), ring.current, "classifier-fleet", version=1,
-                          targets=["pi-1", "pi-2"])
+    other = _manifest(
+        _artifact(tmp_path, "other.onnx", 3), ring.current, "classifier-pi-2", version=7, targets=["pi-2"]
+    )
+    old_fleet = _manifest(
+        _artifact(tmp_path, "fleet.onnx", 4), ring.current, "classifier-fleet", version=1, targets=["pi-1", "pi-2"]
+    )
     replayed_own = own1
-    for manifest, name, code in ((other, "other.onnx", "wrong_target"), (old_fleet, "fleet.onnx", "stale_version"),
-                                 (replayed_own, "own1.onnx", "stale_version")):
+    for manifest, name, code in (
+        (other, "other.onnx", "wrong_target"),
+        (old_fleet, "fleet.onnx", "stale_version"),
+        (replayed_own, "own1.onnx", "stale_version"),
+    ):
         reply = _deliver(receiver, manifest, tmp_path / name)
         assert isinstance(reply, P.InstallFailed) and reply.code == code, (name, reply)
     assert store.current("classifier").sha256 == own2.sha256 and store.previous("classifier").sha256 == own1.sha256
     assert {p.name for p in store.models_dir.iterdir()} == {f"classifier-{m.sha256[:16]}.onnx" for m in (own1, own2)}
-    newer_fleet = _manifest(_artifact(tmp_path, "fleet3.onnx", 5), ring.current, "classifier-fleet", version=3,
-                            targets=["pi-1", "pi-2"])
+    newer_fleet = _manifest(
+        _artifact(tmp_path, "fleet3.onnx", 5), ring.current, "classifier-fleet", version=3, targets=["pi-1", "pi-2"]
+    )
     assert isinstance(_deliver(receiver, newer_fleet, tmp_path / "fleet3.onnx"), P.Installed)
     assert store.previous("classifier").sha256 == own2.sha256 and store.max_version("classifier") == 3
 
@@ -402,18 +450,36 @@ def test_a_key_revoked_during_a_transfer_stops_the_install(ring, tmp_path):
     ring.revoke(old.key_id)
     trust.apply(ring.key_update())
     data = path.read_bytes()
-    replies = [r for i in (1, 2)
-               for r in receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, data[i * 1024:(i + 1) * 1024]))]
+    replies = [
+        r
+        for i in (1, 2)
+        for r in receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, data[i * 1024 : (i + 1) * 1024]))
+    ]
     assert replies[-1].code == "revoked_key" and store.current("classifier") is None
 
 
 def test_messages_of_this_change_round_trip():
     entry = {"key_id": "0" * 16, "public_key": "1" * 64}
     entry["key_id"] = hashlib.sha256(bytes.fromhex(entry["public_key"])).hexdigest()[:16]
-    for msg in (P.KeyUpdate(3, [entry], ["a" * 16], "b" * 16, "c" * 128),
-                P.Status("pi-1", "online", None, None, keys=["a" * 16, "b" * 16]),
-                P.ArtifactManifest("art-1", "s", 7, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META,
-                                   "d" * 128, targets=["pi-1", "fleet:f1"], key_id="e" * 16)):
+    for msg in (
+        P.KeyUpdate(3, [entry], ["a" * 16], "b" * 16, "c" * 128),
+        P.Status("pi-1", "online", None, None, keys=["a" * 16, "b" * 16]),
+        P.ArtifactManifest(
+            "art-1",
+            "s",
+            7,
+            "onnx",
+            "int8",
+            2500,
+            "b" * 64,
+            1024,
+            ["c" * 64] * 3,
+            META,
+            "d" * 128,
+            targets=["pi-1", "fleet:f1"],
+            key_id="e" * 16,
+        ),
+    ):
         assert P.decode_message(msg.to_bytes()) == msg
     with pytest.raises(MessageError, match="targets"):
         P.decode_message(dataclasses.replace(msg, targets=["../x"]).to_bytes())
@@ -451,8 +517,11 @@ def test_the_daemon_versions_go_up_per_device_across_device_and_fleet_models(tmp
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     (tmp_path / "model.onnx.json").write_text(json.dumps({"meta": META, "sha256": digest}))
     rounds = {}
-    for name, devices, fleet in (("own", ["pi-1"], False), ("fleet", ["pi-1", "pi-2"], True),
-                                 ("own2", ["pi-2"], False)):
+    for name, devices, fleet in (
+        ("own", ["pi-1"], False),
+        ("fleet", ["pi-1", "pi-2"], True),
+        ("own2", ["pi-2"], False),
+    ):
         r = daemon.submit_round(devices, fleet=fleet)
         rounds[name] = dataclasses.replace(r, result={"model_path": str(model)})
     daemon.store.add_artifact(ArtifactRecord("old-pi-1", "r0", "classifier-pi-1", 6, "a" * 64, 1, "x", b""))

@@ -5,15 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
-from typing import Tuple
 
 import onnx
 import torch
 from torch import nn
 
-from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 from device_sdk.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 
 OPSET = 17
 
@@ -28,8 +26,16 @@ def export_onnx(model: nn.Module, meta: ArtifactMeta, path: str, output_name: st
     c, h, w = meta.input_shape
     buf = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(model, (torch.zeros(1, c, h, w),), buf, input_names=["image"], output_names=[output_name],
-                          dynamic_axes={"image": {0: "batch"}, output_name: {0: "batch"}}, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, c, h, w),),
+            buf,
+            input_names=["image"],
+            output_names=[output_name],
+            dynamic_axes={"image": {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     proto = onnx.load_from_string(buf.getvalue())
     meta = ArtifactMeta(**{**meta.__dict__, "opset": OPSET})
     entry = proto.metadata_props.add()
@@ -43,7 +49,12 @@ def export_onnx(model: nn.Module, meta: ArtifactMeta, path: str, output_name: st
 
 
 def write_sidecar(path: str, meta: ArtifactMeta, digest: str) -> None:
-    doc = {"file": os.path.basename(path), "sha256": digest, "size": os.path.getsize(path), "meta": json.loads(meta.to_json())}
+    doc = {
+        "file": os.path.basename(path),
+        "sha256": digest,
+        "size": os.path.getsize(path),
+        "meta": json.loads(meta.to_json()),
+    }
     atomic_write_text(path + ".json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 

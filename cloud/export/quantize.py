@@ -20,17 +20,18 @@ import onnx
 import torch
 from torch import nn
 
+# isort: off
 # ``models`` first: importing onnxruntime.quantization puts onnxruntime/transformers on sys.path,
 # whose own "models" folder would otherwise shadow this project's package.
 import models  # noqa: F401
 from onnxruntime.quantization import CalibrationDataReader  # noqa: E402
+# isort: on
 
-from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
+from cloud.export.formats import export_tflite, write_sidecar
 from device_sdk.errors import ArtifactError, UsageError
 from device_sdk.fsutil import atomic_write_bytes, sha256_file
 from device_sdk.imagefolder import normalize
-
-from cloud.export.formats import export_tflite, write_sidecar
+from device_sdk.runtime.artifact import META_KEY, ArtifactMeta
 
 FORMATS = ("QDQ", "QOperator")
 CALIBRATION = ("MinMax", "Entropy", "Percentile")
@@ -56,7 +57,9 @@ class QuantConfig:
         checks = (("quant_format", FORMATS), ("calibrate_method", CALIBRATION), ("activation_type", ACTIVATIONS))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
-                raise UsageError(f"QuantConfig.{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+                raise UsageError(
+                    f"QuantConfig.{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})"
+                )
         if self.calibration_size < 1:
             raise UsageError(f"QuantConfig.calibration_size must be >= 1 (got {self.calibration_size})")
 
@@ -77,6 +80,7 @@ def _int8_meta(meta: ArtifactMeta, cfg: QuantConfig, runtime: str) -> ArtifactMe
 
 # ---- ONNX ------------------------------------------------------------------------------------
 
+
 def quantize_onnx(fp32_path: str, out_path: str, calib: np.ndarray, cfg: QuantConfig = QuantConfig()) -> str:
     """Statically quantise the fp32 ONNX artifact ``fp32_path``; ``calib`` is preprocessed NCHW float32.
 
@@ -91,13 +95,23 @@ def quantize_onnx(fp32_path: str, out_path: str, calib: np.ndarray, cfg: QuantCo
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "int8.onnx")
         try:
-            quantize_static(fp32_path, raw, _CalibrationReader(proto.graph.input[0].name, calib),
-                            quant_format=getattr(QuantFormat, cfg.quant_format), per_channel=cfg.per_channel,
-                            reduce_range=cfg.reduce_range, activation_type=act, weight_type=QuantType.QInt8,
-                            calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method), nodes_to_exclude=head)
+            quantize_static(
+                fp32_path,
+                raw,
+                _CalibrationReader(proto.graph.input[0].name, calib),
+                quant_format=getattr(QuantFormat, cfg.quant_format),
+                per_channel=cfg.per_channel,
+                reduce_range=cfg.reduce_range,
+                activation_type=act,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, cfg.calibrate_method),
+                nodes_to_exclude=head,
+            )
         except Exception as exc:  # onnxruntime's quantiser fails with plain Python errors on graphs it cannot handle
-            raise ArtifactError(f"{fp32_path}: onnxruntime cannot quantise it as {cfg.quant_format} "
-                                f"({exc.__class__.__name__}: {exc}); QDQ handles more graphs") from None
+            raise ArtifactError(
+                f"{fp32_path}: onnxruntime cannot quantise it as {cfg.quant_format} "
+                f"({exc.__class__.__name__}: {exc}); QDQ handles more graphs"
+            ) from None
         quantized = onnx.load(raw)
     del quantized.metadata_props[:]
     entry = quantized.metadata_props.add()
@@ -132,8 +146,10 @@ class _CalibrationReader(CalibrationDataReader):
 
 # ---- TFLite ----------------------------------------------------------------------------------
 
-def quantize_tflite(model: nn.Module, meta: ArtifactMeta, out_path: str, calib: np.ndarray,
-                    cfg: QuantConfig = QuantConfig()) -> str:
+
+def quantize_tflite(
+    model: nn.Module, meta: ArtifactMeta, out_path: str, calib: np.ndarray, cfg: QuantConfig = QuantConfig()
+) -> str:
     """PT2E static int8 (symmetric, per channel per ``cfg``) of ``model``, converted to TFLite.
 
     The int8 model's input (and output, unless ``float_head`` keeps the linear layers in
@@ -158,5 +174,6 @@ def quantize_tflite(model: nn.Module, meta: ArtifactMeta, out_path: str, calib: 
         for image in torch.from_numpy(np.ascontiguousarray(calib, dtype=np.float32)):
             prepared(image[None])
     quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
-    return export_tflite(quantized, _int8_meta(meta, cfg, "litert"), out_path,
-                         quant_config=LiteRtQuantConfig(pt2e_quantizer=quantizer))
+    return export_tflite(
+        quantized, _int8_meta(meta, cfg, "litert"), out_path, quant_config=LiteRtQuantConfig(pt2e_quantizer=quantizer)
+    )

@@ -156,7 +156,9 @@ def _draw_proportional(weights: np.ndarray, count: int, rng: np.random.Generator
     return np.minimum(drawn, len(weights) - 1)
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray, rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _nearest(
+    x: np.ndarray, centroids: np.ndarray, rows: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every row of ``x`` (or of ``x[rows]``), chunk by chunk: the nearest centroid (max
     dot product), the cosine to it and the cosine to the runner-up centroid."""
     n = len(x) if rows is None else len(rows)
@@ -218,7 +220,7 @@ def _label_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     running sums exact enough that an emptied cluster sums to ~0."""
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     for start in range(0, len(x), CHUNK_ROWS):
-        rows, chunk_labels = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+        rows, chunk_labels = x[start : start + CHUNK_ROWS], labels[start : start + CHUNK_ROWS]
         order = np.argsort(chunk_labels, kind="stable")
         counts = np.bincount(chunk_labels, minlength=k)
         present = counts > 0

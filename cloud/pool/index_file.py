@@ -72,8 +72,11 @@ def _meta(raw: np.ndarray, path: str, index_format: int) -> Dict[str, str]:
             raise MessageError(f"{path}: index metadata {key} is not a string of at most {MAX_TEXT} characters")
         out[key] = value
     variants = meta.get("encoder_variants", [])  # other artifacts of the same encoder (cloud.export.parity)
-    if not isinstance(variants, list) or len(variants) > 8 or not all(
-            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in variants):
+    if (
+        not isinstance(variants, list)
+        or len(variants) > 8
+        or not all(isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in variants)
+    ):
         raise MessageError(f"{path}: index metadata encoder_variants is not a list of at most 8 sha256 digests")
     if variants:
         out["encoder_variants"] = tuple(variants)
@@ -95,7 +98,10 @@ def _arrays_problem(a: Dict[str, Any]) -> Any:
         return f"features {features.shape} and centroids {centroids.shape} do not fit {n} images"
     if not (np.all(np.isfinite(features)) and np.all(np.isfinite(centroids))):
         return "features or centroids hold NaN or infinity"
-    if assign.shape != (n,) or assign.dtype.kind not in "iu" \
-            or not (0 <= assign.min() and assign.max() < len(centroids)):
+    if (
+        assign.shape != (n,)
+        or assign.dtype.kind not in "iu"
+        or not (0 <= assign.min() and assign.max() < len(centroids))
+    ):
         return f"assign must hold one cluster number in [0, {len(centroids)}) per image"
     return None

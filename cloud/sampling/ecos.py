@@ -21,10 +21,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from device_sdk.errors import UsageError
-
 from cloud.sampling.base import PoolView, Sampler, ScoreSet, register_sampler
 from cloud.sampling.farthest import farthest_first
+from device_sdk.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +108,14 @@ class EcosSampler(Sampler):
             return SamplingPlan(quotas=proximal, kept=kept, threshold=threshold, fallback=fallback)
         room = sizes - proximal
         diverse = proportional_quotas(room.astype(np.float64), room, n_diverse)
-        return SamplingPlan(quotas=proximal + diverse, kept=kept, threshold=threshold, fallback=fallback,
-                            diverse=diverse, uncovered=uncovered)
+        return SamplingPlan(
+            quotas=proximal + diverse,
+            kept=kept,
+            threshold=threshold,
+            fallback=fallback,
+            diverse=diverse,
+            uncovered=uncovered,
+        )
 
     @staticmethod
     def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0, uncovered_far_share: float = 1.0) -> float:
@@ -148,7 +153,9 @@ class EcosSampler(Sampler):
         kept = _top_clusters(scores.scores, sizes, budget)
         logger.warning(
             "no cluster score passed the threshold %.3g (max score %.3g); falling back to the %d top-scored clusters",
-            threshold, scores.scores.max(), int(kept.sum()),
+            threshold,
+            scores.scores.max(),
+            int(kept.sum()),
         )
         return kept, threshold, True
 
@@ -219,7 +226,11 @@ def purity(scores: np.ndarray, sizes: np.ndarray, kept: np.ndarray, reference: f
 
 
 def _allocate(
-    scores: np.ndarray, kept: np.ndarray, sizes: np.ndarray, budget: int, centroids: np.ndarray,
+    scores: np.ndarray,
+    kept: np.ndarray,
+    sizes: np.ndarray,
+    budget: int,
+    centroids: np.ndarray,
     weights: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Budget over the kept clusters by ``weights`` (default: score); what they cannot hold goes

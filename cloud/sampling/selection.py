@@ -157,11 +157,13 @@ def combine_scores(
     for s in answers:
         if s.probe_id != index.probe_id:
             raise MismatchError(
-                f"scores from device {s.device_id} answer probe {s.probe_id[:12]}..., this index's probe is {index.probe_id[:12]}..."
+                f"scores from device {s.device_id} answer probe {s.probe_id[:12]}..., this index's probe is "
+                f"{index.probe_id[:12]}..."
             )
         if s.encoder_sha256 != index.encoder_sha256:
             raise MismatchError(
-                f"scores from device {s.device_id} were computed with encoder {s.encoder_sha256[:12]}..., not {index.encoder_sha256[:12]}..."
+                f"scores from device {s.device_id} were computed with encoder {s.encoder_sha256[:12]}..., not "
+                f"{index.encoder_sha256[:12]}..."
             )
         if s.k != index.k:
             raise MismatchError(f"scores from device {s.device_id} have {s.k} values, the index has k={index.k}")

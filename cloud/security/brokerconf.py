@@ -71,12 +71,18 @@ def render_conf(d: Deployment) -> str:
     """``ecos.conf``: include it from mosquitto.conf; it should be the broker's only listener."""
     listener = f"listener {d.port}" + (f" {d.bind}" if d.bind else "")
     if d.mode == "certificate":
-        identity = ["# The client's certificate (signed by cafile, not revoked in crlfile) is its identity:",
-                    "require_certificate true", "use_identity_as_username true",
-                    f"crlfile {d.on_broker('crl.pem')}"]
+        identity = [
+            "# The client's certificate (signed by cafile, not revoked in crlfile) is its identity:",
+            "require_certificate true",
+            "use_identity_as_username true",
+            f"crlfile {d.on_broker('crl.pem')}",
+        ]
     else:
-        identity = ["# A user name and password from password_file is the identity:",
-                    "require_certificate false", f"password_file {d.on_broker('passwd')}"]
+        identity = [
+            "# A user name and password from password_file is the identity:",
+            "require_certificate false",
+            f"password_file {d.on_broker('passwd')}",
+        ]
     version = ["tls_version tlsv1.3"] if d.tls_version == "1.3" else ["# TLS 1.2 and 1.3 (Mosquitto 2's default)"]
     lines = [
         f"# ECOS broker listener ({d.mode} mode), written by 'ecos-cloud broker-config' for Mosquitto 2.",
@@ -102,10 +108,20 @@ def render_conf(d: Deployment) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_broker_config(root: Path, *, mode: str, hostnames: Sequence[str], port: int = 8883,
-                        bind: Optional[str] = None, cloud_id: str = DEFAULT_CLOUD_ID, tls_version: str = "1.2",
-                        broker_path: str = "", broker_group: Optional[str] = "auto", days: int = pki.CERT_DAYS,
-                        force: bool = False) -> Deployment:
+def write_broker_config(
+    root: Path,
+    *,
+    mode: str,
+    hostnames: Sequence[str],
+    port: int = 8883,
+    bind: Optional[str] = None,
+    cloud_id: str = DEFAULT_CLOUD_ID,
+    tls_version: str = "1.2",
+    broker_path: str = "",
+    broker_group: Optional[str] = "auto",
+    days: int = pki.CERT_DAYS,
+    force: bool = False,
+) -> Deployment:
     """Create or update the deployment folder ``root``; see the module docstring."""
     _check(mode in MODES, f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check(bool(hostnames), "give the broker's host name(s) or address(es) the devices connect to (--hostname)")
@@ -124,9 +140,11 @@ def write_broker_config(root: Path, *, mode: str, hostnames: Sequence[str], port
         if d is not None:
             _check(d.cloud_id == cloud_id, f"{root} was made for cloud identity {d.cloud_id!r}, not {cloud_id!r}")
             devices = sorted(i for i, r in d.identities.items() if r.get("kind") != "cloud")
-            _check(d.mode == mode or force or not devices,
-                   f"{root} is in {d.mode} mode with {len(devices)} enrolled device(s); --force switches to {mode} "
-                   "mode and forgets them (enroll them again)")
+            _check(
+                d.mode == mode or force or not devices,
+                f"{root} is in {d.mode} mode with {len(devices)} enrolled device(s); --force switches to {mode} "
+                "mode and forgets them (enroll them again)",
+            )
             if d.mode != mode:
                 d.identities, d.revoked = {}, []
             d.mode, d.hostnames, d.port, d.bind, d.tls_version = mode, list(hostnames), port, bind, tls_version
@@ -186,19 +204,35 @@ def _broker_group(name: Optional[str]) -> Optional[str]:
 
 # ---- the commands ------------------------------------------------------------------------------------
 
+
 def cmd_broker_config(args: argparse.Namespace) -> int:
-    d = write_broker_config(Path(args.dir), mode=args.mode, hostnames=args.hostname, port=args.port, bind=args.bind,
-                            cloud_id=args.cloud_id, tls_version=args.tls_version, broker_path=args.broker_path or "",
-                            broker_group=args.broker_group, days=args.days, force=args.force)
+    d = write_broker_config(
+        Path(args.dir),
+        mode=args.mode,
+        hostnames=args.hostname,
+        port=args.port,
+        bind=args.bind,
+        cloud_id=args.cloud_id,
+        tls_version=args.tls_version,
+        broker_path=args.broker_path or "",
+        broker_group=args.broker_group,
+        days=args.days,
+        force=args.force,
+    )
     names = sorted(p.name for p in d.broker_dir.iterdir() if not p.name.startswith("."))
-    print(f"broker ({d.mode} mode, port {d.port}, certificate for {', '.join(d.hostnames)}) -> {d.broker_dir}/: "
-          f"{', '.join(names)}")
+    print(
+        f"broker ({d.mode} mode, port {d.port}, certificate for {', '.join(d.hostnames)}) -> {d.broker_dir}/: "
+        f"{', '.join(names)}"
+    )
     print(f"cloud credentials -> {d.bundle(d.cloud_id)}/ (its broker.toml is the [broker] table of cloud.toml)")
-    readable = (f"group '{d.broker_group}'" if d.broker_group
-                else "the user the broker runs as (chgrp mosquitto; chmod 640)")
-    print(f"next: copy {d.broker_dir}/ to {d.broker_path or 'the broker host'} (server.key"
-          f"{' and passwd' if d.mode == 'password' else ''} readable by {readable}), include ecos.conf from "
-          f"mosquitto.conf, restart Mosquitto; then 'ecos-cloud enroll DEVICE_ID --dir {args.dir}' per device")
+    readable = (
+        f"group '{d.broker_group}'" if d.broker_group else "the user the broker runs as (chgrp mosquitto; chmod 640)"
+    )
+    print(
+        f"next: copy {d.broker_dir}/ to {d.broker_path or 'the broker host'} (server.key"
+        f"{' and passwd' if d.mode == 'password' else ''} readable by {readable}), include ecos.conf from "
+        f"mosquitto.conf, restart Mosquitto; then 'ecos-cloud enroll DEVICE_ID --dir {args.dir}' per device"
+    )
     return 0
 
 
@@ -212,62 +246,95 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         revoke(root, args.device_id)
         d = Deployment.load(root)
         if d.mode == "certificate":
-            print(f"{args.device_id}: revoked (its certificate is in broker/crl.pem); copy it to the broker and "
-                  "restart Mosquitto (a reload refuses new connections; a restart also ends an open one)")
+            print(
+                f"{args.device_id}: revoked (its certificate is in broker/crl.pem); copy it to the broker and "
+                "restart Mosquitto (a reload refuses new connections; a restart also ends an open one)"
+            )
         else:
-            print(f"{args.device_id}: revoked (its line left broker/passwd); copy it to the broker and reload "
-                  "Mosquitto (SIGHUP: it also disconnects the device)")
+            print(
+                f"{args.device_id}: revoked (its line left broker/passwd); copy it to the broker and reload "
+                "Mosquitto (SIGHUP: it also disconnects the device)"
+            )
         return 0
     bundle = enroll(root, args.device_id, cloud=args.cloud, rotate=args.rotate, days=args.days)
     d = Deployment.load(root)
     who = d.cloud_id if args.cloud else args.device_id
-    print(f"{who}: {'new ' if args.rotate else ''}{d.mode} credentials -> {bundle}/ (0600 files; broker.toml is the "
-          f"[broker] table of its {'cloud' if args.cloud else 'device'}.toml)")
+    print(
+        f"{who}: {'new ' if args.rotate else ''}{d.mode} credentials -> {bundle}/ (0600 files; broker.toml is the "
+        f"[broker] table of its {'cloud' if args.cloud else 'device'}.toml)"
+    )
     if d.mode == "password" or args.rotate:
-        print(f"copy {d.broker_dir}/{'passwd' if d.mode == 'password' else 'crl.pem'} to the broker and reload "
-              "Mosquitto (SIGHUP, 'systemctl reload mosquitto'); until then it accepts the old credentials only")
+        print(
+            f"copy {d.broker_dir}/{'passwd' if d.mode == 'password' else 'crl.pem'} to the broker and reload "
+            "Mosquitto (SIGHUP, 'systemctl reload mosquitto'); until then it accepts the old credentials only"
+        )
     return 0
 
 
 def add_commands(sub, add_common) -> None:
     """Register ``broker-config`` and ``enroll`` on the ``ecos-cloud`` parser."""
-    p = sub.add_parser("broker-config",
-                       help="write a Mosquitto config: TLS listener, one identity per client, topic ACL",
-                       description="Create (or update) the deployment folder: its CA, the broker's TLS certificate, "
-                                   "ecos.conf and ecos.acl for Mosquitto 2 (see docs/operations.md), and the cloud's "
-                                   "own credentials.")
+    p = sub.add_parser(
+        "broker-config",
+        help="write a Mosquitto config: TLS listener, one identity per client, topic ACL",
+        description="Create (or update) the deployment folder: its CA, the broker's TLS certificate, "
+        "ecos.conf and ecos.acl for Mosquitto 2 (see docs/operations.md), and the cloud's "
+        "own credentials.",
+    )
     p.add_argument("--dir", required=True, help="the deployment folder (keep it private: it holds the CA key)")
-    p.add_argument("--mode", choices=MODES, required=True,
-                   help="certificate: a client certificate per identity (CN = id); password: a password per identity")
-    p.add_argument("--hostname", action="append", required=True,
-                   help="a name or IP address clients use to reach the broker (repeat for several; the first is used "
-                        "in the generated client configs)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        required=True,
+        help="certificate: a client certificate per identity (CN = id); password: a password per identity",
+    )
+    p.add_argument(
+        "--hostname",
+        action="append",
+        required=True,
+        help="a name or IP address clients use to reach the broker (repeat for several; the first is used "
+        "in the generated client configs)",
+    )
     p.add_argument("--port", type=int, default=8883, help="the TLS listener's port (default 8883)")
     p.add_argument("--bind", help="the address to listen on (default: every interface)")
-    p.add_argument("--cloud-id", default=DEFAULT_CLOUD_ID,
-                   help=f"the cloud daemon's identity (default {DEFAULT_CLOUD_ID})")
-    p.add_argument("--tls-version", choices=sorted(TLS_VERSIONS), default="1.2",
-                   help="the lowest TLS version (default 1.2)")
-    p.add_argument("--broker-path",
-                   help="the folder broker/'s files will be in on the broker host (default: where written)")
-    p.add_argument("--broker-group", default="auto",
-                   help="group the broker runs as: server.key and passwd are made readable to it (default: "
-                        "'mosquitto' if that group exists and may be used; '' for none)")
+    p.add_argument(
+        "--cloud-id", default=DEFAULT_CLOUD_ID, help=f"the cloud daemon's identity (default {DEFAULT_CLOUD_ID})"
+    )
+    p.add_argument(
+        "--tls-version", choices=sorted(TLS_VERSIONS), default="1.2", help="the lowest TLS version (default 1.2)"
+    )
+    p.add_argument(
+        "--broker-path", help="the folder broker/'s files will be in on the broker host (default: where written)"
+    )
+    p.add_argument(
+        "--broker-group",
+        default="auto",
+        help="group the broker runs as: server.key and passwd are made readable to it (default: "
+        "'mosquitto' if that group exists and may be used; '' for none)",
+    )
     p.add_argument("--days", type=int, default=pki.CERT_DAYS, help=f"certificate lifetime (default {pki.CERT_DAYS})")
-    p.add_argument("--force", action="store_true", help="switch the mode even though devices are enrolled (they must "
-                                                         "be enrolled again)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="switch the mode even though devices are enrolled (they must be enrolled again)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_broker_config)
 
-    p = sub.add_parser("enroll", help="issue a device's broker credentials (password or client certificate) and config",
-                       description="Issue DEVICE_ID's credentials in the deployment folder's mode and write its bundle "
-                                   "clients/DEVICE_ID/ (ca.pem, client.pem + client.key or broker.password, and "
-                                   "broker.toml, the [broker] table for its device.toml); all 0600.")
+    p = sub.add_parser(
+        "enroll",
+        help="issue a device's broker credentials (password or client certificate) and config",
+        description="Issue DEVICE_ID's credentials in the deployment folder's mode and write its bundle "
+        "clients/DEVICE_ID/ (ca.pem, client.pem + client.key or broker.password, and "
+        "broker.toml, the [broker] table for its device.toml); all 0600.",
+    )
     p.add_argument("device_id", nargs="?", help="the device's id: its MQTT user name, client id and topics")
     p.add_argument("--dir", required=True, help="the deployment folder made by 'ecos-cloud broker-config'")
     p.add_argument("--cloud", action="store_true", help="the cloud's credentials instead of a device's")
-    p.add_argument("--rotate", action="store_true", help="replace existing credentials; the old ones stop working "
-                                                          "once the broker is reloaded")
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace existing credentials; the old ones stop working once the broker is reloaded",
+    )
     p.add_argument("--revoke", action="store_true", help="withdraw the device's credentials and delete its bundle")
     p.add_argument("--days", type=int, default=pki.CERT_DAYS, help=f"certificate lifetime (default {pki.CERT_DAYS})")
     add_common(p)

@@ -52,6 +52,7 @@ SALT_BYTES = 12
 
 # ---- Mosquitto password hashes ---------------------------------------------------------------------
 
+
 def mosquitto_hash(password: str, salt: Optional[bytes] = None, iterations: int = PBKDF2_ITERATIONS) -> str:
     """``$7$<iterations>$<salt>$<hash>``: PBKDF2-HMAC-SHA512 as Mosquitto 2 reads it (``mosquitto_passwd``'s
     default). Written here rather than by ``mosquitto_passwd -b``, which would put the password on a
@@ -68,8 +69,9 @@ def check_mosquitto_hash(password: str, hashed: str) -> bool:
         if kind != "7":
             return False
         expected = base64.b64decode(digest, validate=True)
-        got = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), base64.b64decode(salt, validate=True),
-                                  int(iterations), len(expected))
+        got = hashlib.pbkdf2_hmac(
+            "sha512", password.encode("utf-8"), base64.b64decode(salt, validate=True), int(iterations), len(expected)
+        )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)
@@ -95,6 +97,7 @@ def write_password_file(path: Path, entries: Dict[str, str], group: Optional[str
 
 
 # ---- files ---------------------------------------------------------------------------------------------
+
 
 def write_private(path: Path, data: bytes, group: Optional[str] = None) -> None:
     """Write atomically, readable by the owner only (0600), or also by ``group`` (0640)."""
@@ -122,6 +125,7 @@ def write_public(path: Path, data: bytes) -> None:
 
 
 # ---- the deployment folder -------------------------------------------------------------------------
+
 
 @dataclass
 class Deployment:
@@ -174,8 +178,10 @@ class Deployment:
             raw.pop("version", None)
             return cls(root=Path(root), **raw)
         except FileNotFoundError:
-            raise UsageError(f"{root} is not a deployment folder (no {SETTINGS}); create it with 'ecos-cloud "
-                             f"broker-config --dir {root} --mode certificate|password --hostname HOST'") from None
+            raise UsageError(
+                f"{root} is not a deployment folder (no {SETTINGS}); create it with 'ecos-cloud "
+                f"broker-config --dir {root} --mode certificate|password --hostname HOST'"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{path} is damaged: {exc}") from None
 
@@ -206,14 +212,29 @@ def locked(root: Path) -> Iterator[None]:
 
 # ---- enroll, rotate, revoke --------------------------------------------------------------------------
 
-def enroll(root: Path, identity: Optional[str] = None, *, cloud: bool = False, rotate: bool = False,
-           days: int = pki.CERT_DAYS, not_before: Optional[datetime.datetime] = None,
-           not_after: Optional[datetime.datetime] = None) -> Path:
+
+def enroll(
+    root: Path,
+    identity: Optional[str] = None,
+    *,
+    cloud: bool = False,
+    rotate: bool = False,
+    days: int = pki.CERT_DAYS,
+    not_before: Optional[datetime.datetime] = None,
+    not_after: Optional[datetime.datetime] = None,
+) -> Path:
     """Issue credentials for device ``identity`` (or the cloud's, ``cloud=True``); returns the bundle folder."""
     with locked(root):
         d = Deployment.load(root)
-        return issue_credentials(d, _identity(d, identity, cloud), cloud=cloud, rotate=rotate, days=days,
-                                 not_before=not_before, not_after=not_after)
+        return issue_credentials(
+            d,
+            _identity(d, identity, cloud),
+            cloud=cloud,
+            rotate=rotate,
+            days=days,
+            not_before=not_before,
+            not_after=not_after,
+        )
 
 
 def revoke(root: Path, identity: str) -> None:
@@ -239,9 +260,16 @@ def _identity(d: Deployment, identity: Optional[str], cloud: bool) -> str:
     return identity
 
 
-def issue_credentials(d: Deployment, identity: str, *, cloud: bool, rotate: bool, days: int = pki.CERT_DAYS,
-                      not_before: Optional[datetime.datetime] = None,
-                      not_after: Optional[datetime.datetime] = None) -> Path:
+def issue_credentials(
+    d: Deployment,
+    identity: str,
+    *,
+    cloud: bool,
+    rotate: bool,
+    days: int = pki.CERT_DAYS,
+    not_before: Optional[datetime.datetime] = None,
+    not_after: Optional[datetime.datetime] = None,
+) -> Path:
     """Make the identity's credentials and bundle (caller holds the lock); the old ones are withdrawn."""
     if identity in d.identities and not rotate:
         raise UsageError(f"{identity} is enrolled already; --rotate issues new credentials (and withdraws the old)")
@@ -249,8 +277,10 @@ def issue_credentials(d: Deployment, identity: str, *, cloud: bool, rotate: bool
     table: Dict[str, Any] = {"host": d.hostnames[0], "port": d.port}
     if cloud:
         table["client_id"] = identity
-    record: Dict[str, Any] = {"kind": "cloud" if cloud else "device",
-                              "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    record: Dict[str, Any] = {
+        "kind": "cloud" if cloud else "device",
+        "issued": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     if d.mode == "certificate":
         ca, ca_key = d.ca()
         cert, key = pki.issue(ca, ca_key, identity, days=days, not_before=not_before, not_after=not_after)
@@ -291,10 +321,12 @@ def _withdraw(d: Deployment, identity: str) -> None:
 def _snippet(identity: str, mode: str, cloud: bool, table: Dict[str, Any]) -> str:
     who = "the cloud daemon" if cloud else f"device {identity}"
     target = "cloud.toml" if cloud else "device.toml"
-    lines = [f"# The [broker] table of {who} ({mode} mode), written by 'ecos-cloud enroll'. Put it in {target}",
-             "# and keep this folder's files next to that file (paths are relative to it), readable by the",
-             "# service only (0600). Set host to the name the broker's certificate was made for.",
-             "[broker]"]
+    lines = [
+        f"# The [broker] table of {who} ({mode} mode), written by 'ecos-cloud enroll'. Put it in {target}",
+        "# and keep this folder's files next to that file (paths are relative to it), readable by the",
+        "# service only (0600). Set host to the name the broker's certificate was made for.",
+        "[broker]",
+    ]
     lines += [f"{key} = {json.dumps(value)}" for key, value in table.items()]
     return "\n".join(lines) + "\n"
 

@@ -46,22 +46,46 @@ def create_ca(name: str, days: int = CA_DAYS) -> Tuple[x509.Certificate, Key]:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE).not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return cert, key
 
 
-def issue(ca_cert: x509.Certificate, ca_key: Key, common_name: str, *, server_names: Sequence[str] = (),
-          days: int = CERT_DAYS, not_before: Optional[datetime.datetime] = None,
-          not_after: Optional[datetime.datetime] = None) -> Tuple[x509.Certificate, Key]:
+def issue(
+    ca_cert: x509.Certificate,
+    ca_key: Key,
+    common_name: str,
+    *,
+    server_names: Sequence[str] = (),
+    days: int = CERT_DAYS,
+    not_before: Optional[datetime.datetime] = None,
+    not_after: Optional[datetime.datetime] = None,
+) -> Tuple[x509.Certificate, Key]:
     """A leaf certificate for ``common_name``: a server certificate when ``server_names`` are given
     (DNS names and IP addresses), else a client certificate. ``not_before``/``not_after`` override
     the validity (tests make expired certificates with them)."""
@@ -69,17 +93,33 @@ def issue(ca_cert: x509.Certificate, ca_key: Key, common_name: str, *, server_na
     start = not_before or (_now() - _BACKDATE)
     end = not_after or (start + _BACKDATE + datetime.timedelta(days=days))
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-               .issuer_name(ca_cert.subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     if server_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(_alt_names(server_names)), critical=False)
     return builder.sign(ca_key, hashes.SHA256()), key
@@ -95,21 +135,28 @@ def _alt_names(names: Iterable[str]) -> List[x509.GeneralName]:
     return out
 
 
-def build_crl(ca_cert: x509.Certificate, ca_key: Key, revoked: Iterable[int],
-              days: int = CRL_DAYS) -> x509.CertificateRevocationList:
+def build_crl(
+    ca_cert: x509.Certificate, ca_key: Key, revoked: Iterable[int], days: int = CRL_DAYS
+) -> x509.CertificateRevocationList:
     """The CA's revocation list: every serial in ``revoked``."""
     now = _now()
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(now - _BACKDATE).next_update(now + datetime.timedelta(days=days))
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-               .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(now + datetime.timedelta(days=days))
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+    )
     for serial in sorted(set(revoked)):
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - _BACKDATE).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - _BACKDATE).build()
+        )
     return builder.sign(ca_key, hashes.SHA256())
 
 
 # ---- PEM in and out ------------------------------------------------------------------------------
+
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -120,8 +167,9 @@ def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
 
 
 def key_pem(key: Key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def load_cert(path: Path) -> x509.Certificate:

@@ -43,9 +43,17 @@ class Publisher(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any: ...
 
 
-def build_manifest(artifact_path: PathLike, signer: Union[SigningKey, PathLike], *, name: str, version: int,
-                   targets: Sequence[str], chunk_size: int = DEFAULT_CHUNK_SIZE, meta: Optional[Dict[str, Any]] = None,
-                   artifact_id: Optional[str] = None) -> ArtifactManifest:
+def build_manifest(
+    artifact_path: PathLike,
+    signer: Union[SigningKey, PathLike],
+    *,
+    name: str,
+    version: int,
+    targets: Sequence[str],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    meta: Optional[Dict[str, Any]] = None,
+    artifact_id: Optional[str] = None,
+) -> ArtifactManifest:
     """The signed manifest of one artifact file.
 
     ``signer`` is a ``cloud.security.keys.SigningKey`` (or the path of a private key). ``targets`` lists
@@ -71,8 +79,19 @@ def build_manifest(artifact_path: PathLike, signer: Union[SigningKey, PathLike],
         artifact_id = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:40]}-v{version}-{digest[:12]}"
     if isinstance(targets, str) or not targets:
         raise UsageError(f"targets must be a non-empty list of device ids (or fleet:<id>), got {targets!r}")
-    manifest = ArtifactManifest(artifact_id, name, int(version), fmt, str(meta.get("precision", "fp32")), size, digest,
-                                chunk_size, chunk_hashes, meta, targets=sorted(set(targets)))
+    manifest = ArtifactManifest(
+        artifact_id,
+        name,
+        int(version),
+        fmt,
+        str(meta.get("precision", "fp32")),
+        size,
+        digest,
+        chunk_size,
+        chunk_hashes,
+        meta,
+        targets=sorted(set(targets)),
+    )
     manifest.to_bytes()  # schema check before signing: never sign something a device must reject
     return manifest.signed_by(as_signer(signer))
 
@@ -85,7 +104,9 @@ def _read_meta(path: Path, digest: str) -> Dict[str, Any]:
         if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
             raise UsageError(f"{sidecar} is not an artifact sidecar (no 'meta' object); re-export it")
         if doc.get("sha256") != digest:
-            raise UsageError(f"{sidecar} describes another file (sha256 {str(doc.get('sha256'))[:12]}...); re-export it")
+            raise UsageError(
+                f"{sidecar} describes another file (sha256 {str(doc.get('sha256'))[:12]}...); re-export it"
+            )
         return dict(doc["meta"])
     if path.suffix.lower() == ".onnx":
         import onnx
@@ -118,11 +139,26 @@ class ArtifactSender:
     call it from one thread (the daemon's loop), not from MQTT callbacks.
     """
 
-    def __init__(self, transport: Publisher, device_id: str, artifact_path: PathLike, manifest: ArtifactManifest, *,
-                 window: int = 8, timeout: float = 10.0, max_attempts: Optional[int] = 10, acked: int = 0):
+    def __init__(
+        self,
+        transport: Publisher,
+        device_id: str,
+        artifact_path: PathLike,
+        manifest: ArtifactManifest,
+        *,
+        window: int = 8,
+        timeout: float = 10.0,
+        max_attempts: Optional[int] = 10,
+        acked: int = 0,
+    ):
         if window < 1 or timeout <= 0:
             raise UsageError(f"window must be >= 1 and timeout > 0 (got {window}, {timeout})")
-        self.transport, self.device_id, self.artifact_path, self.manifest = transport, device_id, artifact_path, manifest
+        self.transport, self.device_id, self.artifact_path, self.manifest = (
+            transport,
+            device_id,
+            artifact_path,
+            manifest,
+        )
         self.window, self.timeout, self.max_attempts = window, timeout, max_attempts
         self.acked = self._next_to_send = min(max(0, acked), manifest.n_chunks)
         self.attempts, self.bytes_sent, self.chunks_sent = 0, 0, 0
@@ -144,8 +180,13 @@ class ArtifactSender:
         if self.done or not self._mine(ack) or ack.next_chunk > self.manifest.n_chunks:
             return
         if ack.next_chunk < self.acked:  # the device lost chunks (e.g. its disk was wiped): start over there
-            LOG.warning("%s: %s went back from chunk %d to %d", self.manifest.artifact_id, self.device_id,
-                        self.acked, ack.next_chunk)
+            LOG.warning(
+                "%s: %s went back from chunk %d to %d",
+                self.manifest.artifact_id,
+                self.device_id,
+                self.acked,
+                ack.next_chunk,
+            )
             self._next_to_send = ack.next_chunk
         self.acked = ack.next_chunk
         self._next_to_send = max(self._next_to_send, self.acked)
@@ -157,8 +198,14 @@ class ArtifactSender:
             return
         self.result = msg
         self.outcome = "installed" if isinstance(msg, Installed) else "install_failed"
-        LOG.info("%s -> %s: %s (%d chunks, %d bytes sent)", self.manifest.artifact_id, self.device_id, self.outcome,
-                 self.chunks_sent, self.bytes_sent)
+        LOG.info(
+            "%s -> %s: %s (%d chunks, %d bytes sent)",
+            self.manifest.artifact_id,
+            self.device_id,
+            self.outcome,
+            self.chunks_sent,
+            self.bytes_sent,
+        )
 
     def tick(self, now: Optional[float] = None) -> None:
         """Call periodically: after ``timeout`` without progress, resend manifest and window from ``acked``."""
@@ -168,10 +215,17 @@ class ArtifactSender:
         self.attempts += 1
         if self.max_attempts is not None and self.attempts > self.max_attempts:
             self.outcome = "timeout"
-            LOG.warning("%s -> %s: gave up after %d timeouts", self.manifest.artifact_id, self.device_id, self.max_attempts)
+            LOG.warning(
+                "%s -> %s: gave up after %d timeouts", self.manifest.artifact_id, self.device_id, self.max_attempts
+            )
             return
-        LOG.info("%s -> %s: no progress for %.1fs, resending from chunk %d", self.manifest.artifact_id,
-                 self.device_id, now - self._last_progress, self.acked)
+        LOG.info(
+            "%s -> %s: no progress for %.1fs, resending from chunk %d",
+            self.manifest.artifact_id,
+            self.device_id,
+            now - self._last_progress,
+            self.acked,
+        )
         self._last_progress = now
         self._next_to_send = self.acked
         self._send_manifest()

@@ -115,28 +115,44 @@ class DaemonMetrics:
 
     def __init__(self, rounds_by_state: Callable[[], Dict[str, int]], devices_by_state: Callable[[], Dict[str, int]]):
         r = self.registry = Registry()
-        r.gauge("ecos_rounds", "Rounds by state (from the store).",
-                lambda: {_key({"state": s}): float(n) for s, n in rounds_by_state().items()})
-        r.gauge("ecos_devices", "Known devices by last reported state (from the store).",
-                lambda: {_key({"state": s}): float(n) for s, n in devices_by_state().items()})
+        r.gauge(
+            "ecos_rounds",
+            "Rounds by state (from the store).",
+            lambda: {_key({"state": s}): float(n) for s, n in rounds_by_state().items()},
+        )
+        r.gauge(
+            "ecos_devices",
+            "Known devices by last reported state (from the store).",
+            lambda: {_key({"state": s}): float(n) for s, n in devices_by_state().items()},
+        )
         self.messages = r.counter("ecos_messages_total", "MQTT messages by direction (in/out) and message type.")
         self.bytes = r.counter("ecos_bytes_total", "MQTT payload bytes by direction (in/out) and message type.")
-        self.responses = r.counter("ecos_responses_total", "Device responses to probes by kind and outcome (new/duplicate/late).")
+        self.responses = r.counter(
+            "ecos_responses_total", "Device responses to probes by kind and outcome (new/duplicate/late)."
+        )
         self.chunks = r.counter("ecos_delivery_chunks_total", "Artifact chunks published (first sends and resends).")
         self.deliveries = r.counter("ecos_deliveries_total", "Finished deliveries by outcome (installed/failed).")
         self.errors = r.counter("ecos_errors_total", "Messages dropped and stages failed, by reason.")
-        self.dropped = r.counter("ecos_messages_dropped_total",
-                                 "Incoming messages dropped unhandled, by reason (malformed, oversized, an error code, "
-                                 "internal_error, queue_full).")
-        self.scores_refused = r.counter("ecos_scores_refused_total",
-                                        "Scores refused as implausible, by the check that failed (docs/security.md).")
-        self.probes_resent = r.counter("ecos_probes_resent_total", "Probes sent again to devices that had not "
-                                                                   "answered, by reason (timer/reconnect).")
-        self.store_errors = r.counter("ecos_store_errors_total",
-                                      "Writes the state database refused (disk_full, read_only, io_error, busy); "
-                                      "the daemon goes on and retries.")
-        self.store_writable = r.gauge("ecos_store_writable", "1 while the state database takes writes, 0 after a "
-                                                             "refused one until writes succeed again.")
+        self.dropped = r.counter(
+            "ecos_messages_dropped_total",
+            "Incoming messages dropped unhandled, by reason (malformed, oversized, an error code, "
+            "internal_error, queue_full).",
+        )
+        self.scores_refused = r.counter(
+            "ecos_scores_refused_total", "Scores refused as implausible, by the check that failed (docs/security.md)."
+        )
+        self.probes_resent = r.counter(
+            "ecos_probes_resent_total",
+            "Probes sent again to devices that had not answered, by reason (timer/reconnect).",
+        )
+        self.store_errors = r.counter(
+            "ecos_store_errors_total",
+            "Writes the state database refused (disk_full, read_only, io_error, busy); the daemon goes on and retries.",
+        )
+        self.store_writable = r.gauge(
+            "ecos_store_writable",
+            "1 while the state database takes writes, 0 after a refused one until writes succeed again.",
+        )
         self.store_writable.set(1.0)
         self.stage_seconds = r.counter("ecos_stage_seconds_total", "Seconds spent in each round stage.")
         self.transitions = r.counter("ecos_round_transitions_total", "Round state changes, by target state.")

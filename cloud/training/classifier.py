@@ -157,7 +157,8 @@ def _read_selection_rows(csv_path: str) -> List[ImageItem]:
         raise InputError(f"cannot read selection {csv_path}: {exc.strerror}") from None
     if not rows or "path" not in rows[0]:
         raise InputError(
-            f"{csv_path}: not a selection CSV (needs a header with at least 'path'; columns path,label,domain,cluster,rank)"
+            f"{csv_path}: not a selection CSV (needs a header with at least 'path'; columns "
+            "path,label,domain,cluster,rank)"
         )
     return [ImageItem(r["path"], (r.get("label") or "").strip(), (r.get("domain") or "").strip()) for r in rows]
 

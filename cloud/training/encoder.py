@@ -145,7 +145,9 @@ def pixel_dim(cfg: EncoderConfig) -> int:
 
 
 def shape_kwargs(preprocess) -> Dict[str, object]:
-    """``input_size``/``in_channels`` registry arguments where the input is not 32x32 RGB (old checkpoints lack them)."""
+    """``input_size``/``in_channels`` registry arguments where the input is not 32x32 RGB.
+
+    Old checkpoints lack them."""
     kwargs: Dict[str, object] = {}
     if preprocess is not None and preprocess.size != (32, 32):
         if preprocess.size[0] != preprocess.size[1]:

@@ -120,15 +120,26 @@ class ModelStore:
         dest = self.models_dir / f"{kind}-{manifest.sha256[:16]}{EXTENSIONS[manifest.format]}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)
-        record = InstalledModel(kind, manifest.artifact_id, manifest.name, manifest.version, manifest.sha256,
-                                manifest.format, str(dest.resolve()), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        record = InstalledModel(
+            kind,
+            manifest.artifact_id,
+            manifest.name,
+            manifest.version,
+            manifest.sha256,
+            manifest.format,
+            str(dest.resolve()),
+            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         state = self._state()
         slot = state["slots"].get(kind, {})
         old = slot.get("current")
         keep_old = old is not None and old["sha256"] != manifest.sha256
         high = max(v for v in (_max_version(slot), manifest.version) if v is not None)
-        state["slots"][kind] = {"current": asdict(record), "previous": old if keep_old else slot.get("previous"),
-                                "max_version": high}
+        state["slots"][kind] = {
+            "current": asdict(record),
+            "previous": old if keep_old else slot.get("previous"),
+            "max_version": high,
+        }
         self._write(state)
         return record
 
@@ -138,8 +149,11 @@ class ModelStore:
         slot = state["slots"].get(kind, {})
         if slot.get("previous") is None:
             raise UsageError(f"no previous {kind} model to roll back to in {self.root}")
-        state["slots"][kind] = {"current": slot["previous"], "previous": slot["current"],
-                                "max_version": _max_version(slot)}
+        state["slots"][kind] = {
+            "current": slot["previous"],
+            "previous": slot["current"],
+            "max_version": _max_version(slot),
+        }
         self._write(state)
         return InstalledModel(**slot["previous"])
 
@@ -149,8 +163,12 @@ class ModelStore:
 
     def _prune(self, state: Dict[str, Any]) -> None:
         """Delete model files that are neither current nor previous of any slot."""
-        keep = {Path(slot[which]["path"]).name for slot in state["slots"].values() for which in ("current", "previous")
-                if slot.get(which) is not None}
+        keep = {
+            Path(slot[which]["path"]).name
+            for slot in state["slots"].values()
+            for which in ("current", "previous")
+            if slot.get(which) is not None
+        }
         for path in self.models_dir.glob("*"):
             if path.name not in keep:
                 path.unlink()
@@ -188,8 +206,11 @@ def _record_ok(record: Any) -> bool:
     if not isinstance(record, dict) or set(record) != _RECORD_FIELDS:
         return False
     version = record["version"]
-    return (isinstance(version, int) and not isinstance(version, bool)
-            and all(isinstance(v, str) for k, v in record.items() if k != "version"))
+    return (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and all(isinstance(v, str) for k, v in record.items() if k != "version")
+    )
 
 
 @dataclass
@@ -217,10 +238,19 @@ class DeliveryReceiver:
     ``allow_downgrade`` (development only) lets a version that is not above the slot's highest in.
     """
 
-    def __init__(self, store: ModelStore, trust: Any, device_id: str, *,
-                 max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES, formats: Tuple[str, ...] = ("onnx",),
-                 allow_downgrade: bool = False, validate: Optional[Validator] = None,
-                 evaluate: Optional[Evaluator] = None, fleets: Sequence[str] = ()):
+    def __init__(
+        self,
+        store: ModelStore,
+        trust: Any,
+        device_id: str,
+        *,
+        max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+        formats: Tuple[str, ...] = ("onnx",),
+        allow_downgrade: bool = False,
+        validate: Optional[Validator] = None,
+        evaluate: Optional[Evaluator] = None,
+        fleets: Sequence[str] = (),
+    ):
         self.store, self.trust, self.device_id, self.fleets = store, as_trust_store(trust), device_id, tuple(fleets)
         self.max_bytes, self.formats, self.allow_downgrade = max_bytes, formats, allow_downgrade
         self.validate, self.evaluate = validate, evaluate
@@ -256,7 +286,9 @@ class DeliveryReceiver:
         if chunk.index not in transfer.have:
             if hashlib.sha256(chunk.data).hexdigest() != transfer.manifest.chunk_sha256[chunk.index]:
                 self._abandon(chunk.artifact_id)
-                return [self._failed(chunk.artifact_id, ChunkError(f"chunk {chunk.index} does not match its signed sha256"))]
+                return [
+                    self._failed(chunk.artifact_id, ChunkError(f"chunk {chunk.index} does not match its signed sha256"))
+                ]
             # No fsync or rename: a chunk torn by a power cut fails its hash on resume and is fetched again.
             (transfer.folder / f"chunk-{chunk.index:06d}").write_bytes(chunk.data)
             transfer.have.add(chunk.index)
@@ -271,11 +303,15 @@ class DeliveryReceiver:
 
     def _authenticate(self, manifest: ArtifactManifest) -> None:
         """Signed by a trusted, unrevoked key, and for this device (or one of its fleets)."""
-        self.trust.verify(manifest.signed_bytes(), manifest.key_id, manifest.signature,
-                          f"manifest {manifest.artifact_id}")
+        self.trust.verify(
+            manifest.signed_bytes(), manifest.key_id, manifest.signature, f"manifest {manifest.artifact_id}"
+        )
         if not manifest.is_for(self.device_id, self.fleets):
-            named = ", ".join(manifest.targets[:3]) + (", ..." if len(manifest.targets) > 3 else "") \
-                if manifest.targets else "no target (a manifest from before targets)"
+            named = (
+                ", ".join(manifest.targets[:3]) + (", ..." if len(manifest.targets) > 3 else "")
+                if manifest.targets
+                else "no target (a manifest from before targets)"
+            )
             raise WrongTarget(f"{manifest.artifact_id} is for {clean(named, 200)}, not for {self.device_id}")
 
     def _policy(self, manifest: ArtifactManifest) -> None:
@@ -286,8 +322,10 @@ class DeliveryReceiver:
         kind = manifest.artifact_meta.kind
         high = self.store.max_version(kind)
         if high is not None and manifest.version <= high and not self.allow_downgrade:
-            raise StaleVersion(f"{manifest.name} v{manifest.version} is not above v{high}, the highest {kind} "
-                               "version installed here (a replayed or older model)")
+            raise StaleVersion(
+                f"{manifest.name} v{manifest.version} is not above v{high}, the highest {kind} "
+                "version installed here (a replayed or older model)"
+            )
 
     def _begin(self, manifest: ArtifactManifest) -> _Transfer:
         """Start (or restart) a transfer; other transfers of the same kind are dropped."""
@@ -311,7 +349,9 @@ class DeliveryReceiver:
         except (OSError, EcosError) as exc:
             LOG.debug("no resumable transfer %s: %s", clean(artifact_id), clean(str(exc), 500))
             return None
-        have = {i for i, digest in enumerate(manifest.chunk_sha256) if _file_sha256(folder / f"chunk-{i:06d}") == digest}
+        have = {
+            i for i, digest in enumerate(manifest.chunk_sha256) if _file_sha256(folder / f"chunk-{i:06d}") == digest
+        }
         LOG.info("resuming %s from disk: %d of %d chunks already here", artifact_id, len(have), manifest.n_chunks)
         transfer = self._transfers[artifact_id] = _Transfer(manifest, folder, have)
         return transfer
@@ -342,8 +382,10 @@ class DeliveryReceiver:
             out.flush()
             os.fsync(out.fileno())
         if size != manifest.size or digest.hexdigest() != manifest.sha256:
-            raise HashMismatch(f"reassembled {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
-                               f"manifest says {manifest.size} bytes, {manifest.sha256[:12]}...")
+            raise HashMismatch(
+                f"reassembled {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
+                f"manifest says {manifest.size} bytes, {manifest.sha256[:12]}..."
+            )
         if self.validate is not None:
             self.validate(str(staged), manifest)
         self._admit(manifest)  # again: a key revoked, or a newer model installed, since the transfer began

@@ -19,14 +19,32 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from device_sdk.errors import LedgerCorrupt, LedgerUnavailable, MessageError, PrivacyBudgetExceeded, ProbeConflict, RuntimeUnavailable, UsageError
+from device_sdk.errors import (
+    LedgerCorrupt,
+    LedgerUnavailable,
+    MessageError,
+    PrivacyBudgetExceeded,
+    ProbeConflict,
+    RuntimeUnavailable,
+    UsageError,
+)
 from device_sdk.fsutil import atomic_write_bytes, atomic_write_text
+from device_sdk.privacy.accounting import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_BUDGET_DELTA,
+    DEFAULT_BUDGET_EPSILON,
+    ReleaseLike,
+    _check_accountant,
+    _check_delta,
+    _check_positive,
+    epsilon,
+)
 from device_sdk.protocol.envelope import parse_json
-from device_sdk.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON, epsilon, _check_accountant, _check_delta, _check_positive, ReleaseLike
 
 __all__ = ["LEDGER_KIND", "LEDGER_VERSION", "PrivacyLedger", "ReleaseResult"]
 
@@ -43,10 +61,10 @@ LEDGER_MAX_STRING = 16 << 20  # base64 of the largest payload a device could rel
 class ReleaseResult:
     """What :meth:`PrivacyLedger.release` hands back."""
 
-    payload: bytes          # the released message (the stored one when ``repeated``)
+    payload: bytes  # the released message (the stored one when ``repeated``)
     charged_epsilon: float  # increase of the composed epsilon caused by this call (0 on a repeat)
-    spent_epsilon: float    # composed epsilon of the whole ledger after this call
-    repeated: bool          # True when the key had been released before
+    spent_epsilon: float  # composed epsilon of the whole ledger after this call
+    repeated: bool  # True when the key had been released before
 
 
 def _utc_now() -> str:
@@ -94,9 +112,15 @@ class PrivacyLedger:
     # ---- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Union[str, "os.PathLike[str]"], device_id: Optional[str] = None,
-             budget_epsilon: Optional[float] = None, budget_delta: Optional[float] = None,
-             accountant: Optional[str] = None, allow_budget_change: bool = False) -> "PrivacyLedger":
+    def open(
+        cls,
+        path: Union[str, "os.PathLike[str]"],
+        device_id: Optional[str] = None,
+        budget_epsilon: Optional[float] = None,
+        budget_delta: Optional[float] = None,
+        accountant: Optional[str] = None,
+        allow_budget_change: bool = False,
+    ) -> "PrivacyLedger":
         """Open the ledger at ``path``, creating it on first use.
 
         A new ledger gets the given budget (defaults: epsilon 3.0, delta 1e-5, accountant
@@ -124,8 +148,7 @@ class PrivacyLedger:
                     "created_utc": _utc_now(),
                     "accountant": accountant if accountant is not None else DEFAULT_ACCOUNTANT,
                     "budget": {
-                        "epsilon": budget_epsilon if budget_epsilon is not None
-                        else DEFAULT_BUDGET_EPSILON,
+                        "epsilon": budget_epsilon if budget_epsilon is not None else DEFAULT_BUDGET_EPSILON,
                         "delta": budget_delta if budget_delta is not None else DEFAULT_BUDGET_DELTA,
                     },
                     "budget_changes": [],
@@ -135,17 +158,17 @@ class PrivacyLedger:
                 return cls(path)
             state = _read_state(path)
             if device_id is not None and device_id != state["device_id"]:
-                raise UsageError(
-                    f"privacy ledger {path} belongs to device {state['device_id']!r}, "
-                    f"not {device_id!r}")
+                raise UsageError(f"privacy ledger {path} belongs to device {state['device_id']!r}, not {device_id!r}")
             want = {
-                "epsilon": budget_epsilon if budget_epsilon is not None
-                else state["budget"]["epsilon"],
+                "epsilon": budget_epsilon if budget_epsilon is not None else state["budget"]["epsilon"],
                 "delta": budget_delta if budget_delta is not None else state["budget"]["delta"],
                 "accountant": accountant if accountant is not None else state["accountant"],
             }
-            have = {"epsilon": state["budget"]["epsilon"], "delta": state["budget"]["delta"],
-                    "accountant": state["accountant"]}
+            have = {
+                "epsilon": state["budget"]["epsilon"],
+                "delta": state["budget"]["delta"],
+                "accountant": state["accountant"],
+            }
             if want != have:
                 if not allow_budget_change:
                     raise UsageError(
@@ -153,7 +176,8 @@ class PrivacyLedger:
                         f"delta={have['delta']}, accountant={have['accountant']!r}; asked for "
                         f"epsilon={want['epsilon']}, delta={want['delta']}, "
                         f"accountant={want['accountant']!r} (changing the budget of an existing "
-                        f"ledger must be allowed explicitly)")
+                        f"ledger must be allowed explicitly)"
+                    )
                 state["budget_changes"].append({"time_utc": _utc_now(), "from": have, "to": want})
                 state["budget"] = {"epsilon": want["epsilon"], "delta": want["delta"]}
                 state["accountant"] = want["accountant"]
@@ -207,8 +231,7 @@ class PrivacyLedger:
 
     def releases(self) -> List[Dict[str, Any]]:
         """The release records (without payloads), oldest first."""
-        return [{k: v for k, v in r.items() if k != "payload_b64"}
-                for r in self._load()["releases"]]
+        return [{k: v for k, v in r.items() if k != "payload_b64"} for r in self._load()["releases"]]
 
     def summary(self) -> Dict[str, Any]:
         state = self._load()
@@ -226,9 +249,16 @@ class PrivacyLedger:
 
     # ---- spending ------------------------------------------------------------------------
 
-    def release(self, key: str, sigma: float, sensitivity: float, n_values: int,
-                produce: Callable[[], bytes], commit: Callable[[bytes], None],
-                conflicts: Optional[Callable[[str], bool]] = None) -> ReleaseResult:
+    def release(
+        self,
+        key: str,
+        sigma: float,
+        sensitivity: float,
+        n_values: int,
+        produce: Callable[[], bytes],
+        commit: Callable[[bytes], None],
+        conflicts: Optional[Callable[[str], bool]] = None,
+    ) -> ReleaseResult:
         """Release one Gaussian-noised message under ``key`` (the probe id), or replay it.
 
         Under the exclusive lock:
@@ -252,8 +282,7 @@ class PrivacyLedger:
             raise UsageError(f"release key must be a non-empty string, got {key!r}")
         sigma = _check_positive("sigma", sigma)
         sensitivity = _check_positive("sensitivity", sensitivity)
-        if isinstance(n_values, bool) or not isinstance(n_values, (int, np.integer)) \
-                or n_values < 0:
+        if isinstance(n_values, bool) or not isinstance(n_values, (int, np.integer)) or n_values < 0:
             raise UsageError(f"n_values must be a non-negative integer, got {n_values!r}")
         with _exclusive_lock(self.lock_path):
             before = _read_raw(self.path)
@@ -265,8 +294,10 @@ class PrivacyLedger:
                 commit(payload)
                 return ReleaseResult(payload, 0.0, spent_before, True)
             if conflicts is not None and any(conflicts(r["key"]) for r in state["releases"]):
-                raise ProbeConflict(f"release {key[:80]!r} refused: the same question was answered before with "
-                                    "other content; nothing charged")
+                raise ProbeConflict(
+                    f"release {key[:80]!r} refused: the same question was answered before with "
+                    "other content; nothing charged"
+                )
 
             budget_eps = state["budget"]["epsilon"]
             after = self._spent_of(state, [(sigma, sensitivity)])
@@ -275,24 +306,27 @@ class PrivacyLedger:
                     f"release {key!r} refused: spent epsilon {spent_before:.4f}, this release "
                     f"(sigma={sigma:g}, sensitivity={sensitivity:g}) would bring it to "
                     f"{after:.4f} > budget {budget_eps:g} at delta={state['budget']['delta']:g} "
-                    f"({state['accountant']} accountant)")
+                    f"({state['accountant']} accountant)"
+                )
 
             payload = produce()
             if isinstance(payload, (bytearray, memoryview)):
                 payload = bytes(payload)
             if not isinstance(payload, bytes):
                 raise TypeError(f"produce() must return bytes, got {type(payload).__name__}")
-            state["releases"].append({
-                "key": key,
-                "mechanism": "gaussian",
-                "sigma": sigma,
-                "sensitivity": sensitivity,
-                "n_values": int(n_values),
-                "time_utc": _utc_now(),
-                "epsilon_after": after,
-                "payload_sha256": hashlib.sha256(payload).hexdigest(),
-                "payload_b64": base64.b64encode(payload).decode("ascii"),
-            })
+            state["releases"].append(
+                {
+                    "key": key,
+                    "mechanism": "gaussian",
+                    "sigma": sigma,
+                    "sensitivity": sensitivity,
+                    "n_values": int(n_values),
+                    "time_utc": _utc_now(),
+                    "epsilon_after": after,
+                    "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                    "payload_b64": base64.b64encode(payload).decode("ascii"),
+                }
+            )
             _write_state(self.path, state)
             try:
                 commit(payload)
@@ -306,6 +340,7 @@ class PrivacyLedger:
 
 
 # ---- file format ------------------------------------------------------------------------------
+
 
 def _write_state(path: Path, state: Dict[str, Any]) -> None:
     """Atomically (temporary file, fsync, rename): on a full or read-only disk the old ledger stays as it was."""
@@ -333,13 +368,18 @@ def _unavailable(path: Path, exc: OSError, action: str) -> LedgerUnavailable:
     if name == "ENOENT":
         what = "it is missing"
     tail = f"{what} ({name})" if name else what
-    return LedgerUnavailable(f"privacy ledger {path} cannot be {action}: {tail}; nothing was charged",
-                             f"the privacy ledger cannot be {action}: {tail}; nothing was charged", name)
+    return LedgerUnavailable(
+        f"privacy ledger {path} cannot be {action}: {tail}; nothing was charged",
+        f"the privacy ledger cannot be {action}: {tail}; nothing was charged",
+        name,
+    )
 
 
 def _bad(path: Path, why: str) -> LedgerCorrupt:
     fix = "it was left untouched, fix or restore it by hand (it is never reset automatically)"
-    return LedgerCorrupt(f"privacy ledger {path} is corrupt ({why}); {fix}", f"the privacy ledger is corrupt ({why}); {fix}")
+    return LedgerCorrupt(
+        f"privacy ledger {path} is corrupt ({why}); {fix}", f"the privacy ledger is corrupt ({why}); {fix}"
+    )
 
 
 def _parse_state(raw: bytes, path: Path) -> Dict[str, Any]:
@@ -353,16 +393,19 @@ def _parse_state(raw: bytes, path: Path) -> Dict[str, Any]:
     if state.get("kind") != LEDGER_KIND:
         raise _bad(path, f"kind is {state.get('kind')!r}, expected {LEDGER_KIND!r}")
     if state.get("version") != LEDGER_VERSION:
-        raise _bad(path, f"version {state.get('version')!r} is not supported "
-                         f"(expected {LEDGER_VERSION})")
+        raise _bad(path, f"version {state.get('version')!r} is not supported (expected {LEDGER_VERSION})")
     if not isinstance(state.get("device_id"), str) or not state["device_id"]:
         raise _bad(path, "device_id missing")
     if state.get("accountant") not in ACCOUNTANTS:
         raise _bad(path, f"unknown accountant {state.get('accountant')!r}")
     budget = state.get("budget")
-    if not isinstance(budget, dict) or not _is_number(budget.get("epsilon")) \
-            or not _is_number(budget.get("delta")) or budget["epsilon"] <= 0 \
-            or not 0 < budget["delta"] < 1:
+    if (
+        not isinstance(budget, dict)
+        or not _is_number(budget.get("epsilon"))
+        or not _is_number(budget.get("delta"))
+        or budget["epsilon"] <= 0
+        or not 0 < budget["delta"] < 1
+    ):
         raise _bad(path, "budget must hold a positive epsilon and a delta in (0, 1)")
     budget["epsilon"] = float(budget["epsilon"])
     budget["delta"] = float(budget["delta"])

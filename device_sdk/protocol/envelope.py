@@ -28,7 +28,7 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32  # nesting of any JSON we read (a header, a ledger, a state file, artifact metadata)
-MAX_JSON_INT = 2 ** 53  # larger integers are refused: they fit neither a float exactly nor every SQLite column
+MAX_JSON_INT = 2**53  # larger integers are refused: they fit neither a float exactly nor every SQLite column
 MAX_INT_DIGITS = 17  # len(str(-2**53)); longer digit strings are refused before int() sees them
 MAX_STRING_CHARS = 1 << 16  # any one JSON string or key
 MAX_TYPE_CHARS = 64  # a message type, an array name
@@ -36,7 +36,15 @@ MAX_ARRAYS = 64
 MAX_NDIM = 8
 
 _PREFIX = struct.Struct("<4sBI")
-_DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8", "int8": "i1", "uint8": "u1", "int32": "<i4", "int64": "<i8"}
+_DTYPES = {
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "int8": "i1",
+    "uint8": "u1",
+    "int32": "<i4",
+    "int64": "<i8",
+}
 
 
 @dataclass
@@ -57,7 +65,9 @@ def encode(msg_type: str, fields: Mapping[str, Any], arrays: Mapping[str, np.nda
         if dtype_name not in _DTYPES:
             raise MessageError(f"array {name!r}: dtype {dtype_name} cannot go on the wire")
         raw = np.ascontiguousarray(arr, dtype=_DTYPES[dtype_name]).tobytes()
-        table.append({"name": name, "dtype": dtype_name, "shape": list(arr.shape), "offset": offset, "nbytes": len(raw)})
+        table.append(
+            {"name": name, "dtype": dtype_name, "shape": list(arr.shape), "offset": offset, "nbytes": len(raw)}
+        )
         chunks.append(raw)
         offset += len(raw)
     payload = b"".join(chunks)
@@ -137,6 +147,7 @@ def _read_arrays(table: Any, payload: bytes, source: str) -> Dict[str, np.ndarra
 
 def _array_entry(entry: Any, i: int, source: str) -> Tuple[str, np.dtype, Tuple[int, ...], int, int]:
     """``(name, dtype, shape, offset, nbytes)`` of one array table entry, each checked."""
+
     def bad(why: str) -> MessageError:
         return MessageError(f"{source}: malformed array entry #{i}: {why}")
 
@@ -180,6 +191,7 @@ def short(value: Any, limit: int = 80) -> str:
 
 # ---- bounded JSON --------------------------------------------------------------------------------
 
+
 class _Refused(ValueError):
     """A JSON value outside the bounds (raised by the parse hooks, reported as the caller's error)."""
 
@@ -198,8 +210,9 @@ def json_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     """
     if text.count("[") + text.count("{") <= max_depth:
         return False
-    brackets = np.frombuffer(_STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS),
-                             dtype=np.uint8)
+    brackets = np.frombuffer(
+        _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS), dtype=np.uint8
+    )
     if brackets.size == 0:
         return False
     depth = np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1), dtype=np.int64)
@@ -222,8 +235,14 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def parse_json(data: Any, source: str = "json", error: Type[EcosError] = MessageError, *,
-               max_depth: int = MAX_JSON_DEPTH, max_string: int = MAX_STRING_CHARS) -> Any:
+def parse_json(
+    data: Any,
+    source: str = "json",
+    error: Type[EcosError] = MessageError,
+    *,
+    max_depth: int = MAX_JSON_DEPTH,
+    max_string: int = MAX_STRING_CHARS,
+) -> Any:
     """``json.loads`` for untrusted text or UTF-8 bytes; every defect is ``error`` naming ``source``.
 
     Nesting deeper than ``max_depth`` is refused before parsing; integers must satisfy

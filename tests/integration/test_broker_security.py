@@ -45,8 +45,10 @@ from device_sdk.config import broker_password, broker_tls, load_device_config
 from device_sdk.protocol import CLOUD_STATUS, device_status, inbox, outbox
 from device_sdk.transport import MqttTransport, TlsConfig
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(mosquitto_binary() is None, reason="needs the mosquitto binary")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="needs the mosquitto binary"),
+]
 
 HOST = "127.0.0.1"
 DEVICES = ("dev-a", "dev-b", "dev-r")  # dev-r runs the round, with a session nobody else touched
@@ -56,7 +58,8 @@ def start_broker(d: Deployment, workdir: Path, conf_text: Optional[str] = None) 
     """Mosquitto with the generated ecos.conf (or ``conf_text``), plus what a test run needs."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra = ["persistence false", f"log_dest file {workdir / 'mosquitto.log'}"] + [
-        f"log_type {t}" for t in ("error", "warning", "notice", "information")]  # a file log is flushed per line
+        f"log_type {t}" for t in ("error", "warning", "notice", "information")
+    ]  # a file log is flushed per line
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         extra.append("user root")  # else it drops to 'mosquitto', who cannot enter pytest's 0700 folders
     conf = workdir / "mosquitto.conf"
@@ -65,8 +68,7 @@ def start_broker(d: Deployment, workdir: Path, conf_text: Optional[str] = None) 
 
 
 def deployment(root: Path, mode: str) -> Deployment:
-    d = write_broker_config(root, mode=mode, hostnames=[HOST, "localhost"], port=free_port(), bind=HOST,
-                            broker_group=None)
+    write_broker_config(root, mode=mode, hostnames=[HOST, "localhost"], port=free_port(), bind=HOST, broker_group=None)
     for device in DEVICES:
         enroll(root, device)
     return Deployment.load(root)
@@ -80,8 +82,11 @@ def cert(tmp_path_factory):
     enroll(d.root, "dev-old", not_before=past, not_after=past + datetime.timedelta(days=1))  # signed by our CA, expired
     rogue_ca, rogue_key = pki.create_ca("rogue CA")  # someone else's CA: its certificate says it is the cloud
     rogue_cert, rogue_cert_key = pki.issue(rogue_ca, rogue_key, d.cloud_id)
-    for name, data in (("ca.pem", pki.cert_pem(rogue_ca)), ("client.pem", pki.cert_pem(rogue_cert)),
-                       ("client.key", pki.key_pem(rogue_cert_key))):
+    for name, data in (
+        ("ca.pem", pki.cert_pem(rogue_ca)),
+        ("client.pem", pki.cert_pem(rogue_cert)),
+        ("client.key", pki.key_pem(rogue_cert_key)),
+    ):
         (root / "rogue").mkdir(exist_ok=True)
         (root / "rogue" / name).write_bytes(data)
     broker = start_broker(d, root / "broker")
@@ -104,9 +109,17 @@ class Client(MqttTransport):
     def __init__(self, client_id: str, port: int, subscriptions=(), **login):
         self.received: List[Tuple[str, bytes]] = []
         self.disconnects = 0
-        super().__init__(client_id, HOST, port, protocol="3.1.1", subscriptions=subscriptions, clean=True,
-                         on_message=lambda topic, payload: self.received.append((topic, payload)),
-                         reconnect_delay=(1, 1), **login)
+        super().__init__(
+            client_id,
+            HOST,
+            port,
+            protocol="3.1.1",
+            subscriptions=subscriptions,
+            clean=True,
+            on_message=lambda topic, payload: self.received.append((topic, payload)),
+            reconnect_delay=(1, 1),
+            **login,
+        )
 
     def _on_disconnect(self, *args) -> None:
         if not self._stopping:
@@ -122,8 +135,11 @@ def login(d: Deployment, identity: str, bundle: Optional[Path] = None) -> dict:
     else:
         key = bundle / "test-cloud.pub"  # any Ed25519 public key: this config only connects
         key.write_text(Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex())
-        (bundle / "device.toml").write_text(f'device_id = "{identity}"\n' + (bundle / "broker.toml").read_text()
-                                            + '[models]\ncloud_public_key = "test-cloud.pub"\n')
+        (bundle / "device.toml").write_text(
+            f'device_id = "{identity}"\n'
+            + (bundle / "broker.toml").read_text()
+            + '[models]\ncloud_public_key = "test-cloud.pub"\n'
+        )
         b = load_device_config(str(bundle / "device.toml"), env={}).broker
     return {"username": b.username, "password": broker_password(b), "tls": broker_tls(b)}
 
@@ -165,6 +181,7 @@ def log_of(broker: Broker) -> str:
 
 # ---- TLS and logins ----------------------------------------------------------------------------------
 
+
 def test_wrong_ca_and_expired_certificates_are_refused(cert):
     d, broker, rogue = cert
     good = login(d, "dev-a")["tls"]
@@ -173,9 +190,11 @@ def test_wrong_ca_and_expired_certificates_are_refused(cert):
     assert "CERTIFICATE_VERIFY_FAILED" in reason
     # a certificate from another CA, even one naming the cloud, an expired one of ours, and none: the broker refuses,
     # with the TLS alert that says why (seen in a TLS 1.2 handshake; under 1.3 it comes after, as a disconnect)
-    for tls, alert in ((TlsConfig(good.ca_file, str(rogue / "client.pem"), str(rogue / "client.key")), "UNKNOWN_CA"),
-                       (login(d, "dev-old")["tls"], "CERTIFICATE_EXPIRED"),
-                       (TlsConfig(good.ca_file), "HANDSHAKE_FAILURE")):
+    for tls, alert in (
+        (TlsConfig(good.ca_file, str(rogue / "client.pem"), str(rogue / "client.key")), "UNKNOWN_CA"),
+        (login(d, "dev-old")["tls"], "CERTIFICATE_EXPIRED"),
+        (TlsConfig(good.ca_file), "HANDSHAKE_FAILURE"),
+    ):
         assert alert in handshake_error(tls, d.port)
         refused(Client("intruder", d.port, tls=tls))
     assert log_of(broker).count("certificate verify failed") == 4  # two by handshake, two by the transport
@@ -188,10 +207,12 @@ def test_password_mode_refuses_anonymous_wrong_and_borrowed_logins(password):
     a = login(d, "dev-a")
     cloud = connected(Client(d.cloud_id, d.port, **login(d, d.cloud_id)))
     try:
-        for attempt in ({"tls": a["tls"]},  # anonymous
-                        {**a, "password": a["password"] + "x"},  # wrong password
-                        {**a, "username": d.cloud_id},  # the cloud's user name with a device's password
-                        {**a, "username": "dev-b"}):  # another device's user name
+        for attempt in (
+            {"tls": a["tls"]},  # anonymous
+            {**a, "password": a["password"] + "x"},  # wrong password
+            {**a, "username": d.cloud_id},  # the cloud's user name with a device's password
+            {**a, "username": "dev-b"},
+        ):  # another device's user name
             assert "refused" in refused(Client("dev-a", d.port, **attempt))
         assert cloud.connected and cloud.disconnects == 0
     finally:
@@ -201,14 +222,22 @@ def test_password_mode_refuses_anonymous_wrong_and_borrowed_logins(password):
 
 # ---- the ACL ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["certificate", "password"])
 def test_a_device_can_neither_read_nor_write_another_devices_topics(mode, cert, password):
     d = cert[0] if mode == "certificate" else password[0]
-    cloud = connected(Client(d.cloud_id, d.port, ["ecos/v1/dev/+/out", "ecos/v1/dev/+/status", CLOUD_STATUS],
-                             **login(d, d.cloud_id)))
+    cloud = connected(
+        Client(d.cloud_id, d.port, ["ecos/v1/dev/+/out", "ecos/v1/dev/+/status", CLOUD_STATUS], **login(d, d.cloud_id))
+    )
     b = connected(Client("dev-b", d.port, [inbox("dev-b")], **login(d, "dev-b")))
-    a = connected(Client("dev-a", d.port, [inbox("dev-a"), inbox("dev-b"), outbox("dev-b"), device_status("dev-b"),
-                                           "ecos/v1/#", "#"], **login(d, "dev-a")))
+    a = connected(
+        Client(
+            "dev-a",
+            d.port,
+            [inbox("dev-a"), inbox("dev-b"), outbox("dev-b"), device_status("dev-b"), "ecos/v1/#", "#"],
+            **login(d, "dev-a"),
+        )
+    )
     try:
         time.sleep(0.3)  # subscriptions in place
         cloud.publish(inbox("dev-b"), b"cloud to b")
@@ -223,9 +252,9 @@ def test_a_device_can_neither_read_nor_write_another_devices_topics(mode, cert, 
         time.sleep(0.5)
         assert a.received == [(inbox("dev-a"), b"cloud to a")]  # nothing of B's, nothing under '#'
         assert b.received == [(inbox("dev-b"), b"cloud to b")]  # A's message to B's inbox never came
-        assert sorted(cloud.received) == sorted([(outbox("dev-b"), b"b answers"),
-                                                 (device_status("dev-b"), b"b online"),
-                                                 (outbox("dev-a"), b"a answers")])
+        assert sorted(cloud.received) == sorted(
+            [(outbox("dev-b"), b"b answers"), (device_status("dev-b"), b"b online"), (outbox("dev-a"), b"a answers")]
+        )
     finally:
         for client in (a, b, cloud):
             client.stop()
@@ -238,6 +267,7 @@ def test_a_device_can_neither_read_nor_write_another_devices_topics(mode, cert, 
 
 
 # ---- client ids ---------------------------------------------------------------------------------------
+
 
 def take_ids(d: Deployment, port: int, ids: List[str]) -> Tuple[int, int]:
     """B and the cloud connected; A logs in (its own credentials) with each client id in turn.
@@ -281,6 +311,7 @@ def test_without_use_username_as_clientid_a_device_kicks_another(password, tmp_p
 
 # ---- rotation and revocation ---------------------------------------------------------------------
 
+
 def reload(broker: Broker) -> None:
     """What 'systemctl reload mosquitto' does: SIGHUP, which re-reads the password file, ACL and CRL."""
     os.kill(broker.process.pid, signal.SIGHUP)
@@ -306,12 +337,17 @@ def test_rotated_and_revoked_credentials_are_refused_after_a_reload(mode, cert, 
 
 # ---- a round over TLS -----------------------------------------------------------------------------
 
-TINY_TRAINER = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1},
-                "quant": {"calibration_size": 16}, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}
+TINY_TRAINER = {
+    "teacher": {"width": 4, "epochs": 1},
+    "student": {"width": 4, "epochs": 1},
+    "quant": {"calibration_size": 16},
+    "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0},
+}
 
 
 def test_a_daemon_and_an_agent_complete_a_round_over_tls_with_certificates_from_enroll(
-        cert, tmp_path, pool_index, encoder_path, digits_root):
+    cert, tmp_path, pool_index, encoder_path, digits_root
+):
     from cloud.serve.daemon import build_daemon
     from cloud.serve.store import RoundState
     from cloud.tools.demo import simulated_device_config
@@ -320,9 +356,11 @@ def test_a_daemon_and_an_agent_complete_a_round_over_tls_with_certificates_from_
     d, broker, _ = cert
     _, index_path = pool_index
     cloud_toml = d.bundle(d.cloud_id) / "cloud.toml"  # the bundle's [broker] table, as an operator would use it
-    cloud_toml.write_text((d.bundle(d.cloud_id) / "broker.toml").read_text() + f"""
+    cloud_toml.write_text(
+        (d.bundle(d.cloud_id) / "broker.toml").read_text()
+        + f"""
 [store]
-state_dir = "{tmp_path / 'cloud'}"
+state_dir = "{tmp_path / "cloud"}"
 index = "{index_path}"
 [rounds]
 budget = 40
@@ -331,8 +369,9 @@ collect_seconds = 60
 port = 0
 [trainer]
 threads = 1
-cache_dir = "{tmp_path / 'cache'}"
-""")
+cache_dir = "{tmp_path / "cache"}"
+"""
+    )
     cfg = load_config(str(cloud_toml), env={})
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, options=TINY_TRAINER))
     assert cfg.broker.cert_file == str(d.bundle(d.cloud_id) / "client.pem") and cfg.broker.port == d.port
@@ -341,11 +380,19 @@ cache_dir = "{tmp_path / 'cache'}"
     try:
         assert daemon.transport.wait_connected(10), daemon.transport.last_error
         folder = digits_root / "devices" / "printed"
-        device = simulated_device_config("dev-r", str(tmp_path / "dev-r"), broker, str(daemon.public_key_path),
-                                         str(encoder_path), str(folder / "local"), str(folder / "test"))
+        device = simulated_device_config(
+            "dev-r",
+            str(tmp_path / "dev-r"),
+            broker,
+            str(daemon.public_key_path),
+            str(encoder_path),
+            str(folder / "local"),
+            str(folder / "test"),
+        )
         login(d, "dev-r")  # writes the bundle's device.toml
-        device = dataclasses.replace(device, broker=load_device_config(str(d.bundle("dev-r") / "device.toml"),
-                                                                        env={}).broker)
+        device = dataclasses.replace(
+            device, broker=load_device_config(str(d.bundle("dev-r") / "device.toml"), env={}).broker
+        )
         agent = DeviceAgent(device).start()
         assert agent.wait_connected(10), agent.transport.last_error
         r = daemon.wait_round(daemon.submit_round(["dev-r"]).round_id, 120)

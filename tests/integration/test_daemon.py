@@ -36,8 +36,12 @@ from device_sdk.transport import MqttTransport
 
 pytestmark = [pytest.mark.integration, requires_broker]
 
-TINY_TRAINER = {"teacher": {"width": 4, "epochs": 1}, "student": {"width": 4, "epochs": 1},
-                "quant": {"calibration_size": 32}, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}}
+TINY_TRAINER = {
+    "teacher": {"width": 4, "epochs": 1},
+    "student": {"width": 4, "epochs": 1},
+    "quant": {"calibration_size": 32},
+    "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0},
+}
 BUDGET = 60
 
 
@@ -57,20 +61,31 @@ def teacher_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("teacher-cache")
 
 
-def cloud_config(tmp_path: Path, broker: Broker, index_path: Path, cache: Path, metrics_port: int = 0,
-                 **rounds) -> CloudConfig:
+def cloud_config(
+    tmp_path: Path, broker: Broker, index_path: Path, cache: Path, metrics_port: int = 0, **rounds
+) -> CloudConfig:
     return CloudConfig(
         broker=BrokerConfig(broker.host, broker.port, client_id=unique_id("cloud")),
         store=StoreConfig(state_dir=str(tmp_path / "cloud"), index=str(index_path)),
         rounds=RoundConfig(**{"budget": BUDGET, "collect_seconds": 60.0, **rounds}),
-        metrics=MetricsConfig(port=metrics_port), trainer=TrainerConfig(threads=1, cache_dir=str(cache), options=TINY_TRAINER))
+        metrics=MetricsConfig(port=metrics_port),
+        trainer=TrainerConfig(threads=1, cache_dir=str(cache), options=TINY_TRAINER),
+    )
 
 
-def start_agent(device_id: str, domain: str, tmp_path: Path, broker: Broker, public_key: Path, encoder: Path,
-                digits_root: Path) -> DeviceAgent:
+def start_agent(
+    device_id: str, domain: str, tmp_path: Path, broker: Broker, public_key: Path, encoder: Path, digits_root: Path
+) -> DeviceAgent:
     folder = digits_root / "devices" / domain
-    cfg = simulated_device_config(device_id, str(tmp_path / device_id), broker, str(public_key), str(encoder),
-                                  str(folder / "local"), str(folder / "test"))
+    cfg = simulated_device_config(
+        device_id,
+        str(tmp_path / device_id),
+        broker,
+        str(public_key),
+        str(encoder),
+        str(folder / "local"),
+        str(folder / "test"),
+    )
     agent = DeviceAgent(cfg).start()
     assert agent.wait_connected(10)
     return agent
@@ -91,13 +106,18 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 # ---- a full round --------------------------------------------------------------------------------
 
-def test_a_fleet_round_with_two_devices_installs_one_signed_model_on_both(tmp_path, broker, digits_root, encoder_path,
-                                                                          pool_index, teacher_cache):
+
+def test_a_fleet_round_with_two_devices_installs_one_signed_model_on_both(
+    tmp_path, broker, digits_root, encoder_path, pool_index, teacher_cache
+):
     index, index_path = pool_index
     port = free_port()
     daemon = build_daemon(cloud_config(tmp_path, broker, index_path, teacher_cache, port)).start()
     devices = {unique_id("hand"): "handwritten", unique_id("street"): "street"}
-    agents = [start_agent(d, dom, tmp_path, broker, daemon.public_key_path, encoder_path, digits_root) for d, dom in devices.items()]
+    agents = [
+        start_agent(d, dom, tmp_path, broker, daemon.public_key_path, encoder_path, digits_root)
+        for d, dom in devices.items()
+    ]
     try:
         r = daemon.wait_round(daemon.submit_round(list(devices), fleet=True).round_id, 120)
         assert r.state is RoundState.DONE, r.error
@@ -109,9 +129,15 @@ def test_a_fleet_round_with_two_devices_installs_one_signed_model_on_both(tmp_pa
             delivery = r.result["deliveries"][agent.device_id]
             assert delivery["state"] == "installed" and delivery["n_eval"] == 40 and 0.0 <= delivery["accuracy"] <= 1.0
             assert len(agent.ledger.releases()) == 1  # charged once for the one probe
-            images = load_images([it.path for it in scan_image_folder(digits_root / "devices" / devices[agent.device_id] / "test")[:3]], (32, 32))
+            images = load_images(
+                [it.path for it in scan_image_folder(digits_root / "devices" / devices[agent.device_id] / "test")[:3]],
+                (32, 32),
+            )
             assert len(agent.predict(images)) == 3
-            traffic = {(t.direction, t.msg_type): t for t in daemon.store.traffic(round_id=r.round_id, device_id=agent.device_id)}
+            traffic = {
+                (t.direction, t.msg_type): t
+                for t in daemon.store.traffic(round_id=r.round_id, device_id=agent.device_id)
+            }
             assert traffic[("down", "probe")].messages == 1 and traffic[("up", "scores")].messages == 1
             assert traffic[("down", "artifact_chunk")].bytes > r.result["size"]  # every byte of the model, plus headers
         text = scrape(port)
@@ -126,10 +152,15 @@ def test_a_fleet_round_with_two_devices_installs_one_signed_model_on_both(tmp_pa
 
 # ---- kill -9 and restart ---------------------------------------------------------------------------
 
+
 def _serve(config: Path, log: Path) -> subprocess.Popen:
     out = open(log, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.cli", "serve", "--config", str(config)], stdout=out,
-                            stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cloud.cli", "serve", "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
     out.close()
     return proc
 
@@ -144,7 +175,7 @@ def _write_toml(path: Path, broker: Broker, index_path: Path, cache: Path, state
 [broker]
 host = "{broker.host}"
 port = {broker.port}
-client_id = "{unique_id('cloud')}"
+client_id = "{unique_id("cloud")}"
 [store]
 state_dir = "{state}"
 index = "{index_path}"
@@ -164,15 +195,21 @@ gate = {{ min_agreement = 0.0, max_accuracy_drop = 1.0 }}
 """)
 
 
-def test_kill_9_mid_round_then_restart_completes_and_counts_each_answer_once(tmp_path, broker, digits_root, encoder_path,
-                                                                             pool_index, teacher_cache):
+def test_kill_9_mid_round_then_restart_completes_and_counts_each_answer_once(
+    tmp_path, broker, digits_root, encoder_path, pool_index, teacher_cache
+):
     index, index_path = pool_index
     state, config, log, port = tmp_path / "cloud", tmp_path / "cloud.toml", tmp_path / "daemon.log", free_port()
     _write_toml(config, broker, index_path, teacher_cache, state, port)
     a, b = unique_id("kill-a"), unique_id("kill-b")
     probes = []  # what the cloud sent to device a, seen from the broker
-    spy = MqttTransport(unique_id("spy"), broker.host, broker.port, subscriptions=[inbox(a)],
-                        on_message=lambda topic, payload: probes.append(payload)).start()
+    spy = MqttTransport(
+        unique_id("spy"),
+        broker.host,
+        broker.port,
+        subscriptions=[inbox(a)],
+        on_message=lambda topic, payload: probes.append(payload),
+    ).start()
     proc = _serve(config, log)
     agents = []
     try:
@@ -180,23 +217,40 @@ def test_kill_9_mid_round_then_restart_completes_and_counts_each_answer_once(tmp
         public_key = state / "keys" / PUBLIC_NAME  # written by the daemon on its first start
         assert wait_until(lambda: _up(port), 60), log.read_text()
         agents.append(start_agent(a, "handwritten", tmp_path, broker, public_key, encoder_path, digits_root))
-        submitted = subprocess.run([sys.executable, "-m", "cloud.cli", "round", "--config", str(config), a, b, "--fleet"],
-                                   capture_output=True, text=True, check=True)
+        submitted = subprocess.run(
+            [sys.executable, "-m", "cloud.cli", "round", "--config", str(config), a, b, "--fleet"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         round_id = re.search(r"round (\w+)", submitted.stdout).group(1)
         store = SqliteStore(str(state / "ecos.db"))
         assert wait_until(lambda: len(store.responses(round_id)) == 1, 30), log.read_text()
         spy.publish(inbox(a), probes[0])  # the same probe again: the device replays its answer for free
-        assert wait_until(lambda: metric(scrape(port), "ecos_responses_total", kind="scores", outcome="duplicate") == 1, 20)
+        assert wait_until(
+            lambda: metric(scrape(port), "ecos_responses_total", kind="scores", outcome="duplicate") == 1, 20
+        )
 
         _kill9(proc)  # 1: while collecting (b has not answered: it is not even running)
         assert store.get_round(round_id).state is RoundState.COLLECTING and len(store.responses(round_id)) == 1
         agents.append(start_agent(b, "street", tmp_path, broker, public_key, encoder_path, digits_root))
         proc = _serve(config, log)
-        assert wait_until(lambda: store.get_round(round_id).state is RoundState.TRAINING, 60, interval=0.01), log.read_text()
-        assert wait_until(lambda: (store.get_job(f"{round_id}:train") or None) and store.get_job(f"{round_id}:train").state == "running", 10, 0.01)
+        assert wait_until(lambda: store.get_round(round_id).state is RoundState.TRAINING, 60, interval=0.01), (
+            log.read_text()
+        )
+        assert wait_until(
+            lambda: (
+                (store.get_job(f"{round_id}:train") or None) and store.get_job(f"{round_id}:train").state == "running"
+            ),
+            10,
+            0.01,
+        )
 
         _kill9(proc)  # 2: while training
-        assert store.get_round(round_id).state is RoundState.TRAINING and store.get_job(f"{round_id}:train").state == "running"
+        assert (
+            store.get_round(round_id).state is RoundState.TRAINING
+            and store.get_job(f"{round_id}:train").state == "running"
+        )
         proc = _serve(config, log)
         assert wait_until(lambda: store.get_round(round_id).state.terminal, 120), log.read_text()
 
@@ -208,7 +262,10 @@ def test_kill_9_mid_round_then_restart_completes_and_counts_each_answer_once(tmp
         for agent in agents:
             assert agent.store.current("classifier").sha256 == r.result["sha256"]
         sent = [Probe.from_bytes(p).probe_id for p in probes if decode(p).type == "probe"]
-        assert sent == [round_id, round_id]  # the original and our replay: restarts did not re-probe a device that answered
+        assert sent == [
+            round_id,
+            round_id,
+        ]  # the original and our replay: restarts did not re-probe a device that answered
         assert "round_state" in log.read_text() and "daemon_start" in log.read_text()
         store.close()
     finally:
@@ -229,6 +286,7 @@ def _up(port: int) -> bool:
 
 
 # ---- hostile and broken input ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def daemon(tmp_path, broker, pool_index, teacher_cache):
@@ -252,7 +310,9 @@ def test_malformed_and_oversized_messages_are_rejected_logged_and_the_daemon_goe
         "garbage": b"hello, cloud",
         "truncated": Status(dev, "online").to_bytes()[:-3],
         "unknown type": encode("gossip", {"id": "x1", "device_id": dev}),
-        "bad field": encode("status", {"id": "x2", "device_id": dev, "state": "dancing", "model": None, "encoder": None}),
+        "bad field": encode(
+            "status", {"id": "x2", "device_id": dev, "state": "dancing", "model": None, "encoder": None}
+        ),
         "oversized": b"\0" * (limit + 1),
     }
     raw = _publisher(broker)
@@ -265,28 +325,35 @@ def test_malformed_and_oversized_messages_are_rejected_logged_and_the_daemon_goe
         text = daemon.metrics.render()
         assert metric(text, "ecos_errors_total", reason="malformed") == 4
         assert metric(text, "ecos_errors_total", reason="oversized") == 1
-        rejected = [rec.getMessage() for rec in caplog.records if "message_rejected" in rec.getMessage() and dev in rec.getMessage()]
+        rejected = [
+            rec.getMessage()
+            for rec in caplog.records
+            if "message_rejected" in rec.getMessage() and dev in rec.getMessage()
+        ]
         assert len(rejected) == 5 and any("oversized" in m for m in rejected) and any("gossip" in m for m in rejected)
         assert daemon._thread.is_alive() and daemon.store.get_device(dev).state == "online"
     finally:
         raw.stop()
 
 
-def test_a_device_publishing_on_another_devices_topic_is_ignored(daemon, broker, tmp_path, digits_root, encoder_path,
-                                                                 pool_index, caplog):
+def test_a_device_publishing_on_another_devices_topic_is_ignored(
+    daemon, broker, tmp_path, digits_root, encoder_path, pool_index, caplog
+):
     index, _ = pool_index
     victim, attacker = unique_id("victim"), unique_id("attacker")
     r = daemon.submit_round([victim])
     assert wait_until(lambda: daemon.store.get_round(r.round_id).state is RoundState.COLLECTING, 10)
-    forged = {name: Scores(r.round_id, claimed, index.encoder_sha256, np.full(index.k, 1000.0), 1.0, message_id=name)
-              for name, claimed in (("as-victim", victim), ("as-self", attacker))}
+    forged = {
+        name: Scores(r.round_id, claimed, index.encoder_sha256, np.full(index.k, 1000.0), 1.0, message_id=name)
+        for name, claimed in (("as-victim", victim), ("as-self", attacker))
+    }
     raw = _publisher(broker)
     agent = None
     try:
         with caplog.at_level("WARNING", logger="ecos.daemon"):
             raw.publish(outbox(attacker), forged["as-victim"].to_bytes())  # claims to be the victim, on its own topic
-            raw.publish(outbox(victim), forged["as-self"].to_bytes())      # its own id, on the victim's topic
-            raw.publish(outbox(attacker), forged["as-self"].to_bytes())    # honest id, but the round did not ask it
+            raw.publish(outbox(victim), forged["as-self"].to_bytes())  # its own id, on the victim's topic
+            raw.publish(outbox(attacker), forged["as-self"].to_bytes())  # honest id, but the round did not ask it
             assert wait_until(lambda: len([x for x in caplog.records if "message_rejected" in x.getMessage()]) >= 3, 10)
         assert daemon.store.responses(r.round_id) == []
         agent = start_agent(victim, "printed", tmp_path, broker, daemon.public_key_path, encoder_path, digits_root)

@@ -73,7 +73,8 @@ def publish_all(transport, messages: List[Tuple[str, bytes]]) -> None:
 
 
 def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwards(
-        tmp_path, shared_broker, pool_index, encoder_path, digits_root, teacher_cache):
+    tmp_path, shared_broker, pool_index, encoder_path, digits_root, teacher_cache
+):
     started = time.monotonic()
     broker = shared_broker
     _, index_path = pool_index
@@ -86,8 +87,9 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
     proc = agent = None
     try:
         # the retained killer is waiting on a status topic before the daemon starts (it used to die at every start)
-        raw.publish(retained_topic, raw_envelope(status_header(x=nested(100_000))), qos=1, retain=True) \
-            .wait_for_publish(10)
+        raw.publish(
+            retained_topic, raw_envelope(status_header(x=nested(100_000))), qos=1, retain=True
+        ).wait_for_publish(10)
         proc = _serve(config, log)
         assert wait_until(lambda: _up(port), 60), log.read_text()
         time.sleep(2)  # it used to exit within 1-2 s of the retained message
@@ -97,13 +99,19 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
         killers = [(topic.replace("/pi-1/", f"/{victim}/"), payload) for topic, payload in KILLERS.values()]
         # a few hundred random and mutated payloads on every topic the daemon and the agent subscribe to
         odd_ids = ["a b", "x" * 200, "..", "\u00fc" * 70, "d\u00e9v", "a%2Fb"]
-        to_daemon = killers + [(P.outbox(victim), p) for p in fuzz_payloads(FUZZ_PER_TOPIC, rng)] \
-            + [(P.device_status(victim), p) for p in fuzz_payloads(FUZZ_PER_TOPIC, rng)] \
-            + [(f"ecos/v1/dev/{odd}/out", p) for odd, p in zip(odd_ids, fuzz_payloads(len(odd_ids), rng))] \
-            + [(P.outbox(victim), b"\0" * ((1 << 20) + 1))]  # over max_message_bytes
+        to_daemon = (
+            killers
+            + [(P.outbox(victim), p) for p in fuzz_payloads(FUZZ_PER_TOPIC, rng)]
+            + [(P.device_status(victim), p) for p in fuzz_payloads(FUZZ_PER_TOPIC, rng)]
+            + [(f"ecos/v1/dev/{odd}/out", p) for odd, p in zip(odd_ids, fuzz_payloads(len(odd_ids), rng))]
+            + [(P.outbox(victim), b"\0" * ((1 << 20) + 1))]
+        )  # over max_message_bytes
         publish_all(raw, to_daemon)
-        assert wait_until(lambda: sum(_dropped(scrape(port)).values()) >= len(to_daemon) + 1, 30), \
-            (_dropped(scrape(port)), len(to_daemon), log.read_text()[-3000:])
+        assert wait_until(lambda: sum(_dropped(scrape(port)).values()) >= len(to_daemon) + 1, 30), (
+            _dropped(scrape(port)),
+            len(to_daemon),
+            log.read_text()[-3000:],
+        )
         assert proc.poll() is None, log.read_text()[-3000:]
         dropped = _dropped(scrape(port))
         assert dropped.get("internal_error", 0) == 0 and dropped["malformed"] >= len(killers) + 1
@@ -128,8 +136,9 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
 
         store = SqliteStore(str(state / "ecos.db"))
         r = create_round(store, load_config(str(config)), PoolIndex.load(str(index_path)), [device])
-        assert wait_until(lambda: store.get_round(r.round_id).state.terminal, 120, interval=0.2), \
-            log.read_text()[-3000:]
+        assert wait_until(lambda: store.get_round(r.round_id).state.terminal, 120, interval=0.2), log.read_text()[
+            -3000:
+        ]
         done = store.get_round(r.round_id)
         assert done.state is RoundState.DONE, done.error
         assert agent.store.current("classifier").sha256 == done.result["sha256"]
@@ -137,8 +146,11 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
         text = scrape(port)
         assert metric(text, "ecos_messages_dropped_total", reason="internal_error") == 0
         store.close()
-        print(f"live hostile run: {len(to_daemon) + 1} messages to the daemon, {len(to_agent)} to the agent, "
-              f"dropped {_dropped(text)}, {time.monotonic() - started:.1f}s in all", file=sys.stderr)
+        print(
+            f"live hostile run: {len(to_daemon) + 1} messages to the daemon, {len(to_agent)} to the agent, "
+            f"dropped {_dropped(text)}, {time.monotonic() - started:.1f}s in all",
+            file=sys.stderr,
+        )
 
         proc.send_signal(signal.SIGTERM)  # and it still stops cleanly
         assert proc.wait(30) == 0, log.read_text()[-3000:]
@@ -155,5 +167,7 @@ def test_no_message_kills_the_daemon_or_the_agent_and_a_round_completes_afterwar
 def _dropped(text: str) -> dict:
     import re
 
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r'^ecos_messages_dropped_total\{reason="([^"]*)"\} (\S+)$', text, re.MULTILINE)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^ecos_messages_dropped_total\{reason="([^"]*)"\} (\S+)$', text, re.MULTILINE)
+    }

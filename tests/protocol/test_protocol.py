@@ -20,11 +20,19 @@ from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.round import Probe, Scores
 from device_sdk.signing import load_public_key, verify
 
-META = {"kind": "classifier", "arch": "linear", "input_shape": [3, 8, 8], "mean": [0.5] * 3, "std": [0.25] * 3,
-        "labels": ["a", "b"], "precision": "int8"}
+META = {
+    "kind": "classifier",
+    "arch": "linear",
+    "input_shape": [3, 8, 8],
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "labels": ["a", "b"],
+    "precision": "int8",
+}
 
 
 # ---- topics ------------------------------------------------------------------------------------
+
 
 def test_topics_are_versioned_and_per_device():
     assert P.inbox("pi-1") == "ecos/v1/dev/pi-1/in"
@@ -44,6 +52,7 @@ def test_device_ids_that_could_escape_their_topic_are_refused(bad):
 
 # ---- schemas -----------------------------------------------------------------------------------
 
+
 def _messages():
     return [
         P.Ack("pi-1", "art-1", 3),
@@ -53,7 +62,9 @@ def _messages():
         P.InstallFailed("pi-1", "art-1", "bad_signature", "nope"),
         P.Status("pi-1", "online", {"artifact_id": "art-1", "version": 2}, None),
         P.ArtifactChunk("art-1", 2, b"\x00\x01\xff" * 100),
-        P.ArtifactManifest("art-1", "student", 7, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META, "d" * 128),
+        P.ArtifactManifest(
+            "art-1", "student", 7, "onnx", "int8", 2500, "b" * 64, 1024, ["c" * 64] * 3, META, "d" * 128
+        ),
     ]
 
 
@@ -77,27 +88,31 @@ def test_probe_deadline_is_optional_and_round_trips():
 def _with_fields(msg, **changes) -> bytes:
     """``msg`` re-encoded with raw JSON fields changed (bypassing the outgoing checks)."""
     env = wire.decode(msg.to_bytes())
-    return wire.encode(env.type, {**{k: v for k, v in env.fields.items() if k not in ("type", "version")}, **changes},
-                       env.arrays)
+    return wire.encode(
+        env.type, {**{k: v for k, v in env.fields.items() if k not in ("type", "version")}, **changes}, env.arrays
+    )
 
 
-@pytest.mark.parametrize("payload, why", [
-    (b"garbage", "bad magic"),
-    (P.Ack("pi-1", "art-1", 3).to_bytes()[:-3], "truncated"),
-    (wire.encode("bogus", {"id": "x"}), "type"),
-    (_with_fields(P.Ack("pi-1", "art-1", 3), next_chunk=True), "next_chunk"),
-    (_with_fields(P.Ack("pi-1", "art-1", 3), next_chunk=-1), "negative"),
-    (_with_fields(P.Ack("pi-1", "art-1", 3), artifact_id="../../etc"), "artifact_id"),
-    (_with_fields(P.Installed("pi-1", "a", 1, "a" * 64, 0.5, 1), accuracy=float("nan")), "accuracy"),
-    (_with_fields(P.Installed("pi-1", "a", 1, "a" * 64, 0.5, 1), accuracy=1.5), "accuracy"),
-    (_with_fields(P.Status("pi-1", "online"), state="dancing"), "state"),
-    (_with_fields(P.Status("pi-1", "online"), model={"version": 1}), "model"),
-    (_with_fields(_messages()[-1], chunk_sha256=["c" * 64] * 2), "chunk hashes"),
-    (_with_fields(_messages()[-1], chunk_size=512 << 10), "chunk_size"),
-    (_with_fields(_messages()[-1], meta={"kind": "classifier"}), "metadata"),
-    (_with_fields(_messages()[-1], format="exe"), "format"),
-    (b"\0" * (P.MAX_PAYLOAD_BYTES + 1), "payload limit"),
-])
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        (b"garbage", "bad magic"),
+        (P.Ack("pi-1", "art-1", 3).to_bytes()[:-3], "truncated"),
+        (wire.encode("bogus", {"id": "x"}), "type"),
+        (_with_fields(P.Ack("pi-1", "art-1", 3), next_chunk=True), "next_chunk"),
+        (_with_fields(P.Ack("pi-1", "art-1", 3), next_chunk=-1), "negative"),
+        (_with_fields(P.Ack("pi-1", "art-1", 3), artifact_id="../../etc"), "artifact_id"),
+        (_with_fields(P.Installed("pi-1", "a", 1, "a" * 64, 0.5, 1), accuracy=float("nan")), "accuracy"),
+        (_with_fields(P.Installed("pi-1", "a", 1, "a" * 64, 0.5, 1), accuracy=1.5), "accuracy"),
+        (_with_fields(P.Status("pi-1", "online"), state="dancing"), "state"),
+        (_with_fields(P.Status("pi-1", "online"), model={"version": 1}), "model"),
+        (_with_fields(_messages()[-1], chunk_sha256=["c" * 64] * 2), "chunk hashes"),
+        (_with_fields(_messages()[-1], chunk_size=512 << 10), "chunk_size"),
+        (_with_fields(_messages()[-1], meta={"kind": "classifier"}), "metadata"),
+        (_with_fields(_messages()[-1], format="exe"), "format"),
+        (b"\0" * (P.MAX_PAYLOAD_BYTES + 1), "payload limit"),
+    ],
+)
 def test_malformed_messages_are_message_errors(payload, why):
     with pytest.raises(MessageError, match=why):
         P.decode_message(payload)
@@ -107,8 +122,11 @@ def test_oversized_chunk_is_refused_on_both_ends():
     chunk = P.ArtifactChunk("art-1", 0, b"x" * (P.MAX_CHUNK_SIZE + 1))
     with pytest.raises(MessageError, match="limit"):
         chunk.to_bytes()
-    raw = wire.encode("artifact_chunk", {"artifact_id": "art-1", "index": 0, "id": "i"},
-                      {"data": np.zeros(P.MAX_CHUNK_SIZE + 1, np.uint8)})
+    raw = wire.encode(
+        "artifact_chunk",
+        {"artifact_id": "art-1", "index": 0, "id": "i"},
+        {"data": np.zeros(P.MAX_CHUNK_SIZE + 1, np.uint8)},
+    )
     with pytest.raises(MessageError, match="limit"):
         P.decode_message(raw)
 
@@ -138,6 +156,7 @@ def test_messages_only_travel_in_their_direction_and_on_their_topic():
 
 
 # ---- signing -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
@@ -172,6 +191,7 @@ def test_public_key_as_raw_hex_and_key_files(keys, tmp_path):
 
 
 # ---- delivery state machines, wired back to back -----------------------------------------------
+
 
 class Loopback:
     """Stands in for the broker: collects what the sender publishes."""
@@ -218,8 +238,9 @@ def store_and_receiver(keys, tmp_path):
 
 
 def _deliver(keys, receiver, path, version=1, **kw):
-    manifest = build_manifest(path, keys[0], name="student", version=version, targets=["pi-1"], chunk_size=1024,
-                              meta=META)
+    manifest = build_manifest(
+        path, keys[0], name="student", version=version, targets=["pi-1"], chunk_size=1024, meta=META
+    )
     sender = ArtifactSender(Loopback(), "pi-1", path, manifest, window=3, timeout=5)
     sender.start(now=0)
     return manifest, sender, _run(sender, receiver, **kw)
@@ -287,8 +308,9 @@ def test_whole_file_hash_is_checked_after_the_chunks(keys, tmp_path, store_and_r
 def test_policy_limits(keys, tmp_path, store_and_receiver):
     store, _ = store_and_receiver
     small = DeliveryReceiver(store, load_public_key(keys[1]), "pi-1", max_bytes=2000)
-    manifest = build_manifest(_artifact(tmp_path, size=3000), keys[0], name="s", version=1, targets=["pi-1"],
-                              chunk_size=1024, meta=META)
+    manifest = build_manifest(
+        _artifact(tmp_path, size=3000), keys[0], name="s", version=1, targets=["pi-1"], chunk_size=1024, meta=META
+    )
     assert small.handle(manifest)[0].code == "rejected"
     tflite_only = DeliveryReceiver(store, load_public_key(keys[1]), "pi-1", formats=("tflite",))
     assert "format" in tflite_only.handle(manifest)[0].reason
@@ -300,7 +322,7 @@ def test_device_restart_resumes_from_persisted_chunks(keys, tmp_path, store_and_
     manifest = build_manifest(path, keys[0], name="student", version=1, targets=["pi-1"], chunk_size=1024, meta=META)
     receiver.handle(manifest)
     for i in range(7):
-        receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, path.read_bytes()[i * 1024:(i + 1) * 1024]))
+        receiver.handle(P.ArtifactChunk(manifest.artifact_id, i, path.read_bytes()[i * 1024 : (i + 1) * 1024]))
     fresh = DeliveryReceiver(store, load_public_key(keys[1]), "pi-1")  # a new process, same store
     [ack] = fresh.handle(manifest)
     assert ack.next_chunk == 7
@@ -351,6 +373,7 @@ def test_sender_follows_a_device_that_lost_its_chunks(keys, tmp_path):
 
 # ---- device configuration ----------------------------------------------------------------------
 
+
 def _write_config(tmp_path, keys, extra=""):
     text = f'device_id = "pi-1"\n[models]\ncloud_public_key = "{keys[1]}"\n' + extra
     (tmp_path / "device.toml").write_text(text)
@@ -358,12 +381,19 @@ def _write_config(tmp_path, keys, extra=""):
 
 
 def test_device_config_defaults_paths_and_environment(keys, tmp_path):
-    cfg = load_device_config(_write_config(tmp_path, keys, '[privacy]\nbudget_epsilon = 2\n'),
-                             env={"ECOS_DEVICE_BROKER_PORT": "1884", "ECOS_DEVICE_BROKER_USERNAME": "pi-1",
-                                  "ECOS_DEVICE_BROKER_PASSWORD": "s3cret"})
+    cfg = load_device_config(
+        _write_config(tmp_path, keys, "[privacy]\nbudget_epsilon = 2\n"),
+        env={
+            "ECOS_DEVICE_BROKER_PORT": "1884",
+            "ECOS_DEVICE_BROKER_USERNAME": "pi-1",
+            "ECOS_DEVICE_BROKER_PASSWORD": "s3cret",
+        },
+    )
     assert cfg.device_id == "pi-1" and cfg.broker.port == 1884 and cfg.broker.password == "s3cret"
     assert cfg.privacy.budget_epsilon == 2.0 and cfg.privacy.epsilon == 0.58
-    assert cfg.models.store == str(tmp_path / "state" / "models") and cfg.privacy.ledger == str(tmp_path / "state" / "ledger.json")
+    assert cfg.models.store == str(tmp_path / "state" / "models") and cfg.privacy.ledger == str(
+        tmp_path / "state" / "ledger.json"
+    )
 
 
 def test_the_example_device_config_loads(keys, tmp_path):
@@ -372,15 +402,18 @@ def test_the_example_device_config_loads(keys, tmp_path):
     assert P.is_valid_id(cfg.device_id) and cfg.broker.protocol in ("5", "3.1.1")
 
 
-@pytest.mark.parametrize("extra, env, message", [
-    ("[broker]\nport = 99999\n", {}, "port must be"),
-    ("[broker]\nprotocol = 5\n", {}, "protocol must be str"),
-    ("[broker]\nhots = 'x'\n", {}, "unknown key"),
-    ("[privacy]\nepsilon_per_probe = 0.5\nsigma = 3.0\n", {}, "not both"),
-    ("", {"ECOS_DEVICE_DEVICE_ID": "a/b"}, "device_id"),
-    ("", {"ECOS_DEVICE_MODELS_ALLOW_DOWNGRADE": "maybe"}, "true or false"),
-    ("", {"ECOS_DEVICE_MODELS_CLOUD_PUBLIC_KEY": "/nonexistent.pem"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, env, message",
+    [
+        ("[broker]\nport = 99999\n", {}, "port must be"),
+        ("[broker]\nprotocol = 5\n", {}, "protocol must be str"),
+        ("[broker]\nhots = 'x'\n", {}, "unknown key"),
+        ("[privacy]\nepsilon_per_probe = 0.5\nsigma = 3.0\n", {}, "not both"),
+        ("", {"ECOS_DEVICE_DEVICE_ID": "a/b"}, "device_id"),
+        ("", {"ECOS_DEVICE_MODELS_ALLOW_DOWNGRADE": "maybe"}, "true or false"),
+        ("", {"ECOS_DEVICE_MODELS_CLOUD_PUBLIC_KEY": "/nonexistent.pem"}, "does not exist"),
+    ],
+)
 def test_bad_device_config_says_what_to_fix(keys, tmp_path, extra, env, message):
     with pytest.raises(UsageError, match=message):
         load_device_config(_write_config(tmp_path, keys, extra), env=env)

@@ -14,7 +14,11 @@ from device_sdk.protocol.round import Probe, Scores
 
 
 def _msg() -> bytes:
-    return wire.encode("probe", {"id": "abc", "n": 3}, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int8)})
+    return wire.encode(
+        "probe",
+        {"id": "abc", "n": 3},
+        {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int8)},
+    )
 
 
 def test_round_trip_keeps_fields_and_arrays():
@@ -24,14 +28,17 @@ def test_round_trip_keeps_fields_and_arrays():
     np.testing.assert_array_equal(env.arrays["b"], [1, -2])
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda b: b[:-3], "truncated"),
-    (lambda b: b[:10], "truncated header"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), "checksum"),
-    (lambda b: b"XXXX" + b[4:], "not an ECOS message"),
-    (lambda b: b"", "not an ECOS message"),
-    (lambda b: b[:4] + bytes([9]) + b[5:], "wire format 9"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda b: b[:-3], "truncated"),
+        (lambda b: b[:10], "truncated header"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), "checksum"),
+        (lambda b: b"XXXX" + b[4:], "not an ECOS message"),
+        (lambda b: b"", "not an ECOS message"),
+        (lambda b: b[:4] + bytes([9]) + b[5:], "wire format 9"),
+    ],
+)
 def test_damaged_messages_are_rejected(damage, words):
     with pytest.raises(MessageError, match=words):
         wire.decode(damage(_msg()), "probe")

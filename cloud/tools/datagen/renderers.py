@@ -32,8 +32,14 @@ _GLYPH_HEIGHT = 96
 # --------------------------------------------------------------------------- geometry helpers
 
 
-def _warp_matrix(src_center: Tuple[float, float], dst_center: Tuple[float, float], scale: Tuple[float, float],
-                 angle_deg: float = 0.0, shear: float = 0.0, perspective: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def _warp_matrix(
+    src_center: Tuple[float, float],
+    dst_center: Tuple[float, float],
+    scale: Tuple[float, float],
+    angle_deg: float = 0.0,
+    shear: float = 0.0,
+    perspective: Tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Forward 3x3 homography: scale, shear, rotate and tilt around ``src_center``, land on ``dst_center``."""
     a = np.deg2rad(angle_deg)
     to_origin = np.array([[1, 0, -src_center[0]], [0, 1, -src_center[1]], [0, 0, 1]], dtype=float)
@@ -53,9 +59,15 @@ def _warp(mask: Image.Image, forward: np.ndarray, size: int = CANVAS) -> np.ndar
     return np.asarray(out, dtype=np.float32) / 255.0
 
 
-def _place(glyph: Image.Image, height: float, center: Tuple[float, float],
-           angle: float = 0.0, shear: float = 0.0, aspect: float = 1.0,
-           perspective: Tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def _place(
+    glyph: Image.Image,
+    height: float,
+    center: Tuple[float, float],
+    angle: float = 0.0,
+    shear: float = 0.0,
+    aspect: float = 1.0,
+    perspective: Tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
     """Warp a tight glyph mask so it is ``height`` canvas pixels tall around ``center``."""
     s = height / glyph.height
     src = (glyph.width / 2.0, glyph.height / 2.0)
@@ -180,8 +192,10 @@ def _digits_table() -> np.ndarray:
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("the handwritten and mnistm domains need scikit-learn's bundled digits: "
-                         "pip install scikit-learn (an ecos-fleet dependency)")
+        raise InputError(
+            "the handwritten and mnistm domains need scikit-learn's bundled digits: "
+            "pip install scikit-learn (an ecos-fleet dependency)"
+        )
     csv = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
     if csv.is_file():
         return np.loadtxt(csv, delimiter=",", dtype=np.float32)
@@ -218,8 +232,14 @@ def _handwritten_mask(label: int, rng: np.random.Generator) -> np.ndarray:
     """
     _, by_label = _sklearn_digits()
     glyph = _handwritten_glyph(int(rng.choice(by_label[label])))
-    density = _place(glyph, height=rng.uniform(46, 58), center=_jitter(rng, 4),
-                     angle=rng.uniform(-15, 15), shear=rng.uniform(-0.25, 0.25), aspect=rng.uniform(0.8, 1.15))
+    density = _place(
+        glyph,
+        height=rng.uniform(46, 58),
+        center=_jitter(rng, 4),
+        angle=rng.uniform(-15, 15),
+        shear=rng.uniform(-0.25, 0.25),
+        aspect=rng.uniform(0.8, 1.15),
+    )
     density /= max(float(density.max()), 1e-6)
     threshold, softness = rng.uniform(0.45, 0.7), rng.uniform(0.05, 0.12)
     return np.clip((density - threshold) / softness + 0.5, 0.0, 1.0)
@@ -234,8 +254,13 @@ def _render_printed(label: int, rng: np.random.Generator) -> np.ndarray:
     """Scanned-print-like: dark ink on off-white paper, nearly upright, slightly blurred."""
     paper = rng.uniform(205, 250) + rng.uniform(-8, 8, 3)
     ink = rng.uniform(0, 70) + rng.uniform(-10, 10, 3)
-    mask = _place(_font_glyph(rng, label, _font_paths()), height=rng.uniform(34, 50), center=_jitter(rng, 5),
-                  angle=rng.uniform(-6, 6), aspect=rng.uniform(0.85, 1.15))
+    mask = _place(
+        _font_glyph(rng, label, _font_paths()),
+        height=rng.uniform(34, 50),
+        center=_jitter(rng, 5),
+        angle=rng.uniform(-6, 6),
+        aspect=rng.uniform(0.85, 1.15),
+    )
     page = _blend(np.broadcast_to(paper, (CANVAS, CANVAS, 3)), ink, mask)
     page = page + _noise(rng, rng.uniform(1, 5), (CANVAS, CANVAS, 1))
     return _finish(_blur(page, rng.uniform(0.0, 1.0)))
@@ -305,9 +330,15 @@ def _render_synthetic(label: int, rng: np.random.Generator) -> np.ndarray:
     bg = _vivid(rng, hue)
     back = bg if rng.random() < 0.5 else _gradient(rng, bg, _vivid(rng, hue + rng.uniform(-0.15, 0.15)))
     fonts = _bold_fonts() if rng.random() < 0.6 else _font_paths()
-    mask = _place(_font_glyph(rng, label, fonts), height=rng.uniform(32, 48), center=_jitter(rng, 5),
-                  angle=rng.uniform(-30, 30), shear=rng.uniform(-0.35, 0.35), aspect=rng.uniform(0.8, 1.25),
-                  perspective=tuple(rng.uniform(-0.006, 0.006, 2)))
+    mask = _place(
+        _font_glyph(rng, label, fonts),
+        height=rng.uniform(32, 48),
+        center=_jitter(rng, 5),
+        angle=rng.uniform(-30, 30),
+        shear=rng.uniform(-0.35, 0.35),
+        aspect=rng.uniform(0.8, 1.25),
+        perspective=tuple(rng.uniform(-0.006, 0.006, 2)),
+    )
     fg = _vivid(rng, hue + rng.uniform(0.3, 0.7))
     effect = rng.random()
     if effect < 0.4:
@@ -323,10 +354,26 @@ def _render_synthetic(label: int, rng: np.random.Generator) -> np.ndarray:
 # Segments a-g of a seven-segment display as (x0, y0, x1, y1) in a box 0.56 wide and 1 tall.
 _SEG_W = 0.56
 _SEGMENTS = {
-    "a": (0, 0, 1, 0), "b": (1, 0, 1, 0.5), "c": (1, 0.5, 1, 1), "d": (0, 1, 1, 1),
-    "e": (0, 0.5, 0, 1), "f": (0, 0, 0, 0.5), "g": (0, 0.5, 1, 0.5),
+    "a": (0, 0, 1, 0),
+    "b": (1, 0, 1, 0.5),
+    "c": (1, 0.5, 1, 1),
+    "d": (0, 1, 1, 1),
+    "e": (0, 0.5, 0, 1),
+    "f": (0, 0, 0, 0.5),
+    "g": (0, 0.5, 1, 0.5),
 }
-_LIT = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg", 9: "abcdfg"}
+_LIT = {
+    0: "abcdef",
+    1: "bc",
+    2: "abdeg",
+    3: "abcdg",
+    4: "bcfg",
+    5: "acdfg",
+    6: "acdefg",
+    7: "abc",
+    8: "abcdefg",
+    9: "abcdfg",
+}
 _LCD_COLOURS = ((255, 40, 30), (60, 255, 90), (255, 170, 20), (40, 220, 255))
 
 
@@ -339,8 +386,16 @@ def _segment_polygon(seg: str, thick: float) -> np.ndarray:
     p1 = np.array([h + x1 * inner_w, h + y1 * (1 - thick)])
     u = (p1 - p0) / np.linalg.norm(p1 - p0)
     n = np.array([-u[1], u[0]])
-    return np.array([p0 + u * gap, p0 + u * (gap + h) + n * h, p1 - u * (gap + h) + n * h,
-                     p1 - u * gap, p1 - u * (gap + h) - n * h, p0 + u * (gap + h) - n * h])
+    return np.array(
+        [
+            p0 + u * gap,
+            p0 + u * (gap + h) + n * h,
+            p1 - u * (gap + h) + n * h,
+            p1 - u * gap,
+            p1 - u * (gap + h) - n * h,
+            p0 + u * (gap + h) - n * h,
+        ]
+    )
 
 
 def _segments_mask(segments: str, thick: float, height: float, center: Tuple[float, float], slant: float) -> np.ndarray:
@@ -359,8 +414,9 @@ def _render_lcd(label: int, rng: np.random.Generator) -> np.ndarray:
     """Seven-segment display: glowing lit segments and faint unlit ones on a dark panel."""
     colour = np.array(_LCD_COLOURS[int(rng.integers(len(_LCD_COLOURS)))], dtype=np.float32) * rng.uniform(0.8, 1.0)
     panel = _gradient(rng, rng.uniform(5, 30, 3).astype(np.float32), rng.uniform(5, 40, 3).astype(np.float32))
-    geometry = dict(thick=rng.uniform(0.1, 0.17), height=rng.uniform(40, 52), center=_jitter(rng, 4),
-                    slant=rng.uniform(0.0, 0.2))
+    geometry = dict(
+        thick=rng.uniform(0.1, 0.17), height=rng.uniform(40, 52), center=_jitter(rng, 4), slant=rng.uniform(0.0, 0.2)
+    )
     lit = _segments_mask(_LIT[label], **geometry)
     unlit = _segments_mask("".join(s for s in "abcdefg" if s not in _LIT[label]), **geometry)
     glow = _blur(lit * 255.0, rng.uniform(2, 4)) / 255.0
@@ -370,8 +426,12 @@ def _render_lcd(label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 _RENDERERS = {
-    "handwritten": _render_handwritten, "printed": _render_printed, "street": _render_street,
-    "mnistm": _render_mnistm, "synthetic": _render_synthetic, "lcd": _render_lcd,
+    "handwritten": _render_handwritten,
+    "printed": _render_printed,
+    "street": _render_street,
+    "mnistm": _render_mnistm,
+    "synthetic": _render_synthetic,
+    "lcd": _render_lcd,
 }
 
 
