@@ -7,7 +7,7 @@ normalisation. Every exported artifact records it (``ArtifactMeta.preprocess`` h
 geometry and decoding keys; size, channels, mean and std are the artifact's ``input_shape``,
 ``mean`` and ``std``), and both the cloud's loaders and the device's scoring and prediction
 decode through :meth:`Preprocess.decode` and :meth:`Preprocess.normalize`: the same file gives
-the same tensor on both sides (tests/test_preprocess.py checks it).
+the same tensor on both sides (tests/device/test_preprocess.py checks it).
 
 Policies:
 

@@ -7,10 +7,19 @@ onnxruntime); sizes are small so the whole suite stays fast on a 2-core machine.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+# Tests are laid out like the packages (tests/device, tests/serve, ...) and some share helpers by
+# importing a sibling test module by name (``from test_daemon_rounds import make_daemon``); every
+# test folder is importable, whatever order pytest collects them in.
+_TESTS = Path(__file__).resolve().parent
+for _folder in sorted(p for p in _TESTS.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 SMALL_DOMAINS = ("handwritten", "printed", "street", "lcd")
 

@@ -93,3 +93,20 @@ def test_counting_proxy_counts_each_way():
     finally:
         proxy.close()
         echo.close()
+
+
+def test_wheel_sizes_and_closure(tmp_path):
+    import zipfile
+
+    from benchmarks.vs_fedavg import closure_size, wheel_sizes
+
+    wheel = tmp_path / "x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x/a.bin", b"\0" * 5000)
+        z.writestr("x/b.txt", b"hello")
+    sizes = wheel_sizes(str(wheel))
+    assert sizes == {"wheel_bytes": wheel.stat().st_size, "unpacked_bytes": 5005}
+    assert sizes["wheel_bytes"] < 5005  # compressed
+    numpy_only = closure_size(["numpy"])
+    assert numpy_only["packages"]["numpy"] == numpy_only["bytes"] > 1_000_000  # numpy requires nothing
+    assert closure_size(["no-such-distribution-xyz"])["bytes"] == 0

@@ -23,7 +23,7 @@ from device_sdk.protocol.round import Probe
 from device_sdk.runtime import load_model
 from device_sdk.scoring import check_compatible
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 A, B = "a" * 64, "b" * 64
 
 

@@ -41,7 +41,7 @@ from device_sdk.protocol.round import Probe
 from device_sdk.signing import TrustStore, key_id, load_public_key
 from device_sdk.trust import DeviceTrust
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 META = {
     "kind": "classifier",
     "arch": "linear",

@@ -26,7 +26,7 @@ from PIL import Image
 from device_sdk import DeviceAgent, EventKind, FrameBuffer, load_device_config  # the public API
 from device_sdk.errors import ArtifactError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sdk_reference_is_up_to_date():

@@ -19,7 +19,7 @@ try:  # Python 3.11+
 except ImportError:  # pragma: no cover
     tomllib = None
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "torchvision", "cloud", "models", "scipy", "sklearn", "onnx")
 BLOCKER = """
 import sys, importlib.abc

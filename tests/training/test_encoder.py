@@ -254,9 +254,12 @@ def test_hybrid_encoder_exports_to_one_onnx_the_device_scores_with(digits_root, 
 
     torch.set_num_threads(1)
     data = load_folder(str(digits_root / "pool"))
-    cfg = EncoderConfig(feature_dim=16, pixel_dim=6, pixel_weight=0.4, width=8, epochs=1, batch_size=64, seed=0)
+    # objective contrastive: the domain folders are ignored, as in a pool without them (which gets the branch)
+    cfg = EncoderConfig(
+        feature_dim=16, pixel_dim=6, pixel_weight=0.4, width=8, epochs=1, batch_size=64, seed=0, objective="contrastive"
+    )
     encoder, report = train_encoder(data, cfg)
-    assert isinstance(encoder, HybridEncoder) and encoder.feature_dim == 16
+    assert isinstance(encoder, HybridEncoder) and encoder.feature_dim == 16 and report["pixel_weight"] == 0.4
     path = tmp_path / "hybrid.onnx"
     export_onnx(encoder, encoder_meta(cfg, data, report), str(path), output_name="features")
     model = load_model(str(path))
@@ -274,3 +277,21 @@ def test_hybrid_encoder_exports_to_one_onnx_the_device_scores_with(digits_root, 
     assert scores.scores.shape == (8,) and float(np.sum(scores.scores)) + float(scores.far) == pytest.approx(
         40, abs=0.5
     )
+
+
+def test_a_pool_with_domain_folders_gets_no_pixel_branch(digits_root):
+    """With a domain head the learned features already separate the domains: the branch is left out."""
+    import torch
+
+    from cloud.pool.dataset import load_folder
+    from cloud.training.encoder import EncoderConfig, train_encoder
+    from models.hybrid import HybridEncoder
+
+    torch.set_num_threads(1)
+    data = load_folder(str(digits_root / "pool"))
+    assert len(data.domain_names) > 1
+    cfg = EncoderConfig(feature_dim=16, pixel_weight=0.4, width=8, epochs=1, batch_size=64, seed=0)
+    encoder, report = train_encoder(data, cfg)
+    assert not isinstance(encoder, HybridEncoder) and report["pixel_weight"] == 0.0
+    with torch.no_grad():
+        assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
