@@ -14,23 +14,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from typing import Optional, Sequence
 
-from device_sdk import __version__
-from device_sdk.clikit import add_common, run_cli, setup_logging
-from device_sdk.device import answer_probe, check_probe_conflict
-from device_sdk.fsutil import atomic_write_bytes
-from device_sdk.imagefolder import scan_image_folder
-from device_sdk.labelling_cli import add_command as add_label_vote_command
-from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
-from device_sdk.privacy.ledger import PrivacyLedger
-from device_sdk.protocol import check_probe
-from device_sdk.protocol.envelope import read_file
-from device_sdk.protocol.round import Probe
-from device_sdk.runtime import load_model
-from device_sdk.scoring import check_compatible, encode_items
-from device_sdk.trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe
+# Before numpy loads (the imports below): one BLAS thread unless the environment asks for more. The
+# device's matrix products are tiny (local features x K centroids); OpenBLAS's thread pool made one of
+# them 100x slower on a busy 2-core machine and its spinning threads compete with onnxruntime's
+# (benchmarks/bench_device_speed.py). Same results: OpenBLAS splits rows, not sums, between threads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from device_sdk import __version__  # noqa: E402
+from device_sdk.clikit import add_common, run_cli, setup_logging  # noqa: E402
+from device_sdk.device import answer_probe, check_probe_conflict  # noqa: E402
+from device_sdk.fsutil import atomic_write_bytes  # noqa: E402
+from device_sdk.imagefolder import scan_image_folder  # noqa: E402
+from device_sdk.labelling_cli import add_command as add_label_vote_command  # noqa: E402
+from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON  # noqa: E402
+from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
+from device_sdk.protocol import check_probe  # noqa: E402
+from device_sdk.protocol.envelope import read_file  # noqa: E402
+from device_sdk.protocol.round import Probe  # noqa: E402
+from device_sdk.runtime import load_model  # noqa: E402
+from device_sdk.scoring import check_compatible, encode_items  # noqa: E402
+from device_sdk.trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe  # noqa: E402
 
 LOG = logging.getLogger("ecos.device")
 
@@ -191,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default 256)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images decoded and encoded per batch (default 32: as fast as larger batches, less memory)",
+    )
     p.add_argument(
         "--trusted-key",
         action="append",
