@@ -486,6 +486,8 @@ def cmd_round(args: argparse.Namespace) -> int:
         budget=args.budget,
         method=args.method,
         collect_seconds=args.collect_seconds,
+        task=args.task,
+        labels=[v.strip() for v in args.labels.split(",") if v.strip()] if args.labels else None,
     )
     print(f"round {r.round_id} ({r.kind}: {', '.join(r.devices)}) queued; the daemon picks it up within a second")
     if not args.wait:
@@ -554,6 +556,13 @@ def _add_daemon_commands(sub) -> None:
     p.add_argument("--budget", type=int, help="images to select from the pool")
     p.add_argument("--method", help="ecos | random | kcenter (random and kcenter do not ask the devices)")
     p.add_argument("--collect-seconds", type=float, help="deadline for the devices' answers")
+    p.add_argument(
+        "--task",
+        choices=("compression", "manual"),
+        help="manual: selective manual labelling; the round waits in 'labelling' until 'ecos-cloud round-labels' "
+        "imports the proxy set's labels (needs --labels and a [trainer] named semisup; docs/tasks.md)",
+    )
+    p.add_argument("--labels", help="manual: comma-separated label names the labellers choose from")
     p.add_argument(
         "--wait", type=float, default=0, metavar="SECONDS", help="wait for the round to finish; exit 1 if it fails"
     )

@@ -201,6 +201,27 @@ def cmd_train_semisup(args: argparse.Namespace) -> int:
     return _export_and_print(trained, data.images, evaluation, args.out_dir, export_cfg)
 
 
+def cmd_round_labels(args: argparse.Namespace) -> int:
+    from cloud.labelling.labelstudio import import_labels
+    from cloud.serve.config import load_config
+    from cloud.serve.store import RoundState, open_store
+    from device_sdk.errors import UsageError
+
+    cfg = load_config(args.config)
+    r = open_store(cfg.store).get_round(args.round_id)
+    if r is None:
+        raise UsageError(f"no round {args.round_id!r} in {cfg.store.database}")
+    labelling = r.result.get("labelling")
+    if r.state is not RoundState.LABELLING or not labelling:
+        raise UsageError(f"round {r.round_id} is {r.state.value}, not waiting for labels")
+    s = import_labels(labelling["state"], args.files, labelling["labelled"], partial=args.partial)
+    print(
+        f"round {r.round_id}: {s['labelled']} of {s['total']} images labelled, {s['missing']} missing -> "
+        f"{s['out']}; the daemon trains on it within a second"
+    )
+    return 0
+
+
 def add_commands(sub, add_common) -> None:
     from cloud.cli import _add_export_options
 
@@ -231,6 +252,21 @@ def add_commands(sub, add_common) -> None:
     )
     add_common(p)
     p.set_defaults(func=cmd_export_labels)
+
+    p = sub.add_parser(
+        "round-labels",
+        help="import labels into a daemon round waiting in 'labelling'",
+        description="The labels of FILE(s) (Label Studio JSON/JSON-MIN export or CSV) for the tasks "
+        "the daemon wrote to <state_dir>/rounds/ROUND/labelling/tasks.json; as "
+        "import-labels. Once every image is labelled (or with --partial) the labelled "
+        "selection is written and the daemon moves the round on to training.",
+    )
+    p.add_argument("round_id", metavar="ROUND")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--config", help="cloud.toml (see docs/operations.md; ECOS_CLOUD_* variables override it)")
+    p.add_argument("--partial", action="store_true", help="train with the images still unlabelled as unlabelled data")
+    add_common(p)
+    p.set_defaults(func=cmd_round_labels)
 
     p = sub.add_parser(
         "import-labels",

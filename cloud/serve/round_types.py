@@ -40,6 +40,10 @@ class RoundParams:
     delta: float = 1e-5
     max_samples: int = DEFAULT_MAX_SAMPLES
     probe_resend_seconds: Optional[float] = None  # stored for the record; the daemon's own setting is used
+    # "compression" (train on the selection as it is) or "manual" (selective manual labelling: the round waits in
+    # "labelling" until the proxy set's labels are imported; docs/tasks.md); labels = the names labellers choose from
+    task: str = "compression"
+    labels: Optional[List[str]] = None
 
     @property
     def coverage_quantile(self) -> Optional[float]:
@@ -53,7 +57,10 @@ class RoundParams:
         return cls(**{k: v for k, v in params.items() if k in names})
 
     def to_json(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.task == "compression" and self.labels is None:  # a compression round: the keys of before
+            del out["task"], out["labels"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -100,6 +101,10 @@ def create_round(
         min_responses=min(params.min_responses, len(devices)),  # a fleet default must not doom a small round
         index=index.probe_id,  # the pool index's identity: its centroids are what the devices score
     )
+    if params.task not in ("compression", "manual"):
+        raise UsageError(f"unknown round task {params.task!r}; choose compression or manual")
+    if params.task == "manual" and (not params.labels or len(set(params.labels)) < 2):
+        raise UsageError("a manual-labelling round needs at least two label names (labels=[...])")
     if not 1 <= params.budget <= len(index.paths):
         raise BudgetError(f"budget {params.budget} does not fit the pool of {len(index.paths)} images")
     spec = NewRound(round_id or new_id(), "fleet" if fleet else "device", devices, params.to_json())
@@ -128,6 +133,7 @@ class RoundStages(DeliveryStages):
             RoundState.PROBING: self._stage_probing,
             RoundState.COLLECTING: self._stage_collecting,
             RoundState.SAMPLING: self._stage_sampling,
+            RoundState.LABELLING: self._stage_labelling,
             RoundState.TRAINING: self._stage_training,
             RoundState.SIGNING: self._stage_signing,
             RoundState.DELIVERING: self._stage_delivering,
@@ -309,7 +315,29 @@ class RoundStages(DeliveryStages):
             {s.device_id: s.epsilon for s in answers},
             None if scores is None else scores.sigma,
         )
+        if p.task == "manual":  # selective manual labelling: hand the proxy set to the labellers, then wait
+            from cloud.labelling.labelstudio import export_tasks
+
+            files = export_tasks(str(path), list(p.labels or []), str(self._round_dir(r) / "labelling"))
+            labelling = {
+                "labelling": {
+                    "state": files["labels.state.json"],
+                    "tasks": files["tasks.json"],
+                    "labelled": str(self._round_dir(r) / "labelled.csv"),
+                }
+            }
+            self._transition(r, RoundState.LABELLING, result={**sampled.to_json(), **labelling})
+            return
         self._transition(r, RoundState.TRAINING, result=sampled.to_json())
+
+    def _stage_labelling(self: "Daemon", r: RoundRecord) -> None:
+        """Wait for ``ecos-cloud round-labels`` to write the labelled selection; then train on it.
+
+        Nothing is held in memory: the labels so far are in the round's labels.state.json, so a
+        restarted daemon waits on where it stopped."""
+        labelled = r.result.get("labelling", {}).get("labelled")
+        if labelled and os.path.exists(labelled):
+            self._transition(r, RoundState.TRAINING, result={"selection": labelled})
 
     def _stage_training(self: "Daemon", r: RoundRecord) -> None:
         job_id = f"{r.round_id}:train"

@@ -22,6 +22,7 @@ class RoundState(StrEnum):
     PROBING = "probing"
     COLLECTING = "collecting"
     SAMPLING = "sampling"
+    LABELLING = "labelling"  # selective manual labelling: waiting for the proxy set's labels (docs/tasks.md)
     TRAINING = "training"
     SIGNING = "signing"
     DELIVERING = "delivering"
@@ -38,7 +39,8 @@ class RoundState(StrEnum):
 _NEXT: Dict[RoundState, Tuple[RoundState, ...]] = {
     RoundState.PROBING: (RoundState.COLLECTING,),
     RoundState.COLLECTING: (RoundState.SAMPLING,),
-    RoundState.SAMPLING: (RoundState.TRAINING,),
+    RoundState.SAMPLING: (RoundState.TRAINING, RoundState.LABELLING),
+    RoundState.LABELLING: (RoundState.TRAINING,),
     RoundState.TRAINING: (RoundState.SIGNING,),
     RoundState.SIGNING: (RoundState.DELIVERING,),
     RoundState.DELIVERING: (RoundState.DONE,),
