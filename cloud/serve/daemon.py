@@ -4,9 +4,11 @@
 
 One round (``device``: one device, its own model; ``fleet``: several devices, summed scores,
 one model for all) walks ``probing -> collecting -> sampling -> training -> signing ->
-delivering -> done`` (or ``failed``). Every transition is one compare-and-set in the store
-(cloud/serve/store/), made only after the stage's outputs are safely written, and every stage can
-run again after a crash without effect beyond its first run (the stages: cloud/serve/rounds.py).
+delivering -> done`` (or ``failed``); a manual-labelling round waits in ``labelling`` between
+sampling and training until ``ecos-cloud round-labels`` imports its labels (docs/tasks.md). Every
+transition is one compare-and-set in the store (cloud/serve/store/), made only after the stage's
+outputs are safely written, and every stage can run again after a crash without effect beyond its
+first run (the stages: cloud/serve/rounds.py).
 
 Messages are decoded and checked on the MQTT thread's behalf by one loop thread (the network
 thread only queues them), so state changes happen in one place, in order. Malformed, oversized,
