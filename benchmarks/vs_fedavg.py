@@ -32,10 +32,24 @@ torch model (``forward_macs``), a training step taken as 3 forward passes (forwa
 Install size: the installed files of the device's dependency closure in this venv (device-only
 ``ecos-fleet-device[onnx]`` against ``flwr`` + ``torch`` + numpy + Pillow).
 
-    python benchmarks/vs_fedavg.py --workdir runs/vs-fedavg-gen --source generated --seeds 0
-    python benchmarks/vs_fedavg.py --report benchmarks/results/vs_fedavg_generated.json   # table + plot again
+    pip install -e '.[fedavg]'           # flwr 1.42, benchmark-only
+    python benchmarks/vs_fedavg.py --workdir runs/vs-fedavg-gen --source generated --seeds 0 --dp
 
-Writes benchmarks/results/vs_fedavg_<source>.json, docs/results/vs_fedavg.md and .png.
+The work folder holds ``data/`` (generated if absent, as eval_pools does) and ``encoder/``
+(``encoder.onnx``, ``pool.index.npz``, ``train.json``: trained on the unlabelled pool if absent,
+else used as found, e.g. copied from an eval_pools/eval_tasks work folder on the same data).
+``--client-python`` runs the FedAvg clients and the local-only trainers in another venv (e.g. one
+with flwr and a CPU-only torch, as a device would have: its RSS and install size are then those
+reported). On few cores the methods can run as parallel parts and be merged::
+
+    python benchmarks/vs_fedavg.py --workdir W --methods ecos --domains a b --out W/part1.json
+    python benchmarks/vs_fedavg.py --workdir W --methods fedavg --out W/part2.json    # ... one per part
+    python benchmarks/vs_fedavg.py --merge W/part*.json --source generated   # -> results/vs_fedavg_generated.json
+    python benchmarks/vs_fedavg.py --report benchmarks/results/vs_fedavg_generated.json \
+        benchmarks/results/vs_fedavg_real.json                               # table + plot again
+
+Writes benchmarks/results/vs_fedavg_<source>.json, docs/results/vs_fedavg.md and .png (one
+section and one row of plots per benchmark JSON found).
 """
 
 from __future__ import annotations
@@ -133,7 +147,21 @@ def wheel_sizes(path: str) -> Dict:
     import zipfile
 
     with zipfile.ZipFile(path) as z:
-        return {"wheel_bytes": os.path.getsize(path), "unpacked_bytes": sum(i.file_size for i in z.infolist())}
+        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+        requires = (
+            []
+            if meta is None
+            else [
+                line.split(":", 1)[1].strip()
+                for line in z.read(meta).decode(errors="replace").splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line
+            ]
+        )
+        return {
+            "wheel_bytes": os.path.getsize(path),
+            "unpacked_bytes": sum(i.file_size for i in z.infolist()),
+            "cuda_requirements": [r for r in requires if "cuda" in r.lower() or "nvidia" in r.lower()],
+        }
 
 
 def localdp_sigma(sensitivity: float, epsilon: float, delta: float = DELTA) -> float:
@@ -925,6 +953,13 @@ def run(args) -> Dict:
     return result
 
 
+def client_versions(python: str) -> Dict[str, str]:
+    """The versions of torch and flwr in another venv."""
+    code = "import json, torch, flwr; print(json.dumps({'torch': torch.__version__, 'flwr': flwr.__version__}))"
+    text = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(text.strip().splitlines()[-1])
+
+
 def install_sizes(client_python: Optional[str] = None) -> Dict:
     """Installed sizes of the dependency closures (this venv, this platform; the client venv's if given)."""
     out = {}
@@ -947,6 +982,7 @@ def install_sizes(client_python: Optional[str] = None) -> Dict:
         sizes = json.loads(text.strip().splitlines()[-1])
         out["client_venv"] = {k: v["bytes"] for k, v in sizes.items()}
         out["client_python"] = client_python
+        out["client_versions"] = client_versions(client_python)
     device = closure_size(["numpy", "pillow", "paho-mqtt", "cryptography", "onnxruntime"])
     out["device_onnx"] = device
     torch_cl = closure_size(["torch"])
@@ -990,10 +1026,11 @@ def per_device_table(result: Dict) -> List[Dict]:
     seeds = list(result["seeds"].values())
     inst = result.get("install", {})
     for method in ("ecos", "fedavg", "fedavg-dp", "local-only", "upload"):
-        if not all(method in s for s in seeds) or not seeds:
+        with_method = [s for s in seeds if method in s]  # a method may have run for fewer seeds (fedavg-dp)
+        if not with_method:
             continue
         for d in result["domains"]:
-            vals = [s[method]["devices"][d] for s in seeds]
+            vals = [s[method]["devices"][d] for s in with_method]
 
             def m(key, vals=vals):
                 xs = [v[key] for v in vals if v.get(key) is not None]
@@ -1013,7 +1050,7 @@ def per_device_table(result: Dict) -> List[Dict]:
                     install=inst.get("device_onnx", {}).get("bytes"),
                 )
             elif method in ("fedavg", "fedavg-dp"):
-                fed = [s[method] for s in seeds]
+                fed = [s[method] for s in with_method]
                 acc = [best_accuracy(f, d) for f in fed]
                 priv = (
                     "none (raw updates)" if method == "fedavg" else f"ε={fed[0]['dp']['epsilon_total']:.2f} (local DP)"
@@ -1059,9 +1096,11 @@ def per_device_table(result: Dict) -> List[Dict]:
                     install=None,
                 )
             row.update(
+                seeds=len(with_method),
                 method=method,
                 domain=d,
                 accuracy=float(np.mean(acc)),
+                accs=[float(a) for a in acc],
                 accuracy_std=float(np.std(acc)) if len(acc) > 1 else None,
             )
             rows.append(row)
@@ -1098,6 +1137,22 @@ def _n(x, fmt: str, unit: str = "") -> str:
     return "–" if x is None else f"{x:{fmt}}{unit}"
 
 
+def _command(command: str) -> str:
+    parts = command.split(" + ")
+    if len(parts) == 1:
+        return f"Command: `python benchmarks/vs_fedavg.py {command}`."
+    return (
+        f"Run as {len(parts)} parallel parts merged with `--merge` (differing in `--seeds`, `--methods`, `--domains`, "
+        f"`--patience`, `--dp`; every command is in the JSON's `command`), the first: "
+        f"`python benchmarks/vs_fedavg.py {parts[0]}`."
+    )
+
+
+def _versions(inst: Dict) -> str:
+    v = inst.get("client_versions")
+    return f"torch {v['torch']}, flwr {v['flwr']}" if v else f"`{inst['client_python']}`"
+
+
 def _cpu(r: Dict) -> str:
     """Process CPU seconds, and in brackets those of the work itself (training, evaluation) where measured."""
     if r.get("cpu_work") is None:
@@ -1121,8 +1176,9 @@ def markdown(result: Dict) -> str:
         "",
         f"Machine: {result['machine']['platform']}, {result['machine']['cpus']} CPUs shared with other jobs "
         f"(load average {result['machine'].get('load', '?')} at the start: wall times are inflated, CPU seconds "
-        f"much less). Command: `python benchmarks/vs_fedavg.py {result['command']}`. "
-        f"Total wall time {result['seconds'] / 60:.0f} min. Seeds: {', '.join(seeds)}.",
+        f"much less). {_command(result['command'])} "
+        f"{'Longest part' if ' + ' in result['command'] else 'Total'} wall time {result['seconds'] / 60:.0f} min. "
+        f"Seeds: {', '.join(seeds)}.",
         "",
         f"Devices = the {len(result['domains'])} device domains ({', '.join(result['domains'])}), each with its "
         f"own local labelled images ({cfg.get('local_images', '?')}) and test images. Student: the benchmarks' small "
@@ -1135,6 +1191,16 @@ def markdown(result: Dict) -> str:
         f"{cfg['min_delta']} in mean test accuracy; its accuracy is the global model of the best round (chosen on "
         "the test images: favours FedAvg). Local-only and upload: the same student, "
         f"{cfg['epochs']} epochs, on the device's own images / on all devices' images pooled.",
+        "",
+        "Accuracy ± is the standard deviation over seeds (per device; in the mean table, of the mean over devices). "
+        "Bytes: ECOS up = the scores message, down = the probe "
+        "plus the int8 ONNX student (delivery's chunking adds a few percent, docs/results/ota.md); FedAvg = "
+        "bytes on the wire; upload up = the device's image files. Device CPU s = the device process's user + "
+        "system seconds, with interpreter and import start-up (in brackets: training and evaluation alone); "
+        "ECOS's is the `ecos-device score` process. MACs: ECOS = one encoder pass per local image; training = "
+        "3 forward passes per sample and epoch; running the delivered model afterwards is the same for every "
+        "method and not counted. Wall s: ECOS = the score process; FedAvg = the whole federation (all devices "
+        "at once); local-only = the training process.",
         "",
         "| method | device | accuracy | bytes up | bytes down | device CPU s | device MACs | peak RSS | rounds | "
         "wall s | privacy | install |",
@@ -1151,8 +1217,8 @@ def markdown(result: Dict) -> str:
         "",
         "Mean over devices:",
         "",
-        "| method | accuracy | bytes up | bytes down | device CPU s | device MACs | peak RSS | rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | accuracy | bytes up | bytes down | device CPU s | device MACs | peak RSS | rounds | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
@@ -1161,10 +1227,12 @@ def markdown(result: Dict) -> str:
             xs = [r[k] for r in rs if r[k] is not None]
             return float(np.mean(xs)) if xs else None
 
+        per_seed = np.mean(np.array([r["accs"] for r in rs]), axis=0)  # device mean per seed
+        spread = f" ± {np.std(per_seed):.3f}" if len(per_seed) > 1 else ""
         lines.append(
-            f"| {method} | {mean('accuracy'):.3f} | {_b(mean('up'))} | {_b(mean('down'))} | "
+            f"| {method} | {mean('accuracy'):.3f}{spread} | {_b(mean('up'))} | {_b(mean('down'))} | "
             f"{_n(mean('cpu'), '.1f')} | {_macs(mean('macs'))} | {_n(mean('rss'), '.0f', ' MB')} | "
-            f"{mean('rounds'):.0f} |"
+            f"{mean('rounds'):.0f} | {rs[0]['seeds']} |"
         )
     fed = [r for r in rows if r["method"] == "fedavg"]
     if fed:
@@ -1185,14 +1253,22 @@ def markdown(result: Dict) -> str:
             v = inst["client_venv"]
             text += (
                 f"The FedAvg client and local-only processes ran in a venv with a CPU-only torch "
-                f"(`{inst['client_python']}`): `flwr, torch, numpy, pillow` {_b(v['flwr,torch,numpy,pillow'])} "
+                f"({_versions(inst)}): `flwr, torch, numpy, pillow` {_b(v['flwr,torch,numpy,pillow'])} "
                 f"(FedAvg), `torch, numpy, pillow` {_b(v['torch,numpy,pillow'])} (local-only), of which `flwr` "
-                f"{_b(v['flwr'])} and `torch` {_b(v['torch'])}. "
+                f"{_b(v['flwr'])} and `torch` {_b(v['torch'])} (made with `python3 -m venv V; V/bin/pip install "
+                "torch-<version>+cpu-<...>.whl 'flwr==1.42.*' pillow`). "
             )
         cuda = inst["fedavg_client"]["bytes"]
         text += f"With this venv's CUDA build of torch the FedAvg client's closure is {_b(cuda)}. "
         for name, w in inst.get("wheels", {}).items():
-            text += f"Wheel `{name}`: {_b(w['wheel_bytes'])} to download, {_b(w['unpacked_bytes'])} unpacked. "
+            text += f"Wheel `{name}`: {_b(w['wheel_bytes'])} to download, {_b(w['unpacked_bytes'])} unpacked"
+            cuda = w.get("cuda_requirements")
+            text += (
+                f"; on Linux it also requires {len(cuda)} CUDA packages ({', '.join(c.split(';')[0] for c in cuda)}), "
+                "not counted; a CPU-only build would come from PyTorch's own index (not measured here). "
+                if cuda
+                else ". "
+            )
         lines += ["", text.strip()]
     dp = [s["fedavg-dp"]["dp"] for s in result["seeds"].values() if "fedavg-dp" in s]
     if dp:
@@ -1201,7 +1277,11 @@ def markdown(result: Dict) -> str:
             "",
             f"FedAvg with DP: Flower's LocalDpMod mechanism (clip the update to L2 norm {d['clip']}, add "
             f"Gaussian noise σ = {d['sigma']:.1f} per value) at ε = {d['epsilon_round']:.3f}, δ = 1e-5 per "
-            f"round for {d['rounds']} fixed rounds: ε = {d['epsilon_total']} in total by basic composition.",
+            f"round for {d['rounds']} fixed rounds: ε = {d['epsilon_total']} in total by basic composition. "
+            f"The noise's L2 norm is about {d['sigma'] * math.sqrt(result['student_values']) / d['clip']:.0f} times "
+            "the clipped update's (√6 less after averaging six devices): the model does not learn. Flower's central "
+            "DP (noise added by the server) would hide the updates from other parties but not from the server, "
+            "so it does not match ECOS's local guarantee.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -1228,6 +1308,12 @@ def merge(paths: List[str]) -> Dict:
             result["student_bytes"] = part["student_bytes"]
         if part["config"].get("local_images"):
             result["config"]["local_images"] = part["config"]["local_images"]
+        if "fedavg" in part["config"]["methods"]:  # the settings of the part that ran it
+            result["config"].update(
+                {k: part["config"][k] for k in ("patience", "max_rounds", "min_delta", "local_epochs")}
+            )
+        if part["config"]["dp"]:
+            result["config"].update({k: part["config"][k] for k in ("dp_rounds", "clip")})
     result["domains"] = sorted({d for part in parts for d in part["domains"]})
     result["seconds"] = max(part["seconds"] for part in parts)
     result["command"] = " + ".join(part["command"] for part in parts)
@@ -1253,7 +1339,9 @@ def plot(results: List[Dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(len(results), 3, figsize=(15, 4.4 * len(results)), squeeze=False)
+    fig, grid = plt.subplots(
+        len(results), 4, figsize=(19, 4.4 * len(results)), squeeze=False, gridspec_kw={"width_ratios": [1.6, 1, 1, 1.2]}
+    )
     for axes, result in zip(grid, results):
         _plot_row(axes, result)
     fig.tight_layout()
@@ -1263,34 +1351,47 @@ def plot(results: List[Dict], path: str) -> None:
 def _plot_row(axes, result: Dict) -> None:
     rows = per_device_table(result)
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
     domains = result["domains"]
+    source = result["config"]["source"]
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
         accs = [next(r["accuracy"] for r in rows if r["method"] == m and r["domain"] == d) for d in domains]
-        axes[0].bar(np.arange(len(domains)) + j * width, accs, width, label=m)
+        axes[0].bar(np.arange(len(domains)) + j * width, accs, width, label=m, color=colour[m])
     axes[0].set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains, rotation=30, ha="right")
-    axes[0].set_ylim(0, 1)
-    axes[0].set_title(f"{result['config']['source']}: accuracy on the device's test images")
-    axes[0].legend(fontsize=7)
-    for ax, key, title in ((axes[1], "bytes", "device bytes (up + down), log"), (axes[2], "cpu", "device CPU s, log")):
-        vals = []
-        for m in methods:
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title(f"{source}: accuracy on each device's test images")
+    axes[0].legend(fontsize=7, loc="lower left")
+    for ax, key, title in ((axes[1], "bytes", "device bytes, up + down (log)"), (axes[2], "cpu", "device CPU s (log)")):
+        for i, m in enumerate(methods):
             rs = [r for r in rows if r["method"] == m]
             if key == "bytes":
-                vals.append(np.mean([(r["up"] or 0) + (r["down"] or 0) for r in rs]))
+                v = float(np.mean([(r["up"] or 0) + (r["down"] or 0) for r in rs]))
+                label = _b(v)
             else:
                 xs = [r["cpu"] for r in rs if r["cpu"] is not None]
-                vals.append(np.mean(xs) if xs else 0)
-        ax.bar(methods, vals, color=[f"C{i}" for i in range(len(methods))])
+                v = float(np.mean(xs)) if xs else 0.0
+                label = f"{v:.1f}" if xs else "not measured"
+            if m == "local-only" and key == "bytes":
+                label = "0"
+            ax.bar(i, v if v > 0 else np.nan, color=colour[m])
+            ax.annotate(label, (i, v if v > 0 else 1), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.set_yscale("log")
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
-    fed = [s["fedavg"] for s in result["seeds"].values() if "fedavg" in s]
-    if fed:
-        ax = axes[0].inset_axes([0.62, 0.08, 0.35, 0.3])
-        ax.plot([r["round"] for r in fed[0]["server"]["rounds"]], [r["mean"] for r in fed[0]["server"]["rounds"]], "C1")
-        ax.set_title("FedAvg mean acc / round", fontsize=6)
-        ax.tick_params(labelsize=6)
+    ax = axes[3]
+    for s in result["seeds"].values():
+        if "fedavg" in s:
+            rounds = s["fedavg"]["server"]["rounds"]
+            ax.plot([r["round"] for r in rounds], [r["mean"] for r in rounds], color=colour["fedavg"], lw=1)
+    for m in methods:
+        if m not in ("fedavg", "fedavg-dp"):
+            mean = float(np.mean([r["accuracy"] for r in rows if r["method"] == m]))
+            ax.axhline(mean, color=colour[m], ls="--", lw=1, label=f"{m} {mean:.3f}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("FedAvg round")
+    ax.set_title("mean accuracy: FedAvg per round (solid)")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 # ---------------------------------------------------------------- CLI

@@ -104,9 +104,15 @@ def test_wheel_sizes_and_closure(tmp_path):
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("x/a.bin", b"\0" * 5000)
         z.writestr("x/b.txt", b"hello")
+        meta = b"Name: x\nRequires-Dist: numpy\nRequires-Dist: nvidia-cudnn-cu13==9; platform_system == 'Linux'\n"
+        z.writestr("x-1.0.dist-info/METADATA", meta)
     sizes = wheel_sizes(str(wheel))
-    assert sizes == {"wheel_bytes": wheel.stat().st_size, "unpacked_bytes": 5005}
-    assert sizes["wheel_bytes"] < 5005  # compressed
+    assert sizes == {
+        "wheel_bytes": wheel.stat().st_size,
+        "unpacked_bytes": 5005 + len(meta),
+        "cuda_requirements": ["nvidia-cudnn-cu13==9; platform_system == 'Linux'"],
+    }
+    assert sizes["wheel_bytes"] < sizes["unpacked_bytes"]  # compressed
     numpy_only = closure_size(["numpy"])
     assert numpy_only["packages"]["numpy"] == numpy_only["bytes"] > 1_000_000  # numpy requires nothing
     assert closure_size(["no-such-distribution-xyz"])["bytes"] == 0
