@@ -1,0 +1,77 @@
+"""Helpers every ``ecos-cloud`` command group shares: threads, reading a pool at an input size."""
+
+from __future__ import annotations
+
+import argparse
+
+from cloud.log import LOG
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+STREAM_ABOVE_MB = 512  # --stream auto: decode into memory up to this many MB of pixels, else stream from disk
+
+
+def _pool_data(args: argparse.Namespace):
+    """The pool of ``args.pool`` (folder or manifest) at ``--input-size``: decoded in memory or streamed."""
+    from cloud.pool.dataset import decoded_bytes, default_preprocess, load_image_set, pool_set
+    from cloud.pool.manifest import scan_pool
+
+    items = scan_pool(args.pool)
+    spec = default_preprocess((args.input_size, args.input_size), args.channels, resize=args.resize)
+    size_mb = decoded_bytes(len(items), spec) / 2**20
+    if args.stream == "on" or (args.stream == "auto" and size_mb > STREAM_ABOVE_MB):
+        LOG.info(
+            "streaming %d images from disk at %dx%d (%.0f MB decoded would not be held)",
+            len(items),
+            args.input_size,
+            args.input_size,
+            size_mb,
+        )
+        return pool_set(items, spec)
+    return load_image_set(items, preprocess=spec, workers=args.workers)
+
+
+def _sample_images(data, n: int, seed: int):
+    """Up to ``n`` decoded pool images drawn at random (from memory, or decoded from disk when streaming)."""
+    import numpy as np
+
+    from cloud.pool.dataset import ImageSet, decode_batches
+
+    if isinstance(data, ImageSet):
+        return data.images
+    pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    parts = [images[ok] for _, images, ok in decode_batches(data.preprocess, [data.items[i].path for i in pick], 256)]
+    return np.concatenate(parts)
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=32,
+        metavar="PIXELS",
+        help="model input height and width (default 32; 32 to 224, a multiple of 32 for conv_encoder); "
+        "recorded in the artifact, the device decodes to it",
+    )
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="3 = RGB (default), 1 = greyscale")
+    p.add_argument(
+        "--resize",
+        choices=("center-crop", "stretch"),
+        default="center-crop",
+        help="how a picture of another shape is fitted: scale the shorter side and cut the centre "
+        "(default), or stretch to the square (device_sdk/preprocess.py)",
+    )
+    p.add_argument(
+        "--stream",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"stream images from disk each epoch instead of decoding the pool into memory (auto: when "
+        f"the decoded pool would exceed {STREAM_ABOVE_MB} MB)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
