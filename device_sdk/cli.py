@@ -171,7 +171,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecos-device",
-        description="ECOS device side: answer cloud probes privately (offline or over MQTT), keep the privacy ledger, run delivered models.",
+        description=(
+            "ECOS device side: answer cloud probes privately (offline or over MQTT), keep the privacy ledger, "
+            "run delivered models."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -319,7 +322,8 @@ def _add_predict_command(sub) -> None:
         "--runtime",
         choices=RUNTIMES,
         default="auto",
-        help="inference runtime (default auto: onnxruntime for .onnx; ai-edge-litert, else tflite-runtime, for .tflite)",
+        help="inference runtime (default auto: onnxruntime for .onnx; ai-edge-litert, else tflite-runtime, "
+        "for .tflite)",
     )
     p.add_argument(
         "--strict", action="store_true", help="refuse images whose size is not the model's input size (default: resize)"

@@ -231,4 +231,8 @@ def test_device_sdk_does_not_import_the_cloud():
         "import sys, device_sdk.config, device_sdk.transport, device_sdk.agent; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch')]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
