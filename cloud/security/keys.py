@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from device_sdk.errors import UsageError
 from device_sdk.fsutil import PathLike, atomic_write_bytes, atomic_write_text
+from device_sdk.protocol import MAX_TRUST_KEYS, KeyUpdate
 from device_sdk.protocol.envelope import parse_json
-from device_sdk.protocol.messages import MAX_TRUST_KEYS, KeyUpdate
 from device_sdk.signing import is_key_id, key_id, public_raw
 
 PRIVATE_NAME = "cloud_ed25519.pem"

@@ -41,7 +41,7 @@ from cloud.training.trainers import Trainer
 from device_sdk.config import broker_password, broker_tls
 from device_sdk.errors import EcosError, MessageError, MismatchError
 from device_sdk.logsafe import clean
-from device_sdk.protocol.messages import (
+from device_sdk.protocol import (
     CLOUD_STATUS,
     CLOUD_SUBSCRIPTIONS,
     Ack,

@@ -59,7 +59,7 @@ from cloud.serve.store import (
     Store,
 )
 from device_sdk.errors import UsageError
-from device_sdk.protocol.messages import Refusal, check_device_id, inbox
+from device_sdk.protocol import Refusal, check_device_id, inbox
 from device_sdk.protocol.round import Probe, Scores, new_id
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from cloud.serve.eventlog import log_event
 from cloud.serve.round_types import DeliverResult, SignResult, TrainOutcome
 from cloud.serve.store import ArtifactRecord, DeliveryRecord, DeliveryState, RoundRecord, RoundState
 from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.protocol import ArtifactManifest
 from device_sdk.protocol.envelope import decode
-from device_sdk.protocol.messages import ArtifactManifest
 
 if TYPE_CHECKING:
     from cloud.serve.daemon import Daemon

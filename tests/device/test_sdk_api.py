@@ -128,7 +128,7 @@ def _config(tmp_path: Path, device_id: str, broker, encoder_path, public_hex: st
 def test_agent_through_the_public_api(shared_broker, tmp_path, encoder_path, pool_index, digits_root, classifier):  # noqa: F811
     from cloud.security.keys import SigningKey
     from cloud.serve.delivery import ArtifactSender, build_manifest
-    from device_sdk.protocol.messages import Ack, Installed, inbox
+    from device_sdk.protocol import Ack, Installed, inbox
     from device_sdk.protocol.round import Scores
 
     key = SigningKey(Ed25519PrivateKey.generate())

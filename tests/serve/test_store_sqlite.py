@@ -31,7 +31,7 @@ from cloud.errors import StoreError, StoreUnavailable
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon
 from cloud.serve.store import DeliveryState, NewRound, ResponseRecord, RoundState, SqliteStore
-from device_sdk.protocol.messages import inbox, outbox
+from device_sdk.protocol import inbox, outbox
 from device_sdk.protocol.round import Scores
 
 # ---- durability ---------------------------------------------------------------------------------
