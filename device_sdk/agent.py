@@ -25,6 +25,9 @@ MQTT network thread only queues payloads, so a long encoding never stalls keepal
   evaluated on the labelled ``[data] eval`` folder, if any, and the ``installed`` reply carries
   the accuracy; the retained status is republished with what now runs;
 * anything malformed, oversized or not for this device is logged and dropped.
+
+Over 400 lines on purpose: a long module docstring (the threading model an app must know) and
+the agent's handlers, which share its locks and worker thread.
 """
 
 from __future__ import annotations

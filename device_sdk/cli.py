@@ -7,6 +7,9 @@
     ecos-device run --config device.toml
     ecos-device doctor|status|models --config device.toml [--rollback classifier]
     ecos-device predict student.int8.tflite (IMAGE... | --folder DIR) [--runtime auto|onnxruntime|litert|tflite-runtime]
+
+Over 400 lines on purpose: the argument definitions of every ``ecos-device`` command, whose
+help texts are most of it; the work is done in the modules each command calls.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Import (``import_labels``) reads Label Studio's JSON export (full: ``annotations
 Several annotations of one task: the latest one that was not cancelled counts (by ``updated_at``,
 then ``created_at``, then position). A label imported again for an image replaces the earlier one
 and the change is counted in the state's import log.
+
+Over 400 lines on purpose: every format of the Label Studio hand-off (tasks JSON, JSON-MIN,
+CSV) and its resume state, so that export and import are checked against one definition.
 """
 
 from __future__ import annotations

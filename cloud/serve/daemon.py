@@ -13,6 +13,9 @@ first run (the stages: cloud/serve/rounds.py).
 Messages are decoded and checked on the MQTT thread's behalf by one loop thread (the network
 thread only queues them), so state changes happen in one place, in order. Malformed, oversized,
 misaddressed and late messages are logged and dropped; nothing a device sends can stop the loop.
+
+Over 400 lines on purpose: the daemon's loop and its handling of every device message, which
+share the daemon's locks and queues; the stages live in rounds.py and rounds_delivery.py.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ of an epoch on a CPU (the teacher never runs inside the training loop).
 Checkpoints are safetensors (tensors and a JSON string, nothing executable); the JSON carries
 the architecture, its arguments, the input normalisation and the label names, so a checkpoint
 alone rebuilds the model.
+
+Over 400 lines on purpose: teacher training, distillation and checkpoints share one training
+loop, one augmentation and one checkpoint format.
 """
 
 from __future__ import annotations

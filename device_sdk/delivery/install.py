@@ -21,6 +21,9 @@ then its version (above ``max_version``: ``stale_version``), every chunk against
 sha256, the reassembled file against the signed size and sha256, and the signature once more
 right before installing (a key revoked meanwhile). Chunks are persisted as they arrive, so a
 device that restarts resumes from the first chunk it lacks.
+
+Over 400 lines on purpose: the receiver and the model store share one on-disk layout and one
+atomic install/rollback; reading them apart would hide how a half-received model never runs.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 :meth:`PrivacyLedger.release` is the only way to spend; it refuses
 (:class:`~device_sdk.errors.PrivacyBudgetExceeded`) any release that would take the composed
 epsilon past the budget. The accountants it composes with live in ``accounting``.
+
+Over 400 lines on purpose: the ledger's file format, its lock and the release transaction are
+privacy-critical and are audited together.
 """
 
 from __future__ import annotations

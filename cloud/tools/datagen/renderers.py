@@ -4,6 +4,9 @@ Each domain imitates one of the ECOS paper's Digits domains from what every mach
 scikit-learn's bundled 8x8 handwritten digits, TrueType fonts and procedural drawing. Images are
 composed on a 64x64 canvas and averaged down 2x2, which anti-aliases polygons and warped glyphs.
 ``digits`` writes whole data sets with these.
+
+Over 400 lines on purpose: six domain renderers that share their geometry, colour and glyph
+helpers.
 """
 
 from __future__ import annotations
