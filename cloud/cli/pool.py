@@ -24,6 +24,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         feature_dim=args.feature_dim,
         width=args.width,
         epochs=args.epochs,
+        max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
         domain_weight=args.domain_weight,
@@ -185,6 +186,12 @@ def add_commands(sub) -> None:
         "--width", type=int, default=enc.width, help=f"channels of the first conv stage (default {enc.width})"
     )
     p.add_argument("--epochs", type=int, default=enc.epochs, help=f"training epochs (default {enc.epochs})")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="stop after this many training batches in all, even mid-epoch (default 0: every epoch in full)",
+    )
     p.add_argument("--batch-size", type=int, default=enc.batch_size)
     p.add_argument("--lr", type=float, default=enc.lr)
     p.add_argument(

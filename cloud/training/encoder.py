@@ -217,13 +217,18 @@ def train_encoder(
     params = list(encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
+    if cfg.max_steps > 0:
+        steps = min(steps, cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(steps, 1)))
-    t0 = time.monotonic()
+    t0, done = time.monotonic(), 0
     for epoch in range(cfg.epochs):
+        if done >= steps:
+            break
         encoder.train()
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         total, batches = 0.0, 0
         chunks = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        chunks = chunks[: steps - done]  # --max-steps: the last epoch may be cut short
         for idx, xb in source.batches(chunks):
             if len(idx) < 2:
                 continue
@@ -244,6 +249,7 @@ def train_encoder(
             opt.step()
             sched.step()
             total, batches = total + float(loss.detach()), batches + 1
+        done += len(chunks)
         report = evaluate_features(encoder, source, data, train_idx, val_idx)
         LOG.info(
             "encoder epoch %d/%d: loss %.3f, held-out 1-NN label acc %.3f, domain acc %.3f (%.0fs)",

@@ -13,6 +13,7 @@ class EncoderConfig:
     style_dim: int = 0  # outputs given to the style code (models/encoder.py); 0 = none
     style_weight: float = 0.5
     epochs: int = 5
+    max_steps: int = 0  # stop after this many optimiser steps in all (0 = every epoch in full)
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
