@@ -26,8 +26,6 @@ import argparse
 from typing import Optional, Sequence
 
 from cloud.cli import daemon, keys, models, pool
-from cloud.cli.common import _threads  # noqa: F401  (used by cloud.labelling.cli)
-from cloud.cli.models import _add_export_options, _eval_set, _export_and_print, _export_config  # noqa: F401
 from cloud.labelling.cli import add_commands as add_labelling_commands
 from cloud.security.brokerconf import add_commands as add_broker_commands
 from device_sdk.clikit import add_common, run_cli, setup_logging

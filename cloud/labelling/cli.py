@@ -154,7 +154,8 @@ def cmd_apply_votes(args: argparse.Namespace) -> int:
 
 
 def cmd_train_semisup(args: argparse.Namespace) -> int:
-    from cloud.cli import _eval_set, _export_and_print, _export_config, _threads
+    from cloud.cli.common import _threads
+    from cloud.cli.models import _eval_set, _export_and_print, _export_config
     from cloud.labelling.labelstudio import parse_label_names
     from cloud.training.classifier import save_checkpoint
     from cloud.training.semisup import SemiSupConfig, load_semisup_data, train_fixmatch
@@ -223,7 +224,7 @@ def cmd_round_labels(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, add_common) -> None:
-    from cloud.cli import _add_export_options
+    from cloud.cli.models import _add_export_options
 
     p = sub.add_parser(
         "export-labels",
