@@ -112,7 +112,8 @@ class TrainOutcome:
 
     @classmethod
     def from_json(cls, result: Mapping[str, Any]) -> "TrainOutcome":
-        return cls(result["model_path"], result["train_report"])
+        # signing needs only the model; a result written without its report (older rounds) still signs
+        return cls(result["model_path"], result.get("train_report") or {})
 
     @classmethod
     def from_job(cls, job_result: Mapping[str, Any]) -> "TrainOutcome":
