@@ -250,7 +250,7 @@ def run(args) -> Dict:
     pool = load_image_set(pool_items)
     device_domains = sorted(os.listdir(os.path.join(data_root, "devices")))
     labels = sorted({it.label for it in scan_image_folder(os.path.join(data_root, "devices", device_domains[0]))})
-    cfg = EncoderConfig(epochs=args.encoder_epochs, seed=0)
+    cfg = EncoderConfig(**{"epochs": args.encoder_epochs, "seed": 0, **args.encoder_config})
     rows: List[Dict] = []
     cache: Dict = {}
     train_seconds: Dict[str, float] = {}
@@ -439,6 +439,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--epochs", type=int, default=15, help="epochs of the evaluation classifier")
     p.add_argument("--encoder-epochs", type=int, default=EncoderConfig.epochs)
+    p.add_argument(
+        "--encoder-config",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="encoder settings other than the defaults, e.g. '{\"pixel_weight\": 0}' (ablations; another --workdir)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--accuracy-regimes",

@@ -18,11 +18,13 @@ export. ``EncoderConfig.objective`` picks ``auto`` (contrastive + whatever metad
 Next to the learned features, half of the output dimensions are a fixed raw-pixel branch (a PCA of
 the pool's average-pooled pixels, ``cloud.training.pixels``, weight ``pixel_weight`` in the cosine):
 raw pixels keep the stroke width, blur and scale that tell grey handwritten domains apart. Both
-live in one module, so the device still runs one exported graph.
+live in one module, so the device still runs one exported graph. A pool with domain folders trains a
+domain head instead and gets no pixel branch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Dict, Tuple
@@ -195,6 +197,13 @@ def train_encoder(
     use_contrastive, use_labels, use_domains = objectives(data, cfg)
     if len(data) < 2:
         raise InputError(f"encoder training needs at least 2 pool images; got {len(data)}")
+    if use_domains and cfg.pixel_weight > 0:
+        # with a domain head the learned features already separate the pool's domains; the pixel branch
+        # would only dilute them (docs/sampling.md): it serves pools without domain folders
+        LOG.info(
+            "pool has domain folders: no pixel branch (pixel_weight %.2f applies to pools without)", cfg.pixel_weight
+        )
+        cfg = dataclasses.replace(cfg, pixel_weight=0.0)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     mean, std = pool_stats(data, cfg.seed, workers)
@@ -271,7 +280,7 @@ def train_encoder(
             report["val_label_acc"],
             report["val_domain_acc"],
         )
-    report.update({"mean": mean, "std": std, "train_seconds": time.monotonic() - t0})
+    report.update({"mean": mean, "std": std, "pixel_weight": cfg.pixel_weight, "train_seconds": time.monotonic() - t0})
     return encoder, report
 
 

@@ -27,11 +27,11 @@ class EncoderConfig:
     # range (> 1 crops in), and a random RGB channel order (hue alone must not identify an image)
     max_shift: float = 0.25
     min_zoom: float = 1.0
-    max_zoom: float = 2.0
+    max_zoom: float = 1.3  # 2.0 erased the scale that tells grey handwritten domains apart (docs/sampling.md)
     permute_channels: bool = True
     # fixed raw-pixel branch (models/hybrid.py, docs/sampling.md): the last pixel_dim of the feature_dim outputs
     # are a PCA of the pool's pooled pixels, weighted pixel_weight in the cosine (0 = the learned encoder alone)
-    pixel_weight: float = 0.0
+    pixel_weight: float = 0.3
     pixel_dim: int = 0  # 0: half of feature_dim
     scale: float = 16.0  # temperature of the cosine heads
     val_fraction: float = 0.1
