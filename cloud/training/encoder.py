@@ -57,7 +57,7 @@ class CosineHead(nn.Module):
 
 def channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """Per-channel mean and std of uint8 NHWC images, on the [0, 1] scale."""
-    x = images.reshape(-1, 3).astype(np.float64) / 255.0
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0  # NHWC: 3 channels, or 1 (greyscale)
     return tuple(float(v) for v in x.mean(0)), tuple(float(max(v, 1e-3)) for v in x.std(0))
 
 

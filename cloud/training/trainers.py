@@ -96,7 +96,9 @@ class DistillTrainer(Trainer):
     Options (``[trainer.options]``): ``teacher`` (TeacherConfig fields), ``student``
     (DistillConfig fields), ``quant`` (QuantConfig fields), ``gate`` (GateConfig fields),
     ``precision`` ("int8" or "fp32": which of the two exported files is shipped), ``format``
-    ("onnx" or "tflite") and ``on_gate_failure``. The int8 file is shipped only if it passes the
+    ("onnx" or "tflite"), ``on_gate_failure``, and the models' input: ``input_size`` (pixels, square;
+    default 32), ``channels`` (3 or 1) and ``resize`` ("center-crop" or "stretch"), which the
+    teacher, the student and the shipped artifact share (docs/byod.md). The int8 file is shipped only if it passes the
     gate against its fp32 twin on the proxy set (cloud/export/gate.py). If it fails, the device gets
     the fp32 model instead (``on_gate_failure = "fp32"``, the default: a device is better served
     by a larger correct model than by none) or the round fails (``"fail"``); either way the
@@ -115,6 +117,9 @@ class DistillTrainer(Trainer):
         precision: str = "int8",
         format: str = "onnx",
         on_gate_failure: str = "fp32",
+        input_size: int = 32,
+        channels: int = 3,
+        resize: str = "center-crop",
     ):
         from cloud.export.gate import RUNTIME_FORMATS, ExportConfig, GateConfig
         from cloud.export.quantize import QuantConfig
@@ -135,6 +140,19 @@ class DistillTrainer(Trainer):
             quant=_typed(QuantConfig, quant or {}, "quant"),
             gate=_typed(GateConfig, gate or {}, "gate"),
         )
+        from cloud.pool.dataset import default_preprocess
+
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or not 8 <= input_size <= 512:
+            raise UsageError(
+                f"[trainer.options] input_size must be a whole number of pixels, 8..512; got {input_size!r}"
+            )
+        if channels not in (1, 3) or resize not in ("center-crop", "stretch"):
+            raise UsageError(
+                "[trainer.options] channels must be 1 or 3 and resize center-crop or stretch; "
+                f"got {channels!r}, {resize!r}"
+            )
+        self.input = (input_size, channels, resize)
+        self.preprocess = default_preprocess((input_size, input_size), channels, resize=resize)
         self._teacher = None
         self._lock = threading.Lock()
 
@@ -147,15 +165,16 @@ class DistillTrainer(Trainer):
             if self._teacher is not None:
                 return self._teacher
             index = PoolIndex.load(self.context.index_path)
-            key = hashlib.sha256(
-                json.dumps([asdict(self.teacher_cfg), index.probe_id], sort_keys=True).encode()
-            ).hexdigest()
+            keyed = [asdict(self.teacher_cfg), index.probe_id]
+            if self.input != (32, 3, "center-crop"):  # the key of a 32x32 RGB teacher stays what it was
+                keyed.append(list(self.input))
+            key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
             path = os.path.join(self.context.cache_dir, f"teacher-{key[:16]}.safetensors")
             if os.path.exists(path):
                 self._teacher = load_checkpoint(path)
                 return self._teacher
             LOG.info("training the teacher on the %d-image pool (cached in %s)", len(index.paths), path)
-            self._teacher = train_teacher(_pool_images(index), self.teacher_cfg)
+            self._teacher = train_teacher(_pool_images(index, self.preprocess), self.teacher_cfg)
             save_checkpoint(self._teacher, path)
             return self._teacher
 
@@ -163,16 +182,16 @@ class DistillTrainer(Trainer):
         self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
     ) -> TrainResult:
         from cloud.export.gate import export_classifier
-        from cloud.training.classifier import distill, load_selection
+        from cloud.training.classifier import distill, load_selection, student_kwargs
         from models import get_model
 
         steps = _Steps(progress, 3)
         steps.step("teacher")
         teacher = self.teacher()
         steps.step("distil")
-        data = load_selection(selection_csv, teacher.labels)
+        data = load_selection(selection_csv, teacher.labels, preprocess=teacher.spec())
         cfg = self.student_cfg
-        trained = distill(get_model(cfg.arch, num_classes=len(teacher.labels), width=cfg.width), teacher, data, cfg)
+        trained = distill(get_model(cfg.arch, **student_kwargs(teacher, cfg)), teacher, data, cfg)
         steps.step("export, int8 and gate")
         try:
             report = export_classifier(trained, workdir, data.images, data.images, data.labels, self.export_cfg)
@@ -210,12 +229,12 @@ class DistillTrainer(Trainer):
         return path
 
 
-def _pool_images(index):
-    """The labelled pool as an ImageSet (decoded once per teacher)."""
+def _pool_images(index, preprocess=None):
+    """The labelled pool as an ImageSet at the trainer's input (decoded once per teacher)."""
     from cloud.pool.dataset import load_image_set
 
     items = [ImageItem(str(p), str(label), str(d)) for p, label, d in zip(index.paths, index.labels, index.domains)]
-    return load_image_set(items)
+    return load_image_set(items, preprocess=preprocess)
 
 
 class _Steps:

@@ -54,6 +54,21 @@ def test_a_failed_gate_ships_fp32_or_fails_as_configured(context, selection, tmp
         strict.train(selection, "dev-1", str(tmp_path / "c"))
 
 
+def test_the_daemon_trainer_honours_the_input_size(context, selection, tmp_path):
+    small = get_trainer("distill", context, {**TINY, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}})
+    wide = get_trainer(
+        "distill",
+        context,
+        {**TINY, "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0}, "input_size": 48, "channels": 1},
+    )
+    result = wide.train(selection, "dev-1", str(tmp_path / "w"))
+    model = load_model(result.artifact_path)
+    assert model.meta.input_shape == (1, 48, 48) and wide.teacher().input_shape[-2:] == (48, 48)
+    assert small.teacher().input_shape[-2:] == (32, 32)  # another teacher: its own cache entry
+    with pytest.raises(UsageError, match="input_size"):
+        get_trainer("distill", context, {**TINY, "input_size": 4})
+
+
 @pytest.mark.parametrize(
     "name,options,needle",
     [
