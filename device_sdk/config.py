@@ -173,6 +173,10 @@ def read_toml(path: str) -> Dict[str, Any]:
         raise UsageError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not valid TOML (TOML files are UTF-8 text)") from None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise UsageError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def from_mapping(cls: Any, raw: Any, source: str, section: str = "") -> Any:

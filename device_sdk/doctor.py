@@ -51,6 +51,8 @@ def run_checks(config_path: str, timeout: float = 5.0) -> List[Check]:
         config = load_device_config(config_path)
     except EcosError as err:
         return [Check("config", FAIL, str(err))]
+    except (OSError, ValueError) as err:  # doctor reports, it never ends in a traceback
+        return [Check("config", FAIL, f"{config_path}: {err}")]
     checks = [Check("config", OK, f"{config_path}: device {config.device_id}")]
     for name, fn in (
         ("broker", lambda: check_broker(config.broker, timeout)),

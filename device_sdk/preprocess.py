@@ -165,6 +165,8 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
         x = (x - mean32) / std32
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     n, h, w, c = images.shape
+    if mean32.size not in (1, c) or std32.size not in (1, c):
+        raise InputError(f"{c}-channel images need 1 or {c} mean and std values; got {mean32.size} and {std32.size}")
     table = (np.arange(256, dtype=np.float32) / 255.0 - mean32.reshape(-1, 1)) / std32.reshape(-1, 1)
     table = np.broadcast_to(table, (c, 256))  # one mean/std for all channels, or one per channel
     out = np.empty((n, c, h, w), dtype=np.float32)

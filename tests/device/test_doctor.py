@@ -84,6 +84,19 @@ def test_doctor_stops_at_a_broken_config(tmp_path, capsys):
     assert len(out) == 2 and out[0].startswith("fail  config")
 
 
+@pytest.mark.parametrize("kind", ["not utf-8", "a folder"])
+def test_an_unreadable_config_is_a_fail_line_not_a_traceback(tmp_path, capsys, kind):
+    if kind == "a folder":
+        path = tmp_path
+    else:
+        path = tmp_path / "device.toml"
+        path.write_bytes(b"\xff\xfe device_id = 1\n")
+    assert device_cli.main(["doctor", "--config", str(path)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("fail  config") and str(path) in out[0]
+    assert device_cli.main(["status", "--config", str(path)]) == 2  # other commands: a usage error, exit 2
+
+
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory):
     """A real Mosquitto with a TLS listener that requires a client certificate from the test CA."""

@@ -7,6 +7,7 @@ scores, must not move by a single bit because of it.
 import numpy as np
 import pytest
 
+from device_sdk.errors import InputError
 from device_sdk.preprocess import normalize
 
 
@@ -44,7 +45,7 @@ def test_every_value_of_every_channel():
 def test_float_input_and_bad_stats():
     images = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32) * 255
     assert np.array_equal(normalize(images, (0.5,) * 3, (0.25,) * 3), reference(images, (0.5,) * 3, (0.25,) * 3))
-    with pytest.raises(ValueError):  # two values for three channels: refused, as the arithmetic refuses it
+    with pytest.raises(InputError, match="need 1 or 3"):  # two values for three channels: a typed refusal
         normalize(np.zeros((1, 2, 2, 3), np.uint8), (0.5, 0.5), (0.25, 0.25))
     with pytest.raises(ValueError):
         reference(np.zeros((1, 2, 2, 3), np.uint8), (0.5, 0.5), (0.25, 0.25))
