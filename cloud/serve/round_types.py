@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
+from cloud.errors import StoreError
 from cloud.sampling.selection import DEFAULT_MAX_EPSILON, DEFAULT_MAX_SAMPLES
 
 
@@ -53,7 +54,16 @@ class RoundParams:
     @classmethod
     def from_json(cls, params: Mapping[str, Any]) -> "RoundParams":
         """The typed view of a stored round's params; keys this version does not know are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        needed = [
+            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in needed if name not in params]
+        if missing:
+            raise StoreError(
+                f"a stored round lacks its parameter(s) {', '.join(missing)}: the state database is damaged"
+            )
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in params.items() if k in names})
 
     def to_json(self) -> Dict[str, Any]:

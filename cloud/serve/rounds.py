@@ -105,6 +105,11 @@ def create_round(
         raise UsageError(f"unknown round task {params.task!r}; choose compression or manual")
     if params.task == "manual" and (not params.labels or len(set(params.labels)) < 2):
         raise UsageError("a manual-labelling round needs at least two label names (labels=[...])")
+    if params.task == "manual" and cfg.trainer.name != "semisup":
+        raise UsageError(
+            f'a manual-labelling round needs [trainer] name = "semisup": the {cfg.trainer.name!r} trainer would '
+            "ignore the imported labels (docs/tasks.md)"
+        )
     if not 1 <= params.budget <= len(index.paths):
         raise BudgetError(f"budget {params.budget} does not fit the pool of {len(index.paths)} images")
     spec = NewRound(round_id or new_id(), "fleet" if fleet else "device", devices, params.to_json())

@@ -8,6 +8,7 @@ Studio export.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from cloud.labelling.labelstudio import LabelState
 from cloud.labelling.simulate import simulate_labels, write_labelstudio_export
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon
+from cloud.serve.rounds import create_round
 from cloud.serve.store import RoundState
 from device_sdk.errors import InputError, UsageError
 
@@ -110,3 +112,10 @@ def test_manual_round_needs_label_names(tmp_path, pool_index):
         daemon.submit_round(["dev1"], task="manual")
     with pytest.raises(UsageError, match="unknown round task"):
         daemon.submit_round(["dev1"], task="other")
+
+
+def test_manual_round_needs_the_semisup_trainer(tmp_path, pool_index):
+    cfg, daemon = _daemon(tmp_path, pool_index)
+    distill = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, name="distill"))
+    with pytest.raises(UsageError, match='name = "semisup"'):
+        create_round(daemon.store, distill, daemon.index, ["dev1"], task="manual", labels=LABELS)

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from cloud.errors import StoreError
 from cloud.serve.config import CloudConfig, RoundConfig
 from cloud.serve.round_types import CollectResult, DeliverResult, RoundParams, SampleResult, SignResult, TrainOutcome
 from cloud.serve.rounds import round_params
@@ -44,6 +45,9 @@ def test_params_of_a_round_from_an_older_version_read_with_what_it_ran_with():
     p = RoundParams.from_json(old)
     assert p.coverage_quantile is None and (p.max_epsilon, p.delta, p.max_samples) == (5.0, 1e-5, 100_000)
     assert RoundParams.from_json({**old, "radius_quantile": 0.9}).coverage_quantile == 0.9
+    damaged = {k: v for k, v in old.items() if k != "budget"}
+    with pytest.raises(StoreError, match="budget"):
+        RoundParams.from_json(damaged)
 
 
 def test_stage_results_write_the_keys_the_round_result_always_had():
