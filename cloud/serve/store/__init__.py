@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Union
 
-from cloud.serve.store.base import (
+from cloud.serve.store.base import Store
+from cloud.serve.store.memory import MemoryStore
+from cloud.serve.store.records import (
     DELIVERY_FINAL,
     RESPONSE_KINDS,
     ROUND_KINDS,
-    TABLES,
     TRANSITIONS,
     ArtifactRecord,
     DeliveryRecord,
@@ -31,11 +32,10 @@ from cloud.serve.store.base import (
     RoundKind,
     RoundRecord,
     RoundState,
-    Store,
     StrEnum,
     TrafficRow,
 )
-from cloud.serve.store.memory import MemoryStore
+from cloud.serve.store.rows import TABLES
 from cloud.serve.store.sqlite import SCHEMA_VERSION, SqliteStore
 from device_sdk.registry import Registry
 

@@ -35,8 +35,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
 
 from cloud.errors import StoreError
-from cloud.serve.store.records import (  # noqa: F401 - re-exported: the records are part of the interface
-    DELIVERY_FINAL,
+from cloud.serve.store.records import (
     RESPONSE_KINDS,
     ROUND_KINDS,
     TRANSITIONS,
@@ -48,20 +47,15 @@ from cloud.serve.store.records import (  # noqa: F401 - re-exported: the records
     JobRecord,
     JobState,
     NewRound,
-    ResponseKind,
     ResponseRecord,
-    RoundKind,
     RoundRecord,
     RoundState,
-    StrEnum,
     TrafficRow,
 )
-from cloud.serve.store.rows import (  # noqa: F401 - re-exported for backends
-    TABLE_NAMES,
+from cloud.serve.store.rows import (
     TABLES,
     R,
     Row,
-    Table,
     _cell,
     _enum,
     _int,

@@ -12,7 +12,8 @@ import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from cloud.errors import StoreError
-from cloud.serve.store.base import TABLE_NAMES, Row, Store
+from cloud.serve.store.base import Store
+from cloud.serve.store.rows import TABLE_NAMES, Row
 
 
 def _matches(row: Row, where: Mapping[str, Any]) -> bool:

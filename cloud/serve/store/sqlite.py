@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from cloud.errors import StoreError, StoreUnavailable
-from cloud.serve.store.base import TABLE_NAMES, RoundState, Row, Store
+from cloud.serve.store.base import Store
+from cloud.serve.store.records import RoundState
+from cloud.serve.store.rows import TABLE_NAMES, Row
 
 SCHEMA_VERSION = 1
 
