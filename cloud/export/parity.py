@@ -28,7 +28,9 @@ import numpy as np
 
 from cloud.errors import QualityGateError
 from cloud.log import LOG
+from device_sdk.errors import EcosError
 from device_sdk.fsutil import atomic_write_text, sha256_file
+from device_sdk.protocol.envelope import read_json_file
 from device_sdk.runtime import Model, load_model
 
 MAX_COSINE_DISTANCE = 1e-3
@@ -149,10 +151,10 @@ def _remove(path: str) -> None:
 
 
 def _read_sidecar(path: str) -> Dict[str, Any]:
+    """The artifact's ``.json`` sidecar (the project's bounded JSON reader); ``{}`` when missing or unusable."""
     try:
-        with open(path + ".json", encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (OSError, ValueError):
+        doc = read_json_file(path + ".json", f"{path}.json")
+    except EcosError:
         return {}
     return doc if isinstance(doc, dict) else {}
 
