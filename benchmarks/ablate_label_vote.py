@@ -79,7 +79,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 index.probe(radius_quantile=0.95), model, enc_l, ledger, epsilon=0.58, rng=np.random.default_rng(d_i)
             )
         picks = {
-            "ecos": select(index, "ecos", args.budget, combine_scores(index, [scores], 0.95), seed=0),
+            "ecos": select(
+                index, "ecos", args.budget, combine_scores(index, [scores], 0.95), seed=0, use_domains=False
+            ),
             "random": select(index, "random", args.budget, None, seed=0),
         }
         for method, sel in picks.items():

@@ -143,6 +143,13 @@ def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, t
     return index, load_model(path, threads=threads), seconds
 
 
+def pool_view(index: PoolIndex, regime: str) -> PoolView:
+    """What the samplers see: the pool's domains only in the regime whose pool has domain folders
+    (the index keeps every image's true domain for the evaluation's shares)."""
+    groups = PoolView.group_ids(index.domains) if regime == "domains" else None
+    return PoolView(index.features, index.assign, index.centroids, groups=groups)
+
+
 def device_scores(index: PoolIndex, model, features: np.ndarray, eps: float, seed: int, coverage: bool):
     probe = index.probe(radius_quantile=RADIUS_QUANTILE if coverage else None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,14 +206,16 @@ def run_domain(
                 )
             )
         for budget in args.budgets:
-            picks = {m: select(index, "ecos", budget, s, seed=seed, **args.ecos_config) for m, s in scoresets.items()}
+            view = pool_view(index, regime)
+            picks = {
+                m: get_sampler("ecos", **args.ecos_config).select(view, budget, s, np.random.default_rng(seed))
+                for m, s in scoresets.items()
+            }
             picks["random"] = select(index, "random", budget, None, seed=seed)
             picks["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
             if len(own) >= budget:
                 picks["oracle"] = np.random.default_rng(seed).choice(own, size=budget, replace=False)
-            plan = get_sampler("ecos", **args.ecos_config).plan(
-                PoolView(index.features, index.assign, index.centroids), budget, scoresets["ecos"]
-            )
+            plan = get_sampler("ecos", **args.ecos_config).plan(view, budget, scoresets["ecos"])
             for method, p in picks.items():
                 if method not in args.methods:
                     continue

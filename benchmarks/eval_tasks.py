@@ -329,7 +329,9 @@ def run_cell(
         if method == "ecos":
             probe = index.probe(radius_quantile=RADIUS_QUANTILE)
             scores, _ = answer_probe(probe, model, local_enc, ledger, epsilon=args.epsilon, rng=rng)
-            picks = select(index, "ecos", budget, combine_scores(index, [scores], RADIUS_QUANTILE), seed=seed)
+            picks = select(
+                index, "ecos", budget, combine_scores(index, [scores], RADIUS_QUANTILE), seed=seed, use_domains=False
+            )
         else:
             picks = select(index, method, budget, None, seed=seed)
         eps_select = ledger.spent()[0]

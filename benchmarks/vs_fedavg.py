@@ -763,7 +763,9 @@ def run_ecos(args, index, domains: List[str], labels: List[str], seed: int, tmp:
         with open(scores_path, "rb") as fh:
             scores = Scores.from_bytes(fh.read())
         spent = PrivacyLedger.open(ledger_path, device_id=d).spent()[0]
-        pick = select(index, "ecos", args.budget, combine_scores(index, [scores], RADIUS_QUANTILE), seed=seed)
+        pick = select(
+            index, "ecos", args.budget, combine_scores(index, [scores], RADIUS_QUANTILE), seed=seed, use_domains=False
+        )
         pick = pick[np.isin(index.labels[pick], labels)]
         share = float(np.mean(index.domains[pick] == d))
         x = load_images([index.paths[i] for i in pick], (32, 32))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Type, TypeVar
+from typing import ClassVar, List, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 
@@ -22,11 +22,13 @@ from device_sdk.registry import Registry
 @dataclass(frozen=True, eq=False)
 class PoolView:
     """What a sampler sees of the pool: unit-norm features (N x d float32), the cluster of
-    every point (N int32) and the cluster centroids (K x d float32)."""
+    every point (N int32), the cluster centroids (K x d float32) and, when the pool has domain
+    folders, the domain of every point (``groups``: N int, -1 where a point has none)."""
 
     features: np.ndarray
     assign: np.ndarray
     centroids: np.ndarray
+    groups: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         n, k = len(self.features), len(self.centroids)
@@ -42,6 +44,21 @@ class PoolView:
             )
         if n and (self.assign.min() < 0 or self.assign.max() >= k):
             raise MismatchError(f"cluster ids must lie in 0..{k - 1} for {k} centroids")
+        if self.groups is not None:
+            groups = np.asarray(self.groups)
+            if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer) or (n and groups.min() < -1):
+                raise MismatchError(f"groups must be N = {n} integers >= -1 (-1: no domain); got {groups.shape}")
+            object.__setattr__(self, "groups", groups.astype(np.int64))
+
+    @staticmethod
+    def group_ids(names: Sequence[str]) -> Optional[np.ndarray]:
+        """``groups`` from per-point domain names ("" = none); None unless two or more domains occur."""
+        names = np.asarray(names, dtype=str)
+        known = sorted(set(names.tolist()) - {""})
+        if len(known) < 2:
+            return None
+        ids = np.searchsorted(np.asarray(known, dtype=str), names)
+        return np.where(names == "", -1, ids).astype(np.int64)
 
     @property
     def size(self) -> int:

@@ -41,6 +41,9 @@ class SamplingPlan:
     fallback: bool
     diverse: Optional[np.ndarray] = None  # K int64: of ``quotas``, points drawn uniformly (coverage term)
     uncovered: float = 0.0  # estimated share of the devices' data outside the pool's coverage
+    domain_mix: Optional[np.ndarray] = None  # G float: the devices' estimated share in each pool domain
+    relevant: Optional[np.ndarray] = None  # N bool: points of the domains the proximity term draws from
+    outside: Optional[np.ndarray] = None  # K int64: of the proximity quota, points from the other domains
 
 
 @register_sampler
@@ -61,6 +64,7 @@ class EcosSampler(Sampler):
     far_slack: float = 2.0  # far shares up to far_slack * (1 - radius_quantile) count as covered
     uncovered_far_share: float = 1.0  # far share of data from a domain the pool lacks (docs/sampling.md)
     purity_power: float = 2.0  # 0: budget in proportion to score (the first version)
+    domain_floor: float = 0.2  # pool with domain folders: keep domains with >= floor x the top domain's share
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
@@ -71,6 +75,8 @@ class EcosSampler(Sampler):
             raise UsageError(f"oversample must be a finite number >= 1; got {self.oversample!r}")
         if not 0.0 < self.uncovered_far_share <= 1.0:
             raise UsageError(f"uncovered_far_share must lie in (0, 1]; got {self.uncovered_far_share!r}")
+        if not 0.0 <= self.domain_floor <= 1.0:
+            raise UsageError(f"domain_floor must lie in [0, 1] (0: ignore the domains); got {self.domain_floor!r}")
 
     def plan(self, pool: PoolView, budget: int, scores: Optional[ScoreSet]) -> SamplingPlan:
         """The per-cluster quotas :meth:`select` would draw, without drawing them."""
@@ -84,11 +90,18 @@ class EcosSampler(Sampler):
         diverse = plan.diverse if plan.diverse is not None else np.zeros_like(plan.quotas)
         proximal = plan.quotas - diverse
         members = _members_by_cluster(pool.assign, pool.n_clusters)
-        parts = [
-            self._pick_in_cluster(pool.features, members[j], pool.centroids[j], int(proximal[j]))
-            for j in np.argsort(-scores.scores, kind="stable")
-            if proximal[j]
-        ]
+        parts = []
+        for j in np.argsort(-scores.scores, kind="stable"):
+            if not proximal[j]:
+                continue
+            if plan.relevant is None:
+                parts.append(self._pick_in_cluster(pool.features, members[j], pool.centroids[j], int(proximal[j])))
+                continue
+            inside = members[j][plan.relevant[members[j]]]
+            n_out = int(plan.outside[j])
+            for group, quota in ((inside, int(proximal[j]) - n_out), (members[j][~plan.relevant[members[j]]], n_out)):
+                if quota:
+                    parts.append(self._pick_in_cluster(pool.features, group, pool.centroids[j], quota))
         taken = np.zeros(pool.size, dtype=bool)
         for part in parts:
             taken[part] = True
@@ -102,20 +115,58 @@ class EcosSampler(Sampler):
         kept, threshold, fallback = self._filter(scores, sizes, budget)
         uncovered = self.uncovered(scores, kept, self.far_slack, self.uncovered_far_share) if self.coverage else 0.0
         n_diverse = int(round(uncovered * budget))
-        weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, sizes, kept) ** self.purity_power
-        proximal = _allocate(scores.scores, kept, sizes, budget - n_diverse, pool.centroids, weights)
-        if n_diverse == 0:
-            return SamplingPlan(quotas=proximal, kept=kept, threshold=threshold, fallback=fallback)
-        room = sizes - proximal
-        diverse = proportional_quotas(room.astype(np.float64), room, n_diverse)
+        mix, relevant = self._domains(pool, scores, kept)
+        eligible = sizes if relevant is None else np.bincount(pool.assign[relevant], minlength=pool.n_clusters)
+        weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, eligible, kept) ** self.purity_power
+        n_proximal = budget - n_diverse
+        n_inside = min(n_proximal, int(eligible.sum()))
+        proximal = _allocate(scores.scores, kept, eligible, n_inside, pool.centroids, weights)
+        outside = None
+        if relevant is not None:  # the relevant domains cannot hold the proximity term: the rest from the others
+            outside = _allocate(scores.scores, kept, sizes - eligible, n_proximal - int(proximal.sum()), pool.centroids)
+            proximal = proximal + outside
+        diverse = None
+        if n_diverse:
+            room = sizes - proximal
+            diverse = proportional_quotas(room.astype(np.float64), room, n_diverse)
         return SamplingPlan(
-            quotas=proximal + diverse,
+            quotas=proximal if diverse is None else proximal + diverse,
             kept=kept,
             threshold=threshold,
             fallback=fallback,
             diverse=diverse,
-            uncovered=uncovered,
+            uncovered=uncovered if n_diverse else 0.0,
+            domain_mix=mix,
+            relevant=relevant,
+            outside=outside,
         )
+
+    def _domains(self, pool: PoolView, scores: ScoreSet, kept: np.ndarray) -> Tuple[Optional[np.ndarray], ...]:
+        """The devices' mix over the pool's domains, and the points of the domains that matter.
+
+        Each kept cluster's (clipped) score is spread over the domains of its pool points in
+        proportion to their counts: ``mix[g] = sum_k s_k n_kg / n_k``, normalised. The proximity
+        term then draws only from domains with at least ``domain_floor`` times the top domain's
+        share (and points without a domain): a cluster that mixes the device's domain with
+        another gives its quota to the device's. Post-processing of the same noisy counts: no
+        privacy cost. None when the pool has fewer than two domains or the rule is off.
+        """
+        if pool.groups is None or self.domain_floor <= 0.0:
+            return None, None
+        known = pool.groups >= 0
+        n_groups = int(pool.groups.max()) + 1 if known.any() else 0
+        if n_groups < 2:
+            return None, None
+        counts = np.zeros((pool.n_clusters, n_groups), dtype=np.float64)
+        np.add.at(counts, (pool.assign[known], pool.groups[known]), 1.0)
+        frac = counts / np.maximum(pool.cluster_sizes(), 1)[:, None]
+        mix = (np.clip(scores.scores, 0.0, None) * kept) @ frac
+        if mix.sum() <= 0.0:
+            return None, None
+        mix = mix / mix.sum()
+        chosen = mix >= self.domain_floor * mix.max()
+        relevant = ~known | chosen[np.clip(pool.groups, 0, None)]
+        return mix, relevant
 
     @staticmethod
     def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0, uncovered_far_share: float = 1.0) -> float:

@@ -184,10 +184,24 @@ def combine_scores(
 
 
 def select(
-    index: PoolIndex, method: str, budget: int, scores: Optional[ScoreSet], seed: int = 0, **config
+    index: PoolIndex,
+    method: str,
+    budget: int,
+    scores: Optional[ScoreSet],
+    seed: int = 0,
+    use_domains: bool = True,
+    **config,
 ) -> np.ndarray:
+    """``budget`` pool indices picked by sampler ``method``. The pool's domain folders (the index's
+    ``domains``) are shown to the sampler unless ``use_domains`` is False (benchmarks whose index
+    keeps the true domains of a pool that is meant to have none)."""
     sampler = get_sampler(method, **config)
-    pool = PoolView(features=index.features, assign=index.assign, centroids=index.centroids)
+    pool = PoolView(
+        features=index.features,
+        assign=index.assign,
+        centroids=index.centroids,
+        groups=PoolView.group_ids(index.domains) if use_domains else None,
+    )
     return sampler.select(pool, budget, scores, np.random.default_rng(seed))
 
 

@@ -1,0 +1,81 @@
+"""ECOS on a pool with domain folders: the devices' votes, spread over each cluster's domains,
+say which domains the proximity term draws from (docs/sampling.md, "Pools with domain folders")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from test_sampling import make_pool, select
+
+from cloud.sampling import PoolView, ScoreSet, get_sampler
+from device_sdk.errors import MismatchError, UsageError
+
+
+def domain_pool() -> PoolView:
+    """Four clusters of 200: 0 and 1 all domain A, 2 half A half B, 3 all B."""
+    pool = make_pool(sizes=(200, 200, 200, 200))
+    groups = np.zeros(pool.size, dtype=np.int64)
+    groups[500:] = 1  # the second half of cluster 2, and cluster 3
+    return dataclasses.replace(pool, groups=groups)
+
+
+def votes(*per_cluster: float) -> ScoreSet:
+    return ScoreSet(np.asarray(per_cluster, dtype=np.float64), sigma=1.0)
+
+
+def test_a_mixed_cluster_gives_its_quota_to_the_devices_domain():
+    pool = domain_pool()
+    scores = votes(100.0, 100.0, 50.0, 0.0)  # a device of domain A: half of cluster 2 is like it
+    blind = select("ecos", dataclasses.replace(pool, groups=None), 500, scores)
+    aware = select("ecos", pool, 500, scores)
+    assert len(aware) == 500 and len(set(aware.tolist())) == 500
+    assert np.sum(pool.groups[blind] == 1) >= 25  # cluster 2 gives about half of its 100 picks to B
+    assert np.all(pool.groups[aware] == 0)  # all 500 A points
+    plan = get_sampler("ecos").plan(pool, 500, scores)
+    assert plan.domain_mix[0] > 0.85 and plan.relevant.sum() == 500 and plan.outside.sum() == 0
+
+
+def test_a_device_of_two_domains_keeps_both():
+    pool = domain_pool()
+    scores = votes(100.0, 0.0, 0.0, 100.0)
+    picks = select("ecos", pool, 300, scores)
+    share_a = np.mean(pool.groups[picks] == 0)
+    assert 0.3 < share_a < 0.7
+
+
+def test_beyond_the_relevant_points_the_rest_comes_from_the_other_domains():
+    pool = domain_pool()
+    picks = select("ecos", pool, 700, votes(100.0, 100.0, 50.0, 0.0))
+    assert len(set(picks.tolist())) == 700
+    assert np.sum(pool.groups[picks] == 0) == 500  # every A point, then 200 B points
+
+
+def test_floor_zero_or_one_domain_is_plain_ecos():
+    pool = domain_pool()
+    scores = votes(100.0, 100.0, 50.0, 0.0)
+    off = select("ecos", pool, 300, scores, domain_floor=0.0)
+    blind = select("ecos", dataclasses.replace(pool, groups=None), 300, scores)
+    single = select("ecos", dataclasses.replace(pool, groups=np.zeros(pool.size, dtype=np.int64)), 300, scores)
+    assert off.tolist() == blind.tolist() == single.tolist()
+    with pytest.raises(UsageError, match="domain_floor"):
+        get_sampler("ecos", domain_floor=1.5)
+
+
+def test_points_without_a_domain_stay_eligible():
+    pool = domain_pool()
+    groups = pool.groups.copy()
+    groups[450:500] = -1  # part of cluster 2's A half lost its folder
+    picks = select("ecos", dataclasses.replace(pool, groups=groups), 500, votes(100.0, 100.0, 50.0, 0.0))
+    assert np.all(groups[picks] != 1)
+
+
+def test_group_ids_and_their_checks():
+    assert PoolView.group_ids(["a", "a", ""]) is None  # one domain: nothing to tell apart
+    assert PoolView.group_ids(["b", "a", "", "b"]).tolist() == [1, 0, -1, 1]
+    pool = make_pool(sizes=(5, 5))
+    with pytest.raises(MismatchError, match="groups"):
+        dataclasses.replace(pool, groups=np.zeros(3, dtype=np.int64))
+    with pytest.raises(MismatchError, match="groups"):
+        dataclasses.replace(pool, groups=np.full(10, -2))
