@@ -1,7 +1,7 @@
 """``normalize`` (uint8 NHWC -> float32 NCHW) gives exactly the bits of the per-pixel float32 arithmetic.
 
-It uses a 256-entry table per channel for speed (benchmarks/bench_device_speed.py); features, hence
-scores, must not move by a single bit because of it.
+It works in place, in cache-sized blocks of images, for speed (benchmarks/bench_device_speed.py);
+features, hence scores, must not move by a single bit because of it.
 """
 
 import numpy as np
@@ -49,3 +49,12 @@ def test_float_input_and_bad_stats():
         normalize(np.zeros((1, 2, 2, 3), np.uint8), (0.5, 0.5), (0.25, 0.25))
     with pytest.raises(ValueError):
         reference(np.zeros((1, 2, 2, 3), np.uint8), (0.5, 0.5), (0.25, 0.25))
+
+
+@pytest.mark.parametrize("n,size", [(100, 32), (3, 224), (1, 8)])
+def test_blocks_cover_the_batch(n, size):
+    """Batches larger than one block (32 px: 42 images a block; 224 px: one image) are done whole."""
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    assert np.array_equal(normalize(images, mean, std), reference(images, mean, std))
