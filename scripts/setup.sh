@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${ECOS_EXTRAS:-cloud,broker,test,bench}
+EXTRAS=${ECOS_EXTRAS:-cloud,broker,test,bench,parquet}
 stamp=.venv/.ecos-setup
 want="$(cat pyproject.toml packaging/device/pyproject.toml | sha256sum | cut -c1-16) $EXTRAS"
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -2,7 +2,7 @@
 
 Scraped pools usually come as a table: one row per file, a ``path`` column (absolute, or relative
 to the manifest's folder), and optionally ``label`` and ``domain`` columns (any other column is
-metadata and ignored here). Parquet needs ``pyarrow`` (``pip install pyarrow``; not a dependency of
+metadata and ignored here). Parquet needs ``pyarrow`` (the ``parquet`` extra; not a dependency of
 the device or of the cloud's base install). Rows with an empty path are counted and skipped; a
 path that does not exist or does not decode is found when the pool is indexed (counted, listed,
 skipped there: see ``cloud/pool/features.py``).

@@ -38,6 +38,34 @@ def test_csv_manifest_with_relative_paths_extra_columns_and_bad_rows(digits_root
     assert list(index.labels) == [it.label for it in items]
 
 
+def test_parquet_manifest_with_nulls_extra_columns_and_a_damaged_file(digits_root, encoder_path, tmp_path):
+    pa = pytest.importorskip("pyarrow")  # the parquet extra; scripts/setup.sh installs it
+    import pyarrow.parquet as pq
+
+    items = scan_image_folder(str(digits_root / "pool"))[:30]
+    table = pa.table(
+        {
+            "path": [os.path.relpath(it.path, tmp_path) for it in items] + [None, "missing.png"],
+            "label": [it.label for it in items] + [None, None],
+            "width": list(range(len(items) + 2)),  # extra columns are metadata: ignored
+        }
+    )
+    pq.write_table(table, tmp_path / "pool.parquet", row_group_size=7)  # several row groups
+    listed = scan_pool(str(tmp_path / "pool.parquet"))
+    assert [it.label for it in listed] == [it.label for it in items] + [""]  # the row without a path is skipped
+    assert all(it.domain == "" for it in listed) and os.path.isabs(listed[0].path)
+    index = build_index(str(tmp_path / "pool.parquet"), str(encoder_path), k=4, iters=5, threads=1)
+    assert len(index.paths) == 30 and index.unreadable.count == 1
+    assert list(index.labels) == [it.label for it in items]
+
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        scan_pool(str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"file": ["a.png"]}), tmp_path / "nopath.parquet")
+    with pytest.raises(InputError, match="'path' column"):
+        scan_pool(str(tmp_path / "nopath.parquet"))
+
+
 def test_manifest_without_a_path_column_is_an_input_error(tmp_path):
     (tmp_path / "m.csv").write_text("file,label\na.png,1\n")
     with pytest.raises(InputError, match="'path' column"):
