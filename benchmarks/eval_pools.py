@@ -9,18 +9,21 @@ The paper's splits on a six-domain digits benchmark (the generated one, or the r
 - ``unlabelled``: neither labels nor domains: the encoder sees pixels only (share is reported;
   accuracy needs labels, see the labelling tasks);
 - ``lodo``: leave one domain out (the paper's Digits split): the device's domain is absent from
-  the pool, which holds the other domains without domain folders; one encoder per held-out domain.
+  the pool, which holds the other domains without domain folders; one encoder per held-out domain;
+- ``lodo_domains``: the same, the pool keeping its domain folders (the encoder's domain head and
+  ECOS's domain rule both see them).
 
 The encoder and the k-means clustering use seed 0 in every run: the spread over seeds covers the
 device's noise, the samplers and the evaluation classifier, not the encoder's own variance.
 Every encoder is trained on its pool with the project's default objective, exported to ONNX and
 run through the real device code (encoder runtime, coverage counts with the far bin, calibrated
 Gaussian noise, privacy ledger) at epsilon 0.58. Methods: ecos (coverage-aware, the default),
-ecos-nocov (the same scores without the far bin: ablation), random, kcenter, oracle (random draws
-from the device's own domain in the pool, where it is there) and local-only (the device's own
-300 labelled images). Reported per device domain, budget and seed: the share of the selection
-from the device's domain and the accuracy on the device's test images of a small CNN trained
-from scratch on the selection (benchmarks/classifier.py). Out-of-class pool images (label
+ecos-nocov (the same scores without the far bin: ablation), ecos-nodom (where the pool has
+domain folders: the same scores, the pool's domains not used by the sampler: ablation), random,
+kcenter, oracle (random draws from the device's own domain in the pool, where it is there) and
+local-only (the device's own 300 labelled images). Reported per device domain, budget and seed:
+the share of the selection from the device's domain and the accuracy on the device's test images
+of a small CNN trained from scratch on the selection (benchmarks/classifier.py). Out-of-class pool images (label
 ``other``, the real benchmark's junk) count against the share and are dropped before training.
 
     python benchmarks/eval_pools.py --source generated --workdir runs/pools-gen
@@ -59,7 +62,8 @@ from device_sdk.privacy.ledger import PrivacyLedger  # noqa: E402
 from device_sdk.runtime import load_model  # noqa: E402
 from device_sdk.scoring import encode_items  # noqa: E402
 
-REGIMES = ("flat", "lodo", "unlabelled", "domains")
+REGIMES = ("flat", "lodo", "unlabelled", "domains", "lodo_domains")
+DOMAIN_REGIMES = ("domains", "lodo_domains")  # the pool has domain folders: the encoder and ECOS see them
 RADIUS_QUANTILE = 0.95
 
 
@@ -146,7 +150,7 @@ def encoder_and_index(folder: str, data: ImageSet, cfg: EncoderConfig, k: int, t
 def pool_view(index: PoolIndex, regime: str) -> PoolView:
     """What the samplers see: the pool's domains only in the regime whose pool has domain folders
     (the index keeps every image's true domain for the evaluation's shares)."""
-    groups = PoolView.group_ids(index.domains) if regime == "domains" else None
+    groups = PoolView.group_ids(index.domains) if regime in DOMAIN_REGIMES else None
     return PoolView(index.features, index.assign, index.centroids, groups=groups)
 
 
@@ -211,6 +215,9 @@ def run_domain(
                 m: get_sampler("ecos", **args.ecos_config).select(view, budget, s, np.random.default_rng(seed))
                 for m, s in scoresets.items()
             }
+            if regime in DOMAIN_REGIMES and "ecos-nodom" in args.methods:  # ablation: the pool's domains unused
+                nodom = get_sampler("ecos", **{**args.ecos_config, "domain_floor": 0.0})
+                picks["ecos-nodom"] = nodom.select(view, budget, scoresets["ecos"], np.random.default_rng(seed))
             picks["random"] = select(index, "random", budget, None, seed=seed)
             picks["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
             if len(own) >= budget:
@@ -264,14 +271,14 @@ def run(args) -> Dict:
     cache: Dict = {}
     train_seconds: Dict[str, float] = {}
     for regime in args.regimes:
-        if regime == "lodo":
+        if regime in ("lodo", "lodo_domains"):
             for d_i, domain in enumerate(device_domains):
                 keep = np.flatnonzero(np.array([it.domain for it in pool_items]) != domain)
                 sub = subset(pool, keep)
                 index, model, secs = encoder_and_index(
-                    os.path.join(args.workdir, "lodo", domain), regime_view(sub, "lodo"), cfg, args.k, args.threads
+                    os.path.join(args.workdir, regime, domain), regime_view(sub, regime), cfg, args.k, args.threads
                 )
-                train_seconds[f"lodo/{domain}"] = secs
+                train_seconds[f"{regime}/{domain}"] = secs
                 rows += run_domain(index, model, regime, domain, d_i, data_root, pool.images[keep], args, labels, cache)
             continue
         index, model, secs = encoder_and_index(
@@ -391,7 +398,8 @@ def plot(result: Dict, path: str) -> None:
     fig, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 7), squeeze=False)
     for col, regime in enumerate(regimes):
         budgets = sorted((b for b in s[regime] if b != "0"), key=int)
-        methods = [m for m in ("ecos", "ecos-nocov", "random", "kcenter", "oracle") if m in s[regime][budgets[0]]]
+        known = ("ecos", "ecos-nocov", "ecos-nodom", "random", "kcenter", "oracle")
+        methods = [m for m in known if m in s[regime][budgets[0]]]
         for row, key in enumerate(("share", "accuracy")):
             ax = axes[row][col]
             width = 0.8 / len(budgets)
@@ -471,7 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=["ecos", "ecos-nocov", "random", "kcenter", "oracle", "local-only"],
+        default=["ecos", "ecos-nocov", "ecos-nodom", "random", "kcenter", "oracle", "local-only"],
         help="methods to run (default: all)",
     )
     p.add_argument(
