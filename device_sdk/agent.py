@@ -19,6 +19,11 @@ MQTT network thread only queues payloads, so a long encoding never stalls keepal
   through the privacy ledger (``answer_probe``): a repeat replays the same bytes for free; a
   probe it will not answer (budget exhausted, wrong encoder, deadline passed, no local images,
   the id of an answered probe with other content) gets a ``refusal`` with the error's code;
+* a label query (automated client labelling) goes through the same steps as a probe: its
+  signature first (a forged one is dropped without a reply, nothing read or charged), then the
+  device's labelled ``[data] labelled`` images vote (``answer_label_query``: noise, charged to the
+  ledger before the votes are published; a repeat replays for free), or a ``refusal`` with the
+  error's code (budget exhausted, another encoder, deadline passed, no labelled images);
 * a key update (signed by a key the device trusts) adds keys and revocations to its trust
   store; the retained status then lists the key ids it trusts;
 * manifests and chunks go to the ``DeliveryReceiver``; after an install the classifier is
@@ -56,9 +61,11 @@ from device_sdk.errors import (
     LedgerCorrupt,
     LedgerUnavailable,
     MessageError,
+    MismatchError,
     SignatureError,
 )
-from device_sdk.imagefolder import scan_image_folder
+from device_sdk.imagefolder import load_images, scan_image_folder
+from device_sdk.labelling import THUMB16, THUMB_SIZE, answer_label_query, check_query_conflict, thumbnail_features
 from device_sdk.logsafe import clean
 from device_sdk.predict import Predictor, evaluate
 from device_sdk.privacy.ledger import PrivacyLedger
@@ -68,6 +75,7 @@ from device_sdk.protocol import (
     Installed,
     InstallFailed,
     KeyUpdate,
+    LabelQuery,
     Message,
     Refusal,
     Status,
@@ -79,9 +87,9 @@ from device_sdk.protocol import (
 )
 from device_sdk.protocol.round import Probe
 from device_sdk.runtime import Model, load_model
-from device_sdk.scoring import check_compatible
+from device_sdk.scoring import check_compatible, encode_items
 from device_sdk.transport import MqttTransport
-from device_sdk.trust import trust_from_settings, verify_probe
+from device_sdk.trust import trust_from_settings, verify_label_query, verify_probe
 
 LOG = logging.getLogger("ecos.agent")
 _LOCAL_PATH = re.compile(
@@ -96,12 +104,17 @@ class EventKind:
     detail keys: PROBE_ANSWERED probe_id, repeated, charged_epsilon, spent_epsilon; PROBE_REFUSED and
     PROBE_REJECTED probe_id, code, reason; KEYS_UPDATED serial, added, removed, trusted;
     KEY_UPDATE_REFUSED serial, code, reason; INSTALLED artifact_id, version, accuracy, n_eval;
-    INSTALL_FAILED artifact_id, code, reason; ROLLED_BACK kind, artifact_id, version; REJECTED topic, reason.
+    INSTALL_FAILED artifact_id, code, reason; ROLLED_BACK kind, artifact_id, version; REJECTED topic, reason;
+    LABEL_QUERY_ANSWERED query_id, repeated, queries, voters, charged_epsilon, spent_epsilon; LABEL_QUERY_REFUSED
+    and LABEL_QUERY_REJECTED query_id, code, reason.
     """
 
     PROBE_ANSWERED = "probe_answered"
     PROBE_REFUSED = "probe_refused"
     PROBE_REJECTED = "probe_rejected"
+    LABEL_QUERY_ANSWERED = "label_query_answered"
+    LABEL_QUERY_REFUSED = "label_query_refused"
+    LABEL_QUERY_REJECTED = "label_query_rejected"
     KEYS_UPDATED = "keys_updated"
     KEY_UPDATE_REFUSED = "key_update_refused"
     INSTALLED = "installed"
@@ -158,9 +171,10 @@ class DeviceAgent:
 
     ``on_event(AgentEvent)`` is called on the worker thread with kinds ``probe_answered``,
     ``probe_refused``, ``probe_rejected`` (signature check failed: no reply, nothing charged),
-    ``keys_updated``, ``key_update_refused``, ``installed``, ``install_failed``, ``rolled_back``
-    and ``rejected`` (constants in :class:`EventKind`); a callback that raises is logged, never
-    fatal, and a slow one delays the next message.
+    ``label_query_answered``, ``label_query_refused``, ``label_query_rejected`` (the same for a label
+    query, answered from the labelled ``[data] labelled`` folder), ``keys_updated``, ``key_update_refused``,
+    ``installed``, ``install_failed``, ``rolled_back`` and ``rejected`` (constants in :class:`EventKind`); a
+    callback that raises is logged, never fatal, and a slow one delays the next message.
 
     Threads: messages are handled one at a time on the agent's worker thread (probes are scored
     there, from ``data_source``); the MQTT network thread only queues them. ``predict``,
@@ -358,6 +372,8 @@ class DeviceAgent:
             self._on_delivery(msg)
         elif isinstance(msg, KeyUpdate):
             self._on_key_update(msg)
+        elif isinstance(msg, LabelQuery):
+            self._on_label_query(msg)
 
     def _on_probe(self, probe: Probe) -> None:
         try:  # before anything else: a forged probe must cost neither a private image nor budget
@@ -403,6 +419,71 @@ class DeviceAgent:
             spent_epsilon=result.spent_epsilon,
         )
 
+    def _on_label_query(self, query: LabelQuery) -> None:
+        """Automated client labelling: vote with the labelled folder, within the ledger (as a probe)."""
+        try:  # before anything else: a forged query must cost neither a private image nor budget
+            verify_label_query(query, self.trust, self.accept_unsigned)
+        except SignatureError as err:
+            self.stats.rejected += 1
+            self.stats.dropped += 1
+            LOG.warning("dropped label query %s: %s [%s]", clean(query.id), clean(str(err), 300), err.code)
+            self._emit("label_query_rejected", query_id=query.id, code=err.code, reason=str(err))
+            return
+        try:
+            check_query_conflict(query, self.ledger)
+            if query.deadline is not None and time.time() > query.deadline:
+                raise DeadlinePassed(
+                    f"label query {query.id} arrived {time.time() - query.deadline:.0f}s after its deadline"
+                )
+            features, labels = self._labelled_features(query)
+            votes, result = answer_label_query(
+                query,
+                query.feature_space,
+                features,
+                labels,
+                self.ledger,
+                epsilon=self.config.privacy.epsilon_per_label_query,
+                commit=self._publish_out,  # called only once the release is charged to the ledger
+            )
+        except EcosError as err:
+            level = logging.WARNING if isinstance(err, (LedgerUnavailable, LedgerCorrupt)) else logging.INFO
+            LOG.log(level, "refused label query %s: %s", clean(query.id), clean(str(err), 300))
+            self._send(Refusal(query.id, self.device_id, err.code, self._public_reason(err)))
+            self._emit("label_query_refused", query_id=query.id, code=err.code, reason=str(err))
+            return
+        self._emit(
+            "label_query_answered",
+            query_id=query.id,
+            repeated=result.repeated,
+            queries=query.n_queries,
+            voters=len(labels),
+            charged_epsilon=result.charged_epsilon,
+            spent_epsilon=result.spent_epsilon,
+        )
+
+    def _labelled_features(self, query: LabelQuery) -> Tuple[np.ndarray, List[str]]:
+        """Features (in the query's feature space) and labels of the ``[data] labelled`` images."""
+        folder = self.config.data.labelled
+        if not folder:
+            raise InputError("no labelled images to vote with: set [data] labelled (a <label>/<image> folder)")
+        if query.feature_space != THUMB16:
+            encoder = self.model(ENCODER)
+            if encoder is None:
+                raise ArtifactError("no encoder on this device: set [models] encoder or deliver one")
+            if encoder.sha256 != query.feature_space:
+                raise MismatchError(
+                    f"the label query was made for encoder {query.feature_space[:12]}..., "
+                    f"this device runs {encoder.sha256[:12]}..."
+                )
+        items = [it for it in scan_image_folder(folder) if it.label]
+        if not items:
+            raise InputError(f"{folder}: no labelled images (labels are the names of the images' parent folders)")
+        if query.feature_space == THUMB16:
+            features = thumbnail_features(load_images([it.path for it in items], THUMB_SIZE))
+        else:
+            features = encode_items(encoder, items, self.config.data.batch_size)
+        return features, [it.label for it in items]
+
     def _public_reason(self, err: EcosError) -> str:
         """What a refusal tells the cloud: the error without this device's local paths (the log keeps them)."""
         text = getattr(err, "public", None) or str(err)
@@ -411,6 +492,7 @@ class DeviceAgent:
             (c.privacy.ledger, "<ledger>"),
             (c.data.local, "<data.local>"),
             (c.data.eval, "<data.eval>"),
+            (c.data.labelled, "<data.labelled>"),
             (c.models.store, "<models.store>"),
             (c.models.encoder, "<models.encoder>"),
         ):

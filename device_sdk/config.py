@@ -34,6 +34,7 @@ else:  # pragma: no cover - Python < 3.11
 
 ENV_PREFIX = "ECOS_DEVICE_"
 DEFAULT_EPSILON_PER_PROBE = 0.58  # the paper's cost of one sampling, at delta 1e-5
+DEFAULT_EPSILON_PER_LABEL_QUERY = 2.0  # one label vote of automated client labelling (docs/tasks.md)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """The ledger and what one answer costs: ``epsilon_per_probe`` or a fixed ``sigma`` (not both)."""
+    """The ledger and what one answer costs: ``epsilon_per_probe`` or a fixed ``sigma`` (not both) for a probe,
+    ``epsilon_per_label_query`` for a label vote (docs/tasks.md)."""
 
     ledger: str = "state/ledger.json"
     budget_epsilon: float = DEFAULT_BUDGET_EPSILON
@@ -66,7 +68,8 @@ class PrivacySettings:
     accountant: str = DEFAULT_ACCOUNTANT
     epsilon_per_probe: Optional[float] = None
     sigma: Optional[float] = None
-    accept_unsigned_probes: bool = False  # development only: answer probes that carry no signature
+    accept_unsigned_probes: bool = False  # development only: answer probes (and label queries) that carry no signature
+    epsilon_per_label_query: float = DEFAULT_EPSILON_PER_LABEL_QUERY  # one label vote (automated client labelling)
 
     @property
     def epsilon(self) -> Optional[float]:
@@ -77,10 +80,13 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Local images scored against probes, and an optional labelled set to evaluate installed models."""
+    """Local images scored against probes, an optional labelled set to evaluate installed models, and an
+    optional labelled set (``<label>/<image>``) the device votes with when the cloud asks it to label
+    (automated client labelling; without it label queries are refused with ``input``)."""
 
     local: str = "data/local"
     eval: Optional[str] = None
+    labelled: Optional[str] = None
     batch_size: int = 64
 
 
@@ -125,6 +131,7 @@ _PATH_KEYS = {
     ("privacy", "ledger"),
     ("data", "local"),
     ("data", "eval"),
+    ("data", "labelled"),
     ("models", "store"),
     ("models", "cloud_public_key"),
     ("models", "encoder"),
@@ -299,6 +306,10 @@ def validate(cfg: DeviceConfig, source: str) -> None:
     _need(
         (p.epsilon or 1.0) > 0 and (p.sigma is None or p.sigma > 0),
         f"{source}: [privacy] epsilon_per_probe and sigma must be > 0",
+    )
+    _need(
+        p.epsilon_per_label_query > 0,
+        f"{source}: [privacy] epsilon_per_label_query must be > 0, got {p.epsilon_per_label_query}",
     )
     _need(d.batch_size >= 1, f"{source}: [data] batch_size must be >= 1, got {d.batch_size}")
     _need(

@@ -18,8 +18,17 @@ def cmd_label_vote(args: argparse.Namespace) -> int:
     from device_sdk.privacy.ledger import PrivacyLedger
     from device_sdk.protocol.envelope import read_file
     from device_sdk.protocol.labels import LabelQuery
+    from device_sdk.trust import DeviceTrust, verify_label_query
 
     query = LabelQuery.from_envelope(read_file(args.query, "label_query"), args.query)
+    if args.revoked_key and not args.trusted_key:
+        raise UsageError("--revoked-key needs --trusted-key (the keys to trust)")
+    trust = DeviceTrust.from_files(args.trusted_key, args.revoked_key or ()) if args.trusted_key else None
+    signer = verify_label_query(query, trust, args.accept_unsigned)  # before an image or the ledger
+    if trust is None:
+        LOG.warning("label query %s not verified: no --trusted-key given (offline use only)", query.id[:12])
+    elif signer is None:
+        LOG.warning("label query %s is unsigned and accepted (--accept-unsigned)", query.id[:12])
     ledger = PrivacyLedger.open(
         args.ledger, device_id=args.device_id, budget_epsilon=args.budget_epsilon, budget_delta=args.budget_delta
     )
@@ -93,5 +102,19 @@ def add_command(sub, add_common) -> None:
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="PUBLIC_KEY",
+        help="the cloud's public key (PEM or 64 hex digits; repeat for several): the query must be signed "
+        "by one of them, else it is refused before an image is read or anything is charged. Without it "
+        "the query is not verified (a warning says so)",
+    )
+    p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
+    p.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help="with --trusted-key: still answer a query that carries no signature (development only)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_label_vote)

@@ -30,6 +30,7 @@ from device_sdk.errors import MessageError, TrustError, UsageError
 from device_sdk.fsutil import PathLike, atomic_write_text
 from device_sdk.protocol import MAX_REVOKED, MAX_TRUST_KEYS, KeyUpdate
 from device_sdk.protocol.envelope import read_json_file
+from device_sdk.protocol.labels import LabelQuery
 from device_sdk.protocol.round import Probe
 from device_sdk.signing import (
     TrustStore,
@@ -211,6 +212,13 @@ def verify_probe(probe: Probe, trust: Any, accept_unsigned: bool = False) -> Opt
     if trust is None or (accept_unsigned and not probe.signed):
         return None
     return trust.verify(probe.signed_bytes(), probe.key_id, probe.signature, f"probe {probe.probe_id[:40]}")
+
+
+def verify_label_query(query: LabelQuery, trust: Any, accept_unsigned: bool = False) -> Optional[str]:
+    """The key id that signed ``query``; the rules of :func:`verify_probe` (a label query spends budget too)."""
+    if trust is None or (accept_unsigned and not query.signed):
+        return None
+    return trust.verify(query.signed_bytes(), query.key_id, query.signature, f"label query {query.id[:40]}")
 
 
 def read_key_update(path: PathLike) -> KeyUpdate:

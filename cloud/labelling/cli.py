@@ -10,8 +10,9 @@ Selective manual labelling:
 
 Automated client labelling:
 
-    ecos-cloud label-query --selection sel.csv --labels 0,1,...,9 --out round.labelquery
-    ecos-device label-vote LABELLED_FOLDER --query round.labelquery --out dev.votes --ledger ledger.json --epsilon 2
+    ecos-cloud label-query --selection sel.csv --labels 0,1,...,9 --out round.labelquery [--signing-key KEY.pem]
+    ecos-device label-vote LABELLED_FOLDER --query round.labelquery --out dev.votes --ledger ledger.json --epsilon 2 \
+        [--trusted-key PUB.pem]
     ecos-cloud apply-votes --query round.labelquery --votes dev.votes --out labelled.csv
     ecos-cloud train-semisup --selection labelled.csv --index pool.index.npz --out-dir student/
 """
@@ -95,7 +96,15 @@ def cmd_label_query(args: argparse.Namespace) -> int:
         features, space = thumbnail_query_features(paths), THUMB16
     centroids, assign = group_features(features, args.groups, seed=args.seed)
     query = build_label_query(centroids, space, labels, args.votes_per_sample, args.max_distance)
-    payload = query.to_bytes()
+    if args.signing_key:
+        from cloud.security.keys import SigningKey
+
+        key = SigningKey.load(args.signing_key)
+        payload = query.to_bytes(signer=key)
+        LOG.info("label query signed with key %s", key.key_id)
+    else:
+        LOG.warning("label query not signed (no --signing-key): a device with a trust store refuses it")
+        payload = query.to_bytes()
     atomic_write_bytes(args.out, payload)
     groups_path = args.out + ".groups.json"
     atomic_write_text(
@@ -331,6 +340,12 @@ def add_commands(sub, add_common) -> None:
         "16x16 grey thumbnails (thumb16, label-bearing; docs/tasks.md)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--signing-key",
+        metavar="PRIVATE_KEY",
+        help="sign the query with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
+        "devices with a trust store (label-vote --trusted-key, the agent) refuse unsigned queries",
+    )
     add_common(p)
     p.set_defaults(func=cmd_label_query)
 

@@ -7,12 +7,20 @@ vote's public parameters (votes per device sample, an optional cosine-distance l
 ``label_votes`` (device -> cloud): one noisy label histogram per query, with the noise and the
 privacy cost of the release (docs/tasks.md, device_sdk/labelling.py).
 
+A label query spends a device's privacy budget like a probe, so over MQTT it is signed by the cloud
+like a probe (``key_id``, ``signature`` over :meth:`LabelQuery.signed_bytes`, domain
+``ecos-label-query-v1``) and may carry a ``deadline``; the three fields are left off the wire when
+absent, so an unsigned query keeps its earlier bytes (docs/security.md).
+
 Both are :class:`~device_sdk.protocol.schema.Message` s: their fields declare how they travel,
 and every decoded message is checked against that schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -31,7 +39,8 @@ from device_sdk.protocol.schema import (
     utc_now,
     wire_field,
 )
-from device_sdk.protocol.topics import MAX_CODE_CHARS, MAX_ID_CHARS, MAX_NAME_CHARS
+from device_sdk.protocol.topics import MAX_CODE_CHARS, MAX_ID_CHARS, MAX_NAME_CHARS, PROBE_ID
+from device_sdk.signing import is_key_id, is_signature
 
 LABEL_QUERY = MessageType.LABEL_QUERY
 LABEL_VOTES = MessageType.LABEL_VOTES
@@ -40,6 +49,8 @@ MAX_QUERIES = 20_000  # a float16 query of 20,000 x 64 features is 2.5 MB: under
 MAX_LABELS = 1000
 MAX_VOTES_PER_SAMPLE = 1000
 _LABELS_WHY = f"must be 2-{MAX_LABELS} distinct non-empty names"
+_QUERY_ID_WHY = f"is not a valid label query id: 1-{MAX_ID_CHARS} printable ASCII characters without spaces"
+LABEL_QUERY_SIGNING_DOMAIN = b"ecos-label-query-v1\n"
 
 
 def _labels_ok(labels: Any) -> bool:
@@ -81,11 +92,14 @@ class LabelQuery(Message):
     ``votes_per_sample`` (m) and ``max_distance`` are the vote's public parameters: each device
     sample votes, with its own label, for at most m queries (its m most similar, within
     ``max_distance`` if given), so one sample changes at most m histogram entries by one.
+    ``deadline`` (unix seconds, optional): a device does not spend budget on a query whose answer
+    would come too late. ``key_id`` and ``signature`` (optional on the wire, required by a device
+    with a trust store): the cloud's Ed25519 signature of :meth:`signed_bytes`.
     """
 
     TYPE = MessageType.LABEL_QUERY
 
-    id: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    id: str = wire_field(str, pattern=PROBE_ID, why=_QUERY_ID_WHY)
     feature_space: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
     labels: list = wire_field(list, valid=_labels_ok, why=_LABELS_WHY)
     features: np.ndarray = array_field(
@@ -102,10 +116,65 @@ class LabelQuery(Message):
         str, default="float16", valid=lambda c: c in FEATURE_CODECS, why=f"is not one of {', '.join(FEATURE_CODECS)}"
     )
     created: str = wire_field(str, default_factory=utc_now)
+    deadline: Optional[float] = wire_field(int, float, default=None, omit_none=True, to_wire=float, from_wire=float)
+    key_id: Optional[str] = wire_field(
+        str, default=None, omit_none=True, valid=is_key_id, why="is not 16 lowercase hex digits"
+    )
+    signature: Optional[str] = wire_field(
+        str, default=None, omit_none=True, valid=is_signature, why="is not 128 lowercase hex digits"
+    )
 
     @property
     def n_queries(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signature)
+
+    def signed_bytes(self) -> bytes:
+        """What the query's signature covers: every field a device acts on, as the device decodes it.
+
+        A domain tag (so a probe's signature cannot pass for a query's), then sorted-key compact JSON
+        of the id, feature space, labels, votes per sample, max_distance, codec, created, deadline,
+        the features' shape and the sha256 of the features as decoded (float32, after the codec).
+        The key id and the signature are not covered. Computed from the content each time, so a
+        query changed after signing no longer verifies.
+        """
+        features = np.ascontiguousarray(self.features, dtype="<f4")
+        content = {
+            "id": self.id,
+            "feature_space": self.feature_space,
+            "labels": list(self.labels),
+            "votes_per_sample": self.votes_per_sample,
+            "max_distance": self.max_distance,
+            "codec": self.codec,
+            "created": self.created,
+            "deadline": self.deadline,
+            "shape": list(features.shape),
+            "features_sha256": hashlib.sha256(features.tobytes()).hexdigest(),
+        }
+        try:
+            text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise MessageError(f"label query {self.id[:40]!r}: fields cannot be signed ({exc})") from None
+        return LABEL_QUERY_SIGNING_DOMAIN + text.encode("utf-8")
+
+    def to_bytes(self, signer: Any = None) -> bytes:
+        """The query as a wire envelope; signed by ``signer`` (``cloud.security.keys.SigningKey``) if given.
+
+        As for a probe, the signature is made over the query exactly as a device will decode it
+        (features after the codec's round trip), so it verifies there.
+        """
+        if signer is None:
+            return super().to_bytes()
+        query = dataclasses.replace(self, key_id=None, signature=None)
+        received = LabelQuery.from_bytes(query.to_bytes(), "outgoing label query")
+        signature = signer.sign(received.signed_bytes())
+        return dataclasses.replace(query, key_id=signer.key_id, signature=signature).to_bytes()
+
+    def _check(self, source: str) -> None:
+        require((self.key_id is None) == (self.signature is None), source, "key_id and signature go together")
 
 
 @dataclass(frozen=True)
@@ -114,7 +183,7 @@ class LabelVotes(Message):
 
     TYPE = MessageType.LABEL_VOTES
 
-    query_id: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
+    query_id: str = wire_field(str, pattern=PROBE_ID, why=_QUERY_ID_WHY)
     device_id: str = name_id_field()
     feature_space: str = wire_field(str, lo=1, hi=MAX_ID_CHARS)
     labels: list = wire_field(list, valid=_labels_ok, why=_LABELS_WHY)

@@ -13,6 +13,7 @@ from device_sdk.errors import MessageError
 from device_sdk.protocol import envelope as wire
 from device_sdk.protocol.control import KeyUpdate, Status
 from device_sdk.protocol.delivery import Ack, ArtifactChunk, ArtifactManifest, Installed, InstallFailed
+from device_sdk.protocol.labels import LabelQuery, LabelVotes
 from device_sdk.protocol.round import Probe, Refusal, Scores
 from device_sdk.protocol.schema import Message
 from device_sdk.protocol.topics import MAX_PAYLOAD_BYTES, inbox, parse_topic
@@ -22,8 +23,8 @@ def _by_type(*classes: Type[Message]) -> Mapping[str, Type[Message]]:
     return {cls.TYPE: cls for cls in classes}
 
 
-CLOUD_TO_DEVICE = _by_type(Probe, ArtifactManifest, ArtifactChunk, KeyUpdate)
-DEVICE_TO_CLOUD = _by_type(Scores, Refusal, Ack, Installed, InstallFailed, Status)
+CLOUD_TO_DEVICE = _by_type(Probe, ArtifactManifest, ArtifactChunk, KeyUpdate, LabelQuery)
+DEVICE_TO_CLOUD = _by_type(Scores, Refusal, Ack, Installed, InstallFailed, Status, LabelVotes)
 ALL_TYPES = {**CLOUD_TO_DEVICE, **DEVICE_TO_CLOUD}
 _OUTBOX = {t: cls for t, cls in DEVICE_TO_CLOUD.items() if cls is not Status}
 _STATUS = _by_type(Status)
@@ -55,7 +56,7 @@ def check_scores(scores: Scores, source: str = "scores") -> Scores:
 
 
 def decode_for_device(device_id: str, topic: str, payload: bytes) -> Any:
-    """A message on this device's inbox: a probe, an artifact manifest or chunk, a key update."""
+    """A message on this device's inbox: a probe, an artifact manifest or chunk, a key update, a label query."""
     if topic != inbox(device_id):
         raise MessageError(f"message on {topic!r:.100} is not for device {device_id}")
     return decode_message(payload, topic, CLOUD_TO_DEVICE)

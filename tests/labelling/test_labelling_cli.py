@@ -188,3 +188,31 @@ def test_client_labelling_vote_apply_and_train(digits_root, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         assert (out_dir / "student.safetensors").exists() and (out_dir / "student.int8.onnx").exists()
+
+
+def test_offline_label_queries_are_signed_and_checked_like_probes(digits_root, tmp_path):
+    from cloud.security.keys import generate_keypair
+
+    private, public = generate_keypair(tmp_path / "keys")
+    sel = _selection(digits_root, tmp_path / "sel.csv", n=20)
+    local = digits_root / "devices" / "printed" / "local"
+    signed, unsigned = tmp_path / "signed.labelquery", tmp_path / "unsigned.labelquery"
+    common = ("--selection", sel, "--labels", LABELS, "--groups", "4")
+    assert run("ecos-cloud", "label-query", *common, "--out", signed, "--signing-key", private).returncode == 0
+    proc = run("ecos-cloud", "label-query", *common, "--out", unsigned)
+    assert proc.returncode == 0 and "not signed" in proc.stderr
+    vote = ("label-vote", local, "--ledger", tmp_path / "ledger.json", "--epsilon", "1", "--trusted-key", public)
+    proc = run("ecos-device", *vote, "--query", unsigned, "--out", tmp_path / "u.votes")
+    assert proc.returncode == 10 and "error[unsigned]" in proc.stderr and not (tmp_path / "u.votes").exists()
+    assert not (tmp_path / "ledger.json").exists()  # refused before the ledger was opened
+    proc = run("ecos-device", *vote, "--query", signed, "--out", tmp_path / "s.votes")
+    assert proc.returncode == 0, proc.stderr
+    assert len(PrivacyLedger(tmp_path / "ledger.json").releases()) == 1
+    # another key's signature: refused; --accept-unsigned does not let a badly signed query through
+    other, _ = generate_keypair(tmp_path / "other")
+    forged = tmp_path / "forged.labelquery"
+    assert run("ecos-cloud", "label-query", *common, "--out", forged, "--signing-key", other).returncode == 0
+    proc = run("ecos-device", *vote, "--accept-unsigned", "--query", forged, "--out", tmp_path / "f.votes")
+    assert proc.returncode == 10 and "error[unknown_key]" in proc.stderr
+    proc = run("ecos-device", *vote, "--accept-unsigned", "--query", unsigned, "--out", tmp_path / "u.votes")
+    assert proc.returncode == 0 and "unsigned and accepted" in proc.stderr

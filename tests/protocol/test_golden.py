@@ -152,6 +152,7 @@ CASES: Dict[str, Callable[[], bytes]] = {
     "key_update": lambda: _key_update().to_bytes(),
     "label_query": lambda: _label_query().to_bytes(),
     "label_query_float32": lambda: _label_query(max_distance=0.5, codec="float32").to_bytes(),
+    "label_query_signed": lambda: _label_query(deadline=1767323045.5).to_bytes(signer=KEY),
     "label_votes": lambda: _label_votes().to_bytes(),
 }
 
@@ -217,6 +218,11 @@ def _check_fields(name: str, msg) -> None:
         atol = 0 if msg.codec == "float32" else 1e-3
         np.testing.assert_allclose(msg.features, _centroids(5, 6), atol=atol)
         assert msg.max_distance == (0.5 if name == "label_query_float32" else None)
+        assert msg.signed == (name == "label_query_signed")
+        assert msg.deadline == (1767323045.5 if msg.signed else None)
+        if msg.signed:
+            assert msg.key_id == KEY.key_id
+            KEY.public.verify(bytes.fromhex(msg.signature), msg.signed_bytes())
     elif name == "label_votes":
         assert msg.query_id == "query-0001" and msg.device_id == "pi-1" and msg.labels == LABELS
         np.testing.assert_array_equal(msg.votes, np.arange(15).reshape(5, 3) - 2.5)
