@@ -79,3 +79,26 @@ def test_group_ids_and_their_checks():
         dataclasses.replace(pool, groups=np.zeros(3, dtype=np.int64))
     with pytest.raises(MismatchError, match="groups"):
         dataclasses.replace(pool, groups=np.full(10, -2))
+
+
+def test_selection_shows_the_index_domains_unless_told_not_to():
+    """The CLI and the daemon select through ``selection.select``: a pool with domain folders gets the rule."""
+    from cloud.pool.index import PoolIndex
+    from cloud.sampling.selection import select as select_from_index
+
+    pool = domain_pool()
+    index = PoolIndex(
+        paths=np.array([f"p{i}.png" for i in range(pool.size)]),
+        labels=np.array(["1"] * pool.size),
+        domains=np.where(pool.groups == 0, "a", "b"),
+        features=pool.features,
+        assign=pool.assign,
+        centroids=pool.centroids,
+        encoder_sha256="0" * 64,
+        probe_id="p",
+        created="2026-01-01T00:00:00Z",
+    )
+    scores = votes(100.0, 100.0, 50.0, 0.0)
+    aware = select_from_index(index, "ecos", 500, scores)
+    blind = select_from_index(index, "ecos", 500, scores, use_domains=False)
+    assert np.all(index.domains[aware] == "a") and np.any(index.domains[blind] == "b")
