@@ -66,3 +66,18 @@ class ImplausibleScores(MessageError):
     def __init__(self, message: str, check: str = ""):
         super().__init__(message)
         self.check = check
+
+
+class ImplausibleVotes(MessageError):
+    """Label votes no honest device could have sent for this query (too little noise, counts out of range,
+    another sensitivity); refused on arrival, never summed.
+
+    ``check`` names the check that failed (``sensitivity``, ``noise_too_low``, ``count_range``, ``total``;
+    cloud/labelling/client.py ``check_votes``).
+    """
+
+    code = "implausible_votes"
+
+    def __init__(self, message: str, check: str = ""):
+        super().__init__(message)
+        self.check = check

@@ -114,11 +114,13 @@ def _add_daemon_commands(sub) -> None:
     p.add_argument("--collect-seconds", type=float, help="deadline for the devices' answers")
     p.add_argument(
         "--task",
-        choices=("compression", "manual"),
+        choices=("compression", "manual", "client"),
         help="manual: selective manual labelling; the round waits in 'labelling' until 'ecos-cloud round-labels' "
-        "imports the proxy set's labels (needs --labels and a [trainer] named semisup; docs/tasks.md)",
+        "imports the proxy set's labels. client: automated client labelling; the round sends the devices a signed "
+        "label query and waits in 'voting' for their private label votes ([rounds] label_* keys). Both need "
+        "--labels and a [trainer] named semisup (docs/tasks.md)",
     )
-    p.add_argument("--labels", help="manual: comma-separated label names the labellers choose from")
+    p.add_argument("--labels", help="manual, client: comma-separated label names (labellers choose, devices vote)")
     p.add_argument(
         "--wait", type=float, default=0, metavar="SECONDS", help="wait for the round to finish; exit 1 if it fails"
     )

@@ -8,7 +8,8 @@ sum of independent Gaussians has sigma = sqrt(sum sigma_i^2)). ``confident_label
 query's top label only where it leads the runner-up by ``min_margin`` noise sigmas: a margin of
 ``t * sigma`` between two noisy counts is rarely noise alone (their difference has standard
 deviation ``sqrt(2) sigma``); everything else stays unlabelled for the semi-supervised trainer.
-This is post-processing of released numbers: it costs no privacy.
+This is post-processing of released numbers: it costs no privacy. ``check_votes`` refuses, before
+anything is summed, votes no honest device sends for the query (the daemon checks each on arrival).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cloud.errors import ImplausibleVotes
 from cloud.log import LOG
 from cloud.pool.index import PoolIndex
+from cloud.sampling.selection import Plausibility
 from device_sdk.errors import MessageError, MismatchError
+from device_sdk.labelling import vote_sensitivity
 from device_sdk.protocol.labels import LabelQuery, LabelVotes
 from device_sdk.protocol.round import new_id
 
@@ -123,3 +127,45 @@ def confident_labels(votes: np.ndarray, sigma: float, min_margin: float = 2.0) -
     margin = (order[:, -1] - order[:, -2]) / max(sigma, 1e-12)
     codes = np.where(margin >= min_margin, votes.argmax(axis=1), -1)
     return codes.astype(np.int64), margin
+
+
+def check_votes(query: LabelQuery, votes: LabelVotes, limits: Plausibility) -> None:
+    """Refuse votes that do not answer ``query`` (``MismatchError``) or that no honest device sends
+    (:class:`ImplausibleVotes` with the failed ``check``).
+
+    An honest answer has the query's id, feature space, labels and shape; the sensitivity
+    ``sqrt(m)`` of the query's ``votes_per_sample`` (``sensitivity``); noise at least what the
+    round's ``max_epsilon`` needs at that sensitivity, ``limits.min_sigma * sqrt(m)``
+    (``noise_too_low``); every count within ``[-t*sigma, max_samples + t*sigma]`` (``count_range``:
+    a query row gets at most one vote per device sample); and a total within ``min(m, queries) *
+    max_samples + t*sigma*sqrt(n)`` for n counts (``total``), t = ``limits.tail_sigmas``.
+    """
+    who = f"label votes of device {votes.device_id}"
+    if votes.query_id != query.id:
+        raise MismatchError(f"{who} answer query {votes.query_id[:40]}, not {query.id[:40]}")
+    if votes.feature_space != query.feature_space or list(votes.labels) != list(query.labels):
+        raise MismatchError(f"{who} are for another feature space or label list than query {query.id[:40]}")
+    if votes.votes.shape != (query.n_queries, len(query.labels)):
+        raise MismatchError(
+            f"{who} have shape {votes.votes.shape}, the query has {query.n_queries} x {len(query.labels)}"
+        )
+    sensitivity = vote_sensitivity(query.votes_per_sample)
+    if not math.isclose(votes.sensitivity, sensitivity, rel_tol=1e-9):
+        raise ImplausibleVotes(
+            f"{who} claim L2 sensitivity {votes.sensitivity:g}; the query's is sqrt({query.votes_per_sample}) "
+            f"= {sensitivity:g}",
+            "sensitivity",
+        )
+    min_sigma = limits.min_sigma * sensitivity
+    if votes.sigma < min_sigma:
+        raise ImplausibleVotes(
+            f"{who} carry noise sigma {votes.sigma:.4g}, below the {min_sigma:.4g} this round's max_epsilon needs",
+            "noise_too_low",
+        )
+    t, n = limits.tail_sigmas, votes.votes.size
+    lo, hi = -t * votes.sigma, limits.max_samples + t * votes.sigma
+    if float(votes.votes.min()) < lo or float(votes.votes.max()) > hi:
+        raise ImplausibleVotes(f"{who} hold a count outside [{lo:.4g}, {hi:.4g}]", "count_range")
+    top = min(query.votes_per_sample, query.n_queries) * limits.max_samples + t * votes.sigma * math.sqrt(n)
+    if float(votes.votes.sum()) > top:
+        raise ImplausibleVotes(f"{who} sum to {float(votes.votes.sum()):.6g}, above {top:.6g}", "total")

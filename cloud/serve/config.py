@@ -20,11 +20,13 @@ from typing import Any, Dict, Mapping, Optional
 from device_sdk.config import apply_env, check_broker_login, from_mapping, read_toml
 from device_sdk.errors import UsageError
 from device_sdk.protocol import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from device_sdk.protocol.labels import MAX_VOTES_PER_SAMPLE
 from device_sdk.protocol.round import CENTROID_CODECS
 from device_sdk.transport import PROTOCOLS
 
 ENV_PREFIX = "ECOS_CLOUD_"
 LOG_FORMATS = ("kv", "json")
+LABEL_FEATURE_SPACES = ("thumb16", "encoder")  # a client-labelling query: thumbnails, or the pool encoder's features
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,17 @@ class RoundConfig:
     # the probe again to devices that have not answered, until the deadline (not frozen in a round: how this daemon
     # works); also at once when such a device comes back online. A repeated probe costs a device nothing.
     probe_resend_seconds: float = 30.0
+    # Automated client labelling (a round with task "client"; docs/tasks.md): after sampling, the proxy set in
+    # label_groups cosine groups goes to the devices as a signed label query in label_feature_space ("thumb16" or
+    # "encoder"); each device sample votes for its votes_per_sample nearest groups (L2 sensitivity sqrt(m)); the
+    # daemon waits label_seconds for the votes (resent like probes), and keeps a group's top label where it leads
+    # the runner-up by min_margin noise sigmas
+    label_groups: int = 50
+    votes_per_sample: int = 2
+    label_max_distance: Optional[float] = None
+    label_feature_space: str = "thumb16"
+    label_seconds: float = 120.0
+    min_margin: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,20 @@ def validate(cfg: CloudConfig) -> None:
         f"[rounds] radius_quantile must lie in [0, 1] (0 = no coverage), got {r.radius_quantile!r}",
     )
     _need(r.probe_resend_seconds > 0, f"[rounds] probe_resend_seconds must be > 0, got {r.probe_resend_seconds}")
+    _need(r.label_groups >= 0, f"[rounds] label_groups must be >= 0 (0: one group per image), got {r.label_groups}")
+    _need(
+        1 <= r.votes_per_sample <= MAX_VOTES_PER_SAMPLE,
+        f"[rounds] votes_per_sample must be 1..{MAX_VOTES_PER_SAMPLE}, got {r.votes_per_sample}",
+    )
+    _need(
+        r.label_max_distance is None or 0 <= r.label_max_distance <= 2,
+        f"[rounds] label_max_distance must be a cosine distance in [0, 2], got {r.label_max_distance}",
+    )
+    _need(
+        r.label_feature_space in LABEL_FEATURE_SPACES,
+        f"[rounds] label_feature_space must be one of {', '.join(LABEL_FEATURE_SPACES)}, got {r.label_feature_space!r}",
+    )
+    _need(r.label_seconds > 0 and r.min_margin >= 0, "[rounds] need label_seconds > 0 and min_margin >= 0")
     _need(r.codec in CENTROID_CODECS, f"[rounds] codec must be one of {', '.join(CENTROID_CODECS)}, got {r.codec!r}")
     _need(
         MIN_CHUNK_SIZE <= d.chunk_size <= MAX_CHUNK_SIZE,

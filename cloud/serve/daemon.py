@@ -5,7 +5,8 @@
 One round (``device``: one device, its own model; ``fleet``: several devices, summed scores,
 one model for all) walks ``probing -> collecting -> sampling -> training -> signing ->
 delivering -> done`` (or ``failed``); a manual-labelling round waits in ``labelling`` between
-sampling and training until ``ecos-cloud round-labels`` imports its labels (docs/tasks.md). Every
+sampling and training until ``ecos-cloud round-labels`` imports its labels, a client-labelling
+round in ``voting`` until the devices' label votes are in (docs/tasks.md). Every
 transition is one compare-and-set in the store (cloud/serve/store/), made only after the stage's
 outputs are safely written, and every stage can run again after a crash without effect beyond its
 first run (the stages: cloud/serve/rounds.py).
@@ -39,6 +40,7 @@ from cloud.serve.eventlog import log_event
 from cloud.serve.metrics import DaemonMetrics, MetricsServer
 from cloud.serve.round_types import RoundParams
 from cloud.serve.rounds import RoundStages, create_round, round_params
+from cloud.serve.rounds_labels import round_of_label_query
 from cloud.serve.store import DeliveryState, DeviceState, ResponseRecord, RoundRecord, RoundState, Store
 from cloud.training.trainers import Trainer
 from device_sdk.config import broker_password, broker_tls
@@ -54,6 +56,7 @@ from device_sdk.protocol import (
     Status,
     decode_from_device,
 )
+from device_sdk.protocol.labels import LabelVotes
 from device_sdk.protocol.round import Scores
 from device_sdk.protocol.schema import MessageType
 from device_sdk.transport import MqttTransport
@@ -107,7 +110,8 @@ class Daemon(RoundStages):
         self._jobs: Dict[str, threading.Thread] = {}
         self._training = threading.Lock()  # one training at a time: it uses every core it is given
         self._probed: Set[str] = set()
-        self._implausible: Dict[str, Dict[str, str]] = {}  # round -> device -> failed check (for the round's summary)
+        self._implausible: Dict[str, Dict[str, str]] = {}  # round (or label query) -> device -> failed check
+        self._label_queries: Dict[str, Any] = {}  # label query id -> LabelQuery (read from the round's folder)
         self._probe_sent: Dict[Tuple[str, str], float] = {}  # (round, device) -> monotonic time of the last probe
         self._store_down: Optional[float] = None  # monotonic time of the last "store_unavailable" warning
         self._senders: Dict[Tuple[str, str], ArtifactSender] = {}
@@ -331,6 +335,7 @@ class Daemon(RoundStages):
             Installed: self._on_result,
             InstallFailed: self._on_result,
             Status: self._on_status,
+            LabelVotes: self._on_label_votes,
         }[type(msg)]
         try:
             handler(device_id, msg, payload)
@@ -375,6 +380,10 @@ class Daemon(RoundStages):
         self._record_answer(device_id, msg.probe_id, "scores", msg.message_id, payload)
 
     def _on_refusal(self, device_id: str, msg: Refusal, payload: bytes) -> None:
+        r = self.store.get_round(msg.probe_id)
+        if (r is None or device_id not in r.devices) and round_of_label_query(msg.probe_id) is not None:
+            self._on_label_refusal(device_id, msg, payload)  # a refusal of a round's label query (<round>.labels)
+            return
         log_event(
             LOG,
             "probe_refused",

@@ -43,8 +43,17 @@ class RoundParams:
     probe_resend_seconds: Optional[float] = None  # stored for the record; the daemon's own setting is used
     # "compression" (train on the selection as it is) or "manual" (selective manual labelling: the round waits in
     # "labelling" until the proxy set's labels are imported; docs/tasks.md); labels = the names labellers choose from
+    # "client" (automated client labelling): after sampling the round sends the devices a signed label query and
+    # waits in "voting" for their private label votes; labels = the names they vote over; the label_* settings,
+    # votes_per_sample and min_margin are [rounds] keys (docs/tasks.md)
     task: str = "compression"
     labels: Optional[List[str]] = None
+    label_groups: int = 50
+    votes_per_sample: int = 2
+    label_max_distance: Optional[float] = None
+    label_feature_space: str = "thumb16"
+    label_seconds: float = 120.0
+    min_margin: float = 2.0
 
     @property
     def coverage_quantile(self) -> Optional[float]:

@@ -12,7 +12,8 @@ Every stage can run again after a crash without effect beyond its first run:
 * delivering: the device's acknowledged chunk is stored; a restarted daemon re-sends the
   manifest and the device answers with where to resume.
 
-Signing and delivering are in cloud/serve/rounds_delivery.py.
+Signing and delivering are in cloud/serve/rounds_delivery.py; the label query and the ``voting``
+state of a client-labelling round in cloud/serve/rounds_labels.py.
 
 A stage reads the round's parameters and the earlier stages' results as the typed records of
 cloud/serve/round_types.py and ends with one compare-and-set transition that stores its own.
@@ -50,6 +51,7 @@ from cloud.serve.round_types import (
     TrainOutcome,
 )
 from cloud.serve.rounds_delivery import DeliveryStages
+from cloud.serve.rounds_labels import ClientLabellingStages, check_client_round_id
 from cloud.serve.store import (
     DeviceState,
     JobState,
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("ecos.daemon")
 MAX_TRAIN_ATTEMPTS = 3
 RECONNECT_RESEND_SECONDS = 1.0  # a device's "online" twice within this: one re-sent probe
+TASKS = ("compression", "manual", "client")  # client: automated client labelling (cloud/serve/rounds_labels.py)
 
 
 def round_params(cfg: CloudConfig, **overrides: Any) -> RoundParams:
@@ -101,18 +104,22 @@ def create_round(
         min_responses=min(params.min_responses, len(devices)),  # a fleet default must not doom a small round
         index=index.probe_id,  # the pool index's identity: its centroids are what the devices score
     )
-    if params.task not in ("compression", "manual"):
-        raise UsageError(f"unknown round task {params.task!r}; choose compression or manual")
-    if params.task == "manual" and (not params.labels or len(set(params.labels)) < 2):
-        raise UsageError("a manual-labelling round needs at least two label names (labels=[...])")
-    if params.task == "manual" and cfg.trainer.name != "semisup":
+    if params.task not in TASKS:
+        raise UsageError(f"unknown round task {params.task!r}; choose {', '.join(TASKS)}")
+    what = {"manual": "a manual-labelling round", "client": "a client-labelling round"}.get(params.task)
+    if what and (not params.labels or len(set(params.labels)) < 2 or len(set(params.labels)) != len(params.labels)):
+        raise UsageError(f"{what} needs at least two label names, all different (labels=[...])")
+    if what and cfg.trainer.name != "semisup":
         raise UsageError(
-            f'a manual-labelling round needs [trainer] name = "semisup": the {cfg.trainer.name!r} trainer would '
-            "ignore the imported labels (docs/tasks.md)"
+            f'{what} needs [trainer] name = "semisup": the {cfg.trainer.name!r} trainer would '
+            "ignore the labels (docs/tasks.md)"
         )
+    round_id = round_id or new_id()
+    if params.task == "client":
+        check_client_round_id(round_id)
     if not 1 <= params.budget <= len(index.paths):
         raise BudgetError(f"budget {params.budget} does not fit the pool of {len(index.paths)} images")
-    spec = NewRound(round_id or new_id(), "fleet" if fleet else "device", devices, params.to_json())
+    spec = NewRound(round_id, "fleet" if fleet else "device", devices, params.to_json())
     return store.create_round(spec)
 
 
@@ -121,7 +128,7 @@ def limits(params: RoundParams) -> Plausibility:
     return Plausibility.for_round(params.max_epsilon, params.delta, params.max_samples)
 
 
-class RoundStages(DeliveryStages):
+class RoundStages(DeliveryStages, ClientLabellingStages):
     """The stage of each working state, and what the stages share; mixed into ``Daemon``."""
 
     # what the daemon provides (see Daemon.__init__)
@@ -139,6 +146,7 @@ class RoundStages(DeliveryStages):
             RoundState.COLLECTING: self._stage_collecting,
             RoundState.SAMPLING: self._stage_sampling,
             RoundState.LABELLING: self._stage_labelling,
+            RoundState.VOTING: self._stage_voting,
             RoundState.TRAINING: self._stage_training,
             RoundState.SIGNING: self._stage_signing,
             RoundState.DELIVERING: self._stage_delivering,
@@ -235,7 +243,9 @@ class RoundStages(DeliveryStages):
             self._send_probe(r, due, resend="timer")
 
     def _resend_on_reconnect(self: "Daemon", device_id: str) -> None:
-        """A device came (back) online: the probe of every collecting round it has not answered, at once."""
+        """A device came (back) online: the probe of every collecting round it has not answered, at once (and the
+        label query of every voting round)."""
+        self._resend_label_query_on_reconnect(device_id, RECONNECT_RESEND_SECONDS)
         now = time.monotonic()
         for r in self.store.list_rounds([RoundState.COLLECTING]):
             if (
@@ -332,6 +342,9 @@ class RoundStages(DeliveryStages):
                 }
             }
             self._transition(r, RoundState.LABELLING, result={**sampled.to_json(), **labelling})
+            return
+        if p.task == "client":  # automated client labelling: ask the devices for their private label votes, then wait
+            self._start_voting(r, p, picks, sampled)
             return
         self._transition(r, RoundState.TRAINING, result=sampled.to_json())
 

@@ -23,6 +23,7 @@ class RoundState(StrEnum):
     COLLECTING = "collecting"
     SAMPLING = "sampling"
     LABELLING = "labelling"  # selective manual labelling: waiting for the proxy set's labels (docs/tasks.md)
+    VOTING = "voting"  # automated client labelling: waiting for the devices' label votes (docs/tasks.md)
     TRAINING = "training"
     SIGNING = "signing"
     DELIVERING = "delivering"
@@ -39,8 +40,9 @@ class RoundState(StrEnum):
 _NEXT: Dict[RoundState, Tuple[RoundState, ...]] = {
     RoundState.PROBING: (RoundState.COLLECTING,),
     RoundState.COLLECTING: (RoundState.SAMPLING,),
-    RoundState.SAMPLING: (RoundState.TRAINING, RoundState.LABELLING),
+    RoundState.SAMPLING: (RoundState.TRAINING, RoundState.LABELLING, RoundState.VOTING),
     RoundState.LABELLING: (RoundState.TRAINING,),
+    RoundState.VOTING: (RoundState.TRAINING,),
     RoundState.TRAINING: (RoundState.SIGNING,),
     RoundState.SIGNING: (RoundState.DELIVERING,),
     RoundState.DELIVERING: (RoundState.DONE,),
@@ -56,6 +58,7 @@ class RoundKind(StrEnum):
 class ResponseKind(StrEnum):
     SCORES = "scores"
     REFUSAL = "refusal"
+    LABEL_VOTES = "label_votes"  # stored under the label query's id (``<round>.labels``), not the round's
 
 
 class DeliveryState(StrEnum):
