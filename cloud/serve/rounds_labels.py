@@ -150,7 +150,7 @@ class ClientLabellingStages:
         pending = [d for d in r.devices if d not in answered]
         open_ = r.deadline is not None and time.time() < r.deadline
         if ref.query_id not in self._probed:  # first time here (or after a restart): to every device not answered
-            if pending:
+            if pending and open_:  # past the deadline a device would only refuse it
                 self._send_label_query(r, ref, pending)
             self._probed.add(ref.query_id)
         elif pending and open_:
@@ -223,6 +223,7 @@ class ClientLabellingStages:
             images_labelled=len(labels),
         )
         self._transition(r, RoundState.TRAINING, result={"selection": ref.labelled, "client_labelling": summary})
+        self._label_queries.pop(ref.query_id, None)  # a late answer reads it from disk again
 
     def _label_accounting(self: "Daemon", r: RoundRecord, votes: List[LabelVotes]) -> Dict[str, Any]:
         """Epsilon per device (the votes', and composed with the probe's answer) and the round's traffic so far."""
