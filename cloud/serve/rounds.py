@@ -382,6 +382,9 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
         """Worker thread: run the trainer; its outcome goes to the store, which the loop reads."""
         target = r.devices[0] if r.kind == "device" else "fleet"
         selection = SampleResult.from_json(r.result).selection
+        p = RoundParams.from_json(r.params)
+        # a labelling round's own label list: the model's classes, whichever of them the labels bought or voted use
+        labelling = {"labels": list(p.labels)} if p.task in ("manual", "client") and p.labels else {}
 
         def progress(done: int, total: int, note: str) -> None:
             try:
@@ -394,7 +397,7 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
         with self._training:
             started = time.monotonic()
             try:
-                result = self.trainer.train(selection, target, str(self._round_dir(r) / "train"), progress)
+                result = self.trainer.train(selection, target, str(self._round_dir(r) / "train"), progress, **labelling)
             except Exception as exc:  # the round fails with the reason; the daemon goes on
                 LOG.exception("round %s: training failed", r.round_id)
                 self._finish_job(job_id, JobState.FAILED, error=f"{exc.__class__.__name__}: {exc}")

@@ -232,7 +232,8 @@ class SemiSupTrainer(Trainer):
 
     The selection CSV's ``label`` column holds the labels bought (``ecos-cloud import-labels``) or
     voted (``ecos-cloud apply-votes``); empty labels are unlabelled. Options (``[trainer.options]``):
-    ``semisup`` (SemiSupConfig fields), ``labels`` (the label names; default: those in the CSV),
+    ``semisup`` (SemiSupConfig fields), ``labels`` (the label names; default: those in the CSV; a labelling
+    round's own labels, passed to ``train``, take their place),
     ``quant``/``gate`` (as the distillation trainer), ``format`` and ``on_gate_failure``.
     """
 
@@ -268,13 +269,21 @@ class SemiSupTrainer(Trainer):
         )
 
     def train(
-        self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
+        self,
+        selection_csv: str,
+        device_id: str,
+        workdir: str,
+        progress: Optional[ProgressFn] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> TrainResult:
         from cloud.export.gate import export_classifier
 
+        names = list(labels) if labels else self.labels  # a labelling round's own labels come first
+        if labels and self.labels and list(labels) != self.labels:
+            LOG.warning("the round's labels replace [trainer.options] labels for this training (they differ)")
         steps = _Steps(progress, 3)
         steps.step("load")
-        data, unlabelled = load_semisup_data(selection_csv, self.context.index_path, self.labels, self.cfg)
+        data, unlabelled = load_semisup_data(selection_csv, self.context.index_path, names, self.cfg)
         steps.step("fixmatch")
         trained = train_fixmatch(data.images, data.labels, data.label_names, unlabelled, self.cfg)
         steps.step("export, int8 and gate")

@@ -20,7 +20,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional, Type
+from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Type
 
 from cloud.errors import QualityGateError
 from cloud.log import LOG
@@ -53,9 +53,18 @@ class Trainer(ABC):
 
     @abstractmethod
     def train(
-        self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
+        self,
+        selection_csv: str,
+        device_id: str,
+        workdir: str,
+        progress: Optional[ProgressFn] = None,
+        labels: Optional[Sequence[str]] = None,
     ) -> TrainResult:
-        """Train on the images ``selection_csv`` lists; write the artifact under ``workdir``."""
+        """Train on the images ``selection_csv`` lists; write the artifact under ``workdir``.
+
+        ``labels``: the round's label names (a labelling round passes them; other rounds do not): the model's
+        classes, in this order, whichever of them the selection's labels happen to use.
+        """
 
 
 TRAINERS: Registry[Type[Trainer]] = Registry("trainer")
@@ -179,7 +188,12 @@ class DistillTrainer(Trainer):
             return self._teacher
 
     def train(
-        self, selection_csv: str, device_id: str, workdir: str, progress: Optional[ProgressFn] = None
+        self,
+        selection_csv: str,
+        device_id: str,
+        workdir: str,
+        progress: Optional[ProgressFn] = None,
+        labels: Optional[Sequence[str]] = None,  # not used: the student's classes are the teacher's
     ) -> TrainResult:
         from cloud.export.gate import export_classifier
         from cloud.training.classifier import distill, load_selection, student_kwargs

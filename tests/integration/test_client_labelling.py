@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.integration, requires_broker]
 
 LABELS = [str(i) for i in range(10)]
 TINY_SEMISUP = {
-    "labels": LABELS,  # every class in the student, whichever labels the votes were confident about
     "semisup": {"width": 4, "epochs": 1, "min_steps": 4, "max_unlabelled": 40},
     "quant": {"calibration_size": 16},
     "gate": {"min_agreement": 0.0, "max_accuracy_drop": 1.0},
@@ -88,6 +87,7 @@ def test_a_client_labelling_round_over_mqtt_charges_the_ledger_and_ships_a_model
         # the semi-supervised student trained on the voted labels is installed on the device
         installed = agent.store.current("classifier")
         assert installed is not None and installed.sha256 == r.result["sha256"]
+        assert agent.model("classifier").meta.labels == LABELS  # the round's labels, without [trainer.options]
         assert r.result["deliveries"][device]["state"] == "installed"
         down, up = (
             sum(b for (d, _), b in traffic.items() if d == "down"),

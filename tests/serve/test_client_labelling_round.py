@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from device_sdk.privacy.ledger import PrivacyLedger
 from device_sdk.protocol import Refusal, inbox, outbox
 from device_sdk.protocol.envelope import decode
 from device_sdk.protocol.labels import LabelQuery, LabelVotes
+from device_sdk.runtime import load_model
 from device_sdk.signing import TrustStore
 
 LABELS = [str(i) for i in range(10)]
@@ -67,13 +69,16 @@ def _sent(daemon, msg_type):
     return [p for topic, p in daemon.transport.published if topic == inbox(DEV) and decode(p).type == msg_type]
 
 
-def _device_votes(digits_root: Path, tmp_path: Path, query: LabelQuery, epsilon: float = 4.0) -> bytes:
-    """What the device publishes: the real vote over its labelled folder, charged to its ledger."""
+def _device_votes(
+    digits_root: Path, tmp_path: Path, query: LabelQuery, epsilon: float = 4.0, relabel: Optional[str] = None
+) -> bytes:
+    """What the device publishes: the real vote over its labelled folder, charged to its ledger (``relabel``: every
+    image carries that label instead of its own)."""
     items = [it for it in scan_image_folder(digits_root / "devices" / "printed" / "local") if it.label]
     features = thumbnail_features(load_images([it.path for it in items], THUMB_SIZE))
     ledger = PrivacyLedger.open(tmp_path / "device-ledger.json", device_id=DEV, budget_epsilon=10.0)
     out = []
-    labels = [it.label for it in items]
+    labels = [relabel or it.label for it in items]
     rng = np.random.default_rng(0)  # tests only: a device's noise must be unpredictable
     answer_label_query(query, THUMB16, features, labels, ledger, epsilon=epsilon, commit=out.append, rng=rng)
     return out[0]
@@ -140,6 +145,23 @@ def test_a_client_round_sends_a_signed_query_waits_across_a_restart_and_trains_o
     assert trained.result["selection"] == summary["labelled"] and len(rows) == 40
     assert summary["images_labelled"] == len(labelled) >= 1 and summary["groups_labelled"] >= 1
     assert all(row.label in LABELS for row in labelled)
+
+
+def test_votes_confident_about_one_label_train_a_student_over_the_rounds_labels(tmp_path, pool_index, digits_root):
+    """The round's label list goes to the trainer: votes confident about one label only (every device image says
+    "3") train a student over the round's ten labels, with no [trainer.options] labels in the daemon config
+    (before, the trainer took its classes from the labelled selection and failed with one class)."""
+    daemon = _daemon(tmp_path, pool_index, min_margin=2.5)  # no noise-only group passes
+    assert "labels" not in daemon.cfg.trainer.options
+    r = daemon.submit_round([DEV], task="client", labels=LABELS)
+    assert _tick(daemon, r.round_id, RoundState.VOTING).state is RoundState.VOTING
+    daemon.tick()
+    query = LabelQuery.from_bytes(_sent(daemon, "label_query")[0])
+    daemon.handle_message(outbox(DEV), _device_votes(digits_root, tmp_path, query, relabel="3"))
+    trained = _tick(daemon, r.round_id, RoundState.SIGNING, seconds=300)
+    assert trained.state in (RoundState.SIGNING, RoundState.DELIVERING), trained.error
+    assert {row.label for row in read_selection(trained.result["selection"]) if row.label} == {"3"}
+    assert load_model(trained.result["model_path"]).meta.labels == LABELS
 
 
 def test_a_round_nobody_votes_in_fails_at_its_deadline_with_the_refusals(tmp_path, pool_index):

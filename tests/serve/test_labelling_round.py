@@ -119,3 +119,28 @@ def test_manual_round_needs_the_semisup_trainer(tmp_path, pool_index):
     distill = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, name="distill"))
     with pytest.raises(UsageError, match='name = "semisup"'):
         create_round(daemon.store, distill, daemon.index, ["dev1"], task="manual", labels=LABELS)
+
+
+def test_labels_of_one_class_train_a_student_over_the_rounds_labels(tmp_path, pool_index):
+    """The round's label list goes to the trainer: labellers who answer with one label only still get a student over
+    the round's ten labels, with no [trainer.options] labels (before, the trainer took its classes from the labelled
+    selection and failed with one class)."""
+    from cloud.labelling.labelstudio import read_selection
+    from device_sdk.runtime import load_model
+
+    cfg, daemon = _daemon(tmp_path, pool_index)
+    assert "labels" not in cfg.trainer.options
+    r = daemon.submit_round(["dev1"], task="manual", labels=LABELS)
+    lab = _tick(daemon, r.round_id, RoundState.LABELLING).result["labelling"]
+    state = LabelState.load(lab["state"])
+    write_labelstudio_export({row.path: "3" for row in state.rows()}, state, str(tmp_path / "all.json"))
+    config_file = tmp_path / "cloud.toml"
+    config_file.write_text(f'[store]\nstate_dir = "{cfg.store.state_dir}"\n')
+    args = argparse.Namespace(
+        config=str(config_file), round_id=r.round_id, files=[str(tmp_path / "all.json")], partial=False
+    )
+    assert cmd_round_labels(args) == 0
+    trained = _tick(daemon, r.round_id, RoundState.SIGNING, seconds=300)
+    assert trained.state in (RoundState.SIGNING, RoundState.DELIVERING), trained.error
+    assert {row.label for row in read_selection(trained.result["selection"])} == {"3"}
+    assert load_model(trained.result["model_path"]).meta.labels == LABELS
