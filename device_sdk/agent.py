@@ -436,6 +436,14 @@ class DeviceAgent:
                     f"label query {query.id} arrived {time.time() - query.deadline:.0f}s after its deadline"
                 )
             features, labels = self._labelled_features(query)
+            unknown = sorted(set(labels) - set(query.labels))
+            if unknown:  # the local log only: the device's label names never go to the cloud
+                LOG.warning(
+                    "label query %s: %d local label(s) are not among its labels and do not vote: %s",
+                    clean(query.id),
+                    len(unknown),
+                    clean(", ".join(unknown[:10]), 300),
+                )
             votes, result = answer_label_query(
                 query,
                 query.feature_space,

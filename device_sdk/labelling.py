@@ -134,16 +134,19 @@ def label_codes(device_labels: Sequence[str], query_labels: Sequence[str]) -> Tu
     """Codes of the device's labels in the query's label list; ``-1`` (no vote) for the others.
 
     Returns the codes and the sorted device labels the query does not know. A device none of whose
-    labels the query knows cannot vote: ``MismatchError``.
+    labels the query knows cannot vote: ``MismatchError`` (its ``public`` text, for a refusal, names no label).
     """
     index = {name: i for i, name in enumerate(query_labels)}
     codes = np.array([index.get(v, -1) for v in device_labels], dtype=np.int64)
     unknown = sorted({v for v in device_labels if v not in index})
     if len(device_labels) and not np.any(codes >= 0):
-        raise MismatchError(
+        err = MismatchError(
             f"none of this device's labels ({', '.join(sorted(set(device_labels))[:10])}) is among the "
             f"query's labels ({', '.join(list(query_labels)[:10])})"
         )
+        # what a refusal tells the cloud: the device's label names are its private data, never sent
+        err.public = "none of this device's labels is among the query's labels"
+        raise err
     return codes, unknown
 
 

@@ -10,6 +10,7 @@ labelled images). Malformed and oversized payloads are rejected and the agent go
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -169,6 +170,10 @@ def test_late_or_unanswerable_queries_are_refused_with_their_code(tmp_path, digi
     deliver(agent, odd.to_bytes(signer=CLOUD))  # none of the device's labels is among the query's
     assert [r.code for r in agent.transport.replies()] == ["deadline", "mismatch"]
     assert agent.ledger.releases() == []
+    # the refusal names no label of the device's: its label names are private data (the local log has them)
+    mismatch = agent.transport.replies()[-1].reason
+    assert mismatch == "none of this device's labels is among the query's labels"
+    assert not any(label in mismatch for label in LABELS)
     plain = dataclasses.replace(agent.config, data=dataclasses.replace(agent.config.data, labelled=None))
     agent.config = plain  # no labelled folder configured
     deliver(agent, query_of(digits_root, "nolabels.labels").to_bytes(signer=CLOUD))
@@ -193,3 +198,55 @@ def test_malformed_and_oversized_queries_are_rejected_and_the_agent_goes_on(tmp_
     assert all(e.kind == EventKind.REJECTED for e in events)
     deliver(agent, good)  # the real one afterwards is answered
     assert isinstance(agent.transport.replies()[0], LabelVotes) and len(agent.ledger.releases()) == 1
+
+
+def test_the_votes_are_charged_to_the_ledger_before_they_are_published(tmp_path, digits_root):
+    agent, _ = make_agent(tmp_path, digits_root)
+    charged_at_publish = []
+    publish = agent.transport.publish
+
+    def checking_publish(topic, payload, qos=1, retain=False):
+        charged_at_publish.append([r["payload_sha256"] for r in agent.ledger.releases()])
+        publish(topic, payload, qos, retain)
+
+    agent.transport.publish = checking_publish
+    deliver(agent, query_of(digits_root).to_bytes(signer=CLOUD))
+    ((_, published),) = agent.transport.sent
+    assert charged_at_publish == [[hashlib.sha256(published).hexdigest()]]
+
+
+def test_votes_that_cannot_be_published_cost_nothing_and_the_agent_goes_on(tmp_path, digits_root):
+    agent, events = make_agent(tmp_path, digits_root)
+    publish = agent.transport.publish
+
+    def broken_publish(topic, payload, qos=1, retain=False):
+        raise OSError("the network is down")
+
+    agent.transport.publish = broken_publish
+    payload = query_of(digits_root).to_bytes(signer=CLOUD)
+    deliver(agent, payload)
+    assert agent.ledger.releases() == [] and agent.stats.dropped == 1  # the release was rolled back
+    agent.transport.publish = publish
+    deliver(agent, payload)  # the resend is answered, charged once
+    assert isinstance(agent.transport.replies()[0], LabelVotes) and len(agent.ledger.releases()) == 1
+
+
+def test_a_query_id_comes_back_with_other_content_is_refused_the_same_content_is_replayed(tmp_path, digits_root):
+    agent, events = make_agent(tmp_path, digits_root)
+    query = query_of(digits_root, deadline=time.time() + 60)
+    deliver(agent, query.to_bytes(signer=CLOUD))
+    (first,) = agent.transport.sent
+    for other in (
+        dataclasses.replace(query, features=query.features[::-1].copy()),
+        dataclasses.replace(query, labels=LABELS[::-1]),
+        dataclasses.replace(query, votes_per_sample=1),
+        dataclasses.replace(query, max_distance=0.5),
+    ):
+        deliver(agent, other.to_bytes(signer=CLOUD))  # signed by the cloud: only the ledger stops it
+        refusal = agent.transport.replies()[-1]
+        assert isinstance(refusal, Refusal) and refusal.code == "probe_conflict" and refusal.probe_id == query.id
+    assert len(agent.ledger.releases()) == 1
+    # the same question signed again with another deadline: the same bytes, for free
+    deliver(agent, dataclasses.replace(query, deadline=time.time() + 120).to_bytes(signer=CLOUD))
+    assert agent.transport.sent[-1] == first and len(agent.ledger.releases()) == 1
+    assert events[-1].kind == EventKind.LABEL_QUERY_ANSWERED and events[-1].detail["repeated"]
