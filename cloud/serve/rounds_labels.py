@@ -169,6 +169,7 @@ class ClientLabellingStages:
 
         p = RoundParams.from_json(r.params)
         query = self._label_query(ref)
+        self._label_queries.pop(ref.query_id, None)  # the round leaves voting (trains or fails); late answers: disk
         votes = [LabelVotes.from_bytes(x.payload) for x in responses if x.kind == ResponseKind.LABEL_VOTES]
         refused = {x.device_id: Refusal.from_bytes(x.payload).code for x in responses if x.kind == ResponseKind.REFUSAL}
         missing = sorted(set(r.devices) - {x.device_id for x in responses})
@@ -223,7 +224,6 @@ class ClientLabellingStages:
             images_labelled=len(labels),
         )
         self._transition(r, RoundState.TRAINING, result={"selection": ref.labelled, "client_labelling": summary})
-        self._label_queries.pop(ref.query_id, None)  # a late answer reads it from disk again
 
     def _label_accounting(self: "Daemon", r: RoundRecord, votes: List[LabelVotes]) -> Dict[str, Any]:
         """Epsilon per device (the votes', and composed with the probe's answer) and the round's traffic so far."""

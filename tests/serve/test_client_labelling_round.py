@@ -21,7 +21,7 @@ from cloud.labelling.labelstudio import read_selection
 from cloud.serve.config import BrokerConfig, CloudConfig, MetricsConfig, RoundConfig, StoreConfig, TrainerConfig
 from cloud.serve.daemon import build_daemon
 from cloud.serve.store import RoundState
-from device_sdk.errors import UsageError
+from device_sdk.errors import InputError, UsageError
 from device_sdk.imagefolder import load_images, scan_image_folder
 from device_sdk.labelling import THUMB16, THUMB_SIZE, answer_label_query, thumbnail_features
 from device_sdk.privacy.ledger import PrivacyLedger
@@ -205,10 +205,44 @@ def test_a_client_round_needs_labels_semisup_and_room_for_its_query_id(tmp_path,
     distill = dataclasses.replace(daemon.cfg, trainer=dataclasses.replace(daemon.cfg.trainer, name="distill"))
     with pytest.raises(UsageError, match='name = "semisup"'):
         create_round(daemon.store, distill, daemon.index, [DEV], task="client", labels=LABELS)
-    with pytest.raises(Exception, match="too long"):
+    with pytest.raises(InputError, match="too long"):
         create_round(daemon.store, daemon.cfg, daemon.index, [DEV], round_id="r" * 125, task="client", labels=LABELS)
     with pytest.raises(UsageError, match="two label names, all different"):
         daemon.submit_round([DEV], task="client", labels=["a", "a"])
     r = daemon.submit_round([DEV], labels=None)  # a compression round: no task, no labels, as before
     assert "task" not in r.params and "labels" not in r.params and r.params["label_groups"] == 8
     assert math.isclose(daemon.store.get_round(r.round_id).params["budget"], 40)
+
+
+def test_the_query_is_resent_by_timer_and_on_reconnect_but_never_to_an_offline_device(tmp_path, pool_index):
+    from device_sdk.protocol import Status, device_status
+
+    daemon = _daemon(tmp_path, pool_index, probe_resend_seconds=0.2)
+    r = daemon.submit_round([DEV], task="client", labels=LABELS)
+    assert _tick(daemon, r.round_id, RoundState.VOTING).state is RoundState.VOTING
+    _tick(daemon, r.round_id, RoundState.TRAINING, seconds=0.7)
+    sent = _sent(daemon, "label_query")
+    assert len(sent) >= 3 and len(set(sent)) == 1  # the same signed bytes each time
+    assert daemon.metrics.probes_resent.value(reason="timer") == len(sent) - 1
+    daemon.handle_message(device_status(DEV), Status(DEV, "offline").to_bytes())
+    before = len(_sent(daemon, "label_query"))
+    _tick(daemon, r.round_id, RoundState.TRAINING, seconds=0.7)
+    assert len(_sent(daemon, "label_query")) == before  # the broker holds one for it: not piled up
+    time.sleep(1.1)  # past RECONNECT_RESEND_SECONDS
+    daemon.handle_message(device_status(DEV), Status(DEV, "online").to_bytes())
+    assert len(_sent(daemon, "label_query")) == before + 1  # at once, not at the next timer
+    assert daemon.metrics.probes_resent.value(reason="reconnect") == 1
+    assert _sent(daemon, "label_query")[-1] == sent[0]
+
+
+def test_a_daemon_restarted_past_the_deadline_does_not_send_the_query_again(tmp_path, pool_index):
+    daemon = _daemon(tmp_path, pool_index, label_seconds=0.5)
+    r = daemon.submit_round([DEV], task="client", labels=LABELS)
+    voting = _tick(daemon, r.round_id, RoundState.VOTING)
+    assert voting.state is RoundState.VOTING and _sent(daemon, "label_query") == []  # stopped before it was sent
+    time.sleep(max(0.0, voting.deadline - time.time()) + 0.1)
+    daemon = _daemon(tmp_path, pool_index, label_seconds=0.5)  # the restart, past the deadline
+    failed = _tick(daemon, r.round_id, RoundState.TRAINING, seconds=5.0)
+    assert _sent(daemon, "label_query") == []  # the device would only refuse it (deadline)
+    assert failed.state is RoundState.FAILED and failed.result["client_labelling"]["missing"] == [DEV]
+    assert daemon._label_queries == {}  # nothing left in memory for a round that no longer votes
