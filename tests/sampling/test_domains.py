@@ -102,3 +102,20 @@ def test_selection_shows_the_index_domains_unless_told_not_to():
     aware = select_from_index(index, "ecos", 500, scores)
     blind = select_from_index(index, "ecos", 500, scores, use_domains=False)
     assert np.all(index.domains[aware] == "a") and np.any(index.domains[blind] == "b")
+
+
+def test_votes_unlike_the_domains_own_spread_leave_the_rule_off():
+    """A device whose domain is absent piles its votes on a few clusters of the nearest domain:
+    domain A spans clusters 0-3, the votes land on 0 and on 3 (a quarter B) only."""
+    pool = make_pool(sizes=(200, 200, 200, 200, 200, 200))
+    groups = np.zeros(pool.size, dtype=np.int64)
+    groups[750:] = 1  # the last quarter of cluster 3, and clusters 4-5
+    pool = dataclasses.replace(pool, groups=groups)
+    scores = votes(100.0, 0.0, 0.0, 50.0, 0.0, 0.0)
+    plan = get_sampler("ecos").plan(pool, 300, scores)
+    assert plan.domain_fit == pytest.approx(27500 / (np.hypot(100, 50) * np.sqrt(3 * 200**2 + 150**2)))
+    assert plan.relevant is None and plan.domain_mix[0] > 0.9
+    blind = select("ecos", dataclasses.replace(pool, groups=None), 300, scores)
+    assert select("ecos", pool, 300, scores).tolist() == blind.tolist()
+    assert np.any(groups[blind] == 1)
+    assert np.all(groups[select("ecos", pool, 300, scores, domain_fit=0.5)] == 0)  # a looser fit: the rule applies
