@@ -22,6 +22,10 @@ class OnnxModel(Model):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # Idle intra-op threads sleep instead of spinning: with threads > 1 (the cloud's indexing)
+        # spinning took the CPU the decoding threads need (10,000 JPEGs on 2 cores: 1,850 images/s
+        # and 6.1 s of CPU without it, 1,560 and 8.5 s with it; benchmarks/bench_index_scale.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
