@@ -146,7 +146,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.method == "ecos"
         else {}
     )
-    picks = select(index, args.method, args.budget, scores, seed=args.seed, **config)
+    picks = select(
+        index, args.method, args.budget, scores, seed=args.seed, use_domains=not args.ignore_domains, **config
+    )
     write_selection_csv(index, picks, args.out)
     mix = composition(index, picks)
     print(f"{args.method}: selected {len(picks)} of {len(index.paths)} pool images -> {args.out}")
@@ -317,6 +319,13 @@ def add_commands(sub) -> None:
     )
     p.add_argument(
         "--oversample", type=float, default=2.0, help="ecos: candidate pool per cluster, as a multiple of its quota"
+    )
+    p.add_argument(
+        "--ignore-domains",
+        action="store_true",
+        help="ecos: do not use the pool's domain folders (by default, where the pool has two or more, the "
+        "votes are spread over each cluster's domains and the draw keeps to the devices' domains when the "
+        "votes fit them; docs/sampling.md)",
     )
     p.add_argument(
         "--radius-quantile",

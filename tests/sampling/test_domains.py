@@ -81,13 +81,10 @@ def test_group_ids_and_their_checks():
         dataclasses.replace(pool, groups=np.full(10, -2))
 
 
-def test_selection_shows_the_index_domains_unless_told_not_to():
-    """The CLI and the daemon select through ``selection.select``: a pool with domain folders gets the rule."""
+def _index(pool: PoolView):
     from cloud.pool.index import PoolIndex
-    from cloud.sampling.selection import select as select_from_index
 
-    pool = domain_pool()
-    index = PoolIndex(
+    return PoolIndex(
         paths=np.array([f"p{i}.png" for i in range(pool.size)]),
         labels=np.array(["1"] * pool.size),
         domains=np.where(pool.groups == 0, "a", "b"),
@@ -98,6 +95,13 @@ def test_selection_shows_the_index_domains_unless_told_not_to():
         probe_id="p",
         created="2026-01-01T00:00:00Z",
     )
+
+
+def test_selection_shows_the_index_domains_unless_told_not_to():
+    """The CLI and the daemon select through ``selection.select``: a pool with domain folders gets the rule."""
+    from cloud.sampling.selection import select as select_from_index
+
+    index = _index(domain_pool())
     scores = votes(100.0, 100.0, 50.0, 0.0)
     aware = select_from_index(index, "ecos", 500, scores)
     blind = select_from_index(index, "ecos", 500, scores, use_domains=False)
@@ -119,3 +123,24 @@ def test_votes_unlike_the_domains_own_spread_leave_the_rule_off():
     assert select("ecos", pool, 300, scores).tolist() == blind.tolist()
     assert np.any(groups[blind] == 1)
     assert np.all(groups[select("ecos", pool, 300, scores, domain_fit=0.5)] == 0)  # a looser fit: the rule applies
+
+
+def test_ecos_cloud_sample_ignore_domains(tmp_path):
+    import csv
+
+    from cloud.cli import main as cloud_main
+    from device_sdk.protocol.round import Scores
+
+    index = _index(domain_pool())
+    index.save(str(tmp_path / "pool.index.npz"))
+    answer = Scores(index.probe_id, "dev", index.encoder_sha256, np.array([100.0, 100.0, 50.0, 0.0]), 1.0)
+    (tmp_path / "a.scores").write_bytes(answer.to_bytes())
+    domains = {}
+    for flag in ([], ["--ignore-domains"]):
+        out = tmp_path / f"sel{len(flag)}.csv"
+        args = ["sample", "--index", str(tmp_path / "pool.index.npz"), "--scores", str(tmp_path / "a.scores")]
+        args += ["--budget", "500", "--out", str(out), "--max-epsilon", "inf", "--radius-quantile", "0"] + flag
+        assert cloud_main(args) == 0
+        with open(out) as fh:
+            domains[len(flag)] = {row["domain"] for row in csv.DictReader(fh)}
+    assert domains == {0: {"a"}, 1: {"a", "b"}}
