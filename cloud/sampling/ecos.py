@@ -121,7 +121,10 @@ class EcosSampler(Sampler):
         n_diverse = int(round(uncovered * budget))
         mix, relevant, fit = self._domains(pool, scores, kept)
         eligible = sizes if relevant is None else np.bincount(pool.assign[relevant], minlength=pool.n_clusters)
-        weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, eligible, kept) ** self.purity_power
+        # the purity reference over the kept clusters with points to draw: one without (all another domain's,
+        # kept on noise) would count its score per max(0, 1) point and inflate the reference
+        reference = kept & (eligible > 0)
+        weights = np.clip(scores.scores, 0.0, None) * purity(scores.scores, eligible, reference) ** self.purity_power
         n_proximal = budget - n_diverse
         n_inside = min(n_proximal, int(eligible.sum()))
         proximal = _allocate(scores.scores, kept, eligible, n_inside, pool.centroids, weights)

@@ -7,6 +7,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_sampling import make_pool, select
 
 from cloud.sampling import PoolView, ScoreSet, get_sampler
@@ -144,3 +146,57 @@ def test_ecos_cloud_sample_ignore_domains(tmp_path):
         with open(out) as fh:
             domains[len(flag)] = {row["domain"] for row in csv.DictReader(fh)}
     assert domains == {0: {"a"}, 1: {"a", "b"}}
+
+
+def test_a_kept_cluster_without_relevant_points_leaves_the_purity_reference_alone():
+    """A cluster of another domain that passes the threshold on noise has no point the proximity
+    term may draw from; its votes per relevant point (s / max(0, 1) = s) must not become the
+    reference that the chosen domains' clusters' purity is measured against."""
+    pool = make_pool(sizes=(200, 200, 200, 200, 200))
+    groups = np.zeros(pool.size, dtype=np.int64)
+    groups[800:] = 1  # cluster 4 is all domain B
+    pool = dataclasses.replace(pool, groups=groups)
+    quiet = get_sampler("ecos").plan(pool, 300, ScoreSet(np.array([100.0, 80.0, 60.0, 40.0, 0.0]), sigma=5.0))
+    noisy = get_sampler("ecos").plan(pool, 300, ScoreSet(np.array([100.0, 80.0, 60.0, 40.0, 20.0]), sigma=5.0))
+    assert noisy.kept[4] and noisy.relevant is not None and not noisy.relevant[800:].any()
+    assert noisy.quotas.tolist() == quiet.quotas.tolist()
+
+
+@st.composite
+def _random_case(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    k, n = draw(st.integers(1, 6)), draw(st.integers(1, 60))
+    assign = rng.integers(0, k, n).astype(np.int32)
+    n_groups = draw(st.integers(1, 3))
+    groups = rng.integers(0, n_groups, n) if draw(st.booleans()) else assign.astype(np.int64) % n_groups
+    groups[rng.random(n) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = -1  # some or every point without a domain
+    features = rng.standard_normal((n, 4)).astype(np.float32)
+    centroids = rng.standard_normal((k, 4)).astype(np.float32)
+    pool = PoolView(
+        features / np.linalg.norm(features, axis=1, keepdims=True),
+        assign,
+        centroids / np.linalg.norm(centroids, axis=1, keepdims=True),
+        groups=groups,
+    )
+    scores = rng.normal(0.0, 20.0, k) + (rng.random(k) < 0.5) * rng.random(k) * draw(st.sampled_from([0.0, 200.0]))
+    sigma = draw(st.sampled_from([0.0, 1.0, 10.0]))  # 10: often no cluster passes (fallback)
+    far = draw(st.one_of(st.none(), st.floats(-50.0, 500.0)))
+    budget = draw(st.one_of(st.integers(1, n), st.just(n)))
+    config = dict(domain_fit=draw(st.sampled_from([-1.0, 0.7])), purity_power=draw(st.sampled_from([0.0, 2.0])))
+    return pool, ScoreSet(scores, sigma=sigma, far=far), budget, config, seed
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_random_case())
+def test_random_pools_give_exactly_the_budget_with_the_domain_rule(case):
+    pool, scores, budget, config, seed = case
+    sampler = get_sampler("ecos", **config)
+    picks = sampler.select(pool, budget, scores, np.random.default_rng(seed))
+    assert picks.shape == (budget,) and len(np.unique(picks)) == budget
+    assert picks.min() >= 0 and picks.max() < pool.size
+    plan = sampler.plan(pool, budget, scores)
+    assert plan.quotas.sum() == budget and np.all(plan.quotas <= pool.cluster_sizes())
+    if plan.relevant is not None:  # the proximity picks come first: the relevant points, then the others
+        n_proximal = budget - (0 if plan.diverse is None else int(plan.diverse.sum()))
+        assert np.sum(plan.relevant[picks[:n_proximal]]) == min(n_proximal, int(plan.relevant.sum()))
