@@ -169,11 +169,11 @@ class EcosSampler(Sampler):
         if pool.groups is None or self.domain_floor <= 0.0:
             return None, None, None
         known = pool.groups >= 0
-        n_groups = int(pool.groups.max()) + 1 if known.any() else 0
-        if n_groups < 2:
+        ids, code = np.unique(pool.groups[known], return_inverse=True)  # compact ids (those of group_ids already are)
+        if len(ids) < 2:
             return None, None, None
-        counts = np.zeros((pool.n_clusters, n_groups), dtype=np.float64)
-        np.add.at(counts, (pool.assign[known], pool.groups[known]), 1.0)
+        counts = np.zeros((pool.n_clusters, len(ids)), dtype=np.float64)
+        np.add.at(counts, (pool.assign[known], code), 1.0)
         frac = counts / np.maximum(pool.cluster_sizes(), 1)[:, None]
         votes = np.clip(scores.scores, 0.0, None) * kept
         mix = votes @ frac
@@ -186,7 +186,8 @@ class EcosSampler(Sampler):
         if fit < self.domain_fit:
             logger.info("domain rule off: the votes fit the pool's domains at cosine %.2f < %.2f", fit, self.domain_fit)
             return mix, None, fit
-        relevant = ~known | chosen[np.clip(pool.groups, 0, None)]
+        relevant = ~known
+        relevant[known] = chosen[code]
         return mix, relevant, fit
 
     @staticmethod

@@ -80,6 +80,9 @@ class RoundConfig:
     max_distance: Optional[float] = None
     radius_quantile: float = 0.95  # coverage (docs/sampling.md): probes carry radii, devices a far count; 0 = off
     threshold_sigmas: float = 2.0
+    # ECOS on a pool with domain folders: draw from the devices' domains where the votes fit them (docs/sampling.md);
+    # false for pools whose folder levels above the label are not domains (batches, dates, sources)
+    use_domains: bool = True
     seed: int = 0
     # Plausibility of answers (docs/security.md): scores noisier than (max_epsilon, delta)-DP needs, from at most
     # max_samples samples per device; anything else is refused on arrival, and one device moves a sum by <= max_samples

@@ -54,6 +54,7 @@ class RoundParams:
     label_feature_space: str = "thumb16"
     label_seconds: float = 120.0
     min_margin: float = 2.0
+    use_domains: bool = False  # ECOS's domain rule; rounds stored before it existed ran without it
 
     @property
     def coverage_quantile(self) -> Optional[float]:

@@ -320,7 +320,7 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
         config = (
             {"threshold_sigmas": p.threshold_sigmas, "coverage": quantile is not None} if p.method == "ecos" else {}
         )
-        picks = select(index, p.method, p.budget, scores, seed=p.seed, **config)
+        picks = select(index, p.method, p.budget, scores, seed=p.seed, use_domains=p.use_domains, **config)
         path = self._round_dir(r) / "selection.csv"
         write_selection_csv(index, picks, str(path))
         sampled = SampleResult(

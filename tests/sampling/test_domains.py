@@ -200,3 +200,11 @@ def test_random_pools_give_exactly_the_budget_with_the_domain_rule(case):
     if plan.relevant is not None:  # the proximity picks come first: the relevant points, then the others
         n_proximal = budget - (0 if plan.diverse is None else int(plan.diverse.sum()))
         assert np.sum(plan.relevant[picks[:n_proximal]]) == min(n_proximal, int(plan.relevant.sum()))
+
+
+def test_sparse_group_ids_are_compacted():
+    """A caller's own ids (not group_ids'): 7 and 10**9 behave as 0 and 1, with no K x 10**9 table."""
+    pool = domain_pool()
+    sparse = dataclasses.replace(pool, groups=np.where(pool.groups == 0, 7, 10**9))
+    scores = votes(100.0, 100.0, 50.0, 0.0)
+    assert select("ecos", sparse, 500, scores).tolist() == select("ecos", pool, 500, scores).tolist()

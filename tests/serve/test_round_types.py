@@ -45,6 +45,8 @@ def test_params_of_a_round_from_an_older_version_read_with_what_it_ran_with():
     p = RoundParams.from_json(old)
     assert p.coverage_quantile is None and (p.max_epsilon, p.delta, p.max_samples) == (5.0, 1e-5, 100_000)
     assert RoundParams.from_json({**old, "radius_quantile": 0.9}).coverage_quantile == 0.9
+    assert p.use_domains is False  # it ran before ECOS's domain rule; new rounds get [rounds] use_domains (true)
+    assert round_params(CloudConfig()).use_domains is True
     damaged = {k: v for k, v in old.items() if k != "budget"}
     with pytest.raises(StoreError, match="budget"):
         RoundParams.from_json(damaged)
