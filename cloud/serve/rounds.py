@@ -260,6 +260,19 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
             if all(x.device_id != device_id for x in self.store.responses(r.round_id)):
                 self._send_probe(r, [device_id], resend="reconnect")
 
+    def _send_signed(
+        self: "Daemon", r: RoundRecord, payload: bytes, devices: List[str], kind: str, sent_id: str, resend: str
+    ) -> None:
+        """A signed probe or label query to each device's inbox (after the next key, if one is being
+        rolled out), remembering when it went for the resend timer."""
+        for device in devices:
+            if self._key_update is not None:  # trusted before anything is signed with the next key
+                self.publish(inbox(device), self._key_update, device, r.round_id, "key_update")
+            self.publish(inbox(device), payload, device, r.round_id, kind)
+            self._probe_sent[(sent_id, device)] = time.monotonic()
+        if resend:
+            self.metrics.probes_resent.inc(len(devices), reason=resend)
+
     def _send_probe(self: "Daemon", r: RoundRecord, devices: List[str], resend: str = "") -> None:
         p = RoundParams.from_json(r.params)
         quantile = p.coverage_quantile  # rounds created before coverage existed have none
@@ -275,13 +288,7 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
             encoders=self.index.accepted_encoders[1:] or None,
         )  # e.g. the TFLite encoder next to the ONNX one
         payload = probe.to_bytes(signer=self.keyring.current)
-        for device in devices:
-            if self._key_update is not None:  # trusted before anything is signed with the next key
-                self.publish(inbox(device), self._key_update, device, r.round_id, "key_update")
-            self.publish(inbox(device), payload, device, r.round_id, "probe")
-            self._probe_sent[(r.round_id, device)] = time.monotonic()
-        if resend:
-            self.metrics.probes_resent.inc(len(devices), reason=resend)
+        self._send_signed(r, payload, devices, "probe", r.round_id, resend)
         log_event(
             LOG,
             "probe_sent",

@@ -38,7 +38,7 @@ from cloud.serve.store import DeviceState, ResponseKind, ResponseRecord, RoundRe
 from device_sdk.errors import EcosError, InputError, MessageError
 from device_sdk.fsutil import atomic_write_bytes, atomic_write_text
 from device_sdk.logsafe import clean
-from device_sdk.protocol import Refusal, inbox
+from device_sdk.protocol import Refusal
 from device_sdk.protocol.envelope import read_json_file
 from device_sdk.protocol.labels import LabelQuery, LabelVotes
 from device_sdk.protocol.round import Scores
@@ -264,13 +264,7 @@ class ClientLabellingStages:
     ) -> None:
         with open(ref.query, "rb") as fh:
             payload = fh.read()
-        for device in devices:
-            if self._key_update is not None:  # trusted before anything is signed with the next key
-                self.publish(inbox(device), self._key_update, device, r.round_id, "key_update")
-            self.publish(inbox(device), payload, device, r.round_id, "label_query")
-            self._probe_sent[(ref.query_id, device)] = time.monotonic()
-        if resend:
-            self.metrics.probes_resent.inc(len(devices), reason=resend)
+        self._send_signed(r, payload, devices, "label_query", ref.query_id, resend)
         log_event(
             LOG,
             "label_query_sent",
