@@ -10,6 +10,10 @@ outside every centroid's radius (the far bin of the same histogram), the part of
 data the pool does not cover is estimated as ``u`` and ``round(u * B)`` of the budget goes to
 the diversity term instead: a cluster-stratified uniform draw over the whole pool. With full
 coverage (u = 0) this is plain ECOS; with no coverage at all (u = 1) it is random sampling.
+
+Domains (docs/sampling.md): when the pool has domain folders, the votes spread over each
+cluster's domains say which domains the devices' data comes from; where the votes fit those
+domains, the proximity term draws from their points only (:meth:`EcosSampler._domains`).
 """
 
 from __future__ import annotations
