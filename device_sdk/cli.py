@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from device_sdk import __version__  # noqa: E402
-from device_sdk.clikit import add_common, run_cli, setup_logging  # noqa: E402
+from device_sdk.clikit import add_common, add_trust_arguments, run_cli, setup_logging  # noqa: E402
 from device_sdk.device import answer_probe, check_probe_conflict  # noqa: E402
 from device_sdk.fsutil import atomic_write_bytes  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
@@ -210,20 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="images decoded and encoded per batch (default 32: as fast as larger batches, less memory)",
     )
-    p.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="PUBLIC_KEY",
-        help="the cloud's public key (PEM or 64 hex digits; repeat for several): the probe must be signed "
-        "by one of them, else it is refused before anything is computed or charged. Without it the "
-        "probe is not verified (a warning says so)",
-    )
-    p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
-    p.add_argument(
-        "--accept-unsigned",
-        action="store_true",
-        help="with --trusted-key: still answer a probe that carries no signature (development only)",
-    )
+    add_trust_arguments(p, "probe", "anything is computed or charged")
     add_common(p)
     p.set_defaults(func=cmd_score)
 

@@ -12,6 +12,24 @@ from device_sdk.errors import EcosError
 INTERRUPTED = 130
 
 
+def add_trust_arguments(p: argparse.ArgumentParser, what: str, refused_before: str) -> None:
+    """``--trusted-key``, ``--revoked-key`` and ``--accept-unsigned`` for a command that reads a signed ``what``."""
+    p.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="PUBLIC_KEY",
+        help=f"the cloud's public key (PEM or 64 hex digits; repeat for several): the {what} must be signed "
+        f"by one of them, else it is refused before {refused_before}. Without it the {what} is not verified "
+        "(a warning says so)",
+    )
+    p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
+    p.add_argument(
+        "--accept-unsigned",
+        action="store_true",
+        help=f"with --trusted-key: still answer a {what} that carries no signature (development only)",
+    )
+
+
 def run_cli(
     parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], setup: Callable[[argparse.Namespace], None]
 ) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from device_sdk.clikit import add_trust_arguments
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
 
 LOG = logging.getLogger("ecos.device")
@@ -102,19 +103,6 @@ def add_command(sub, add_common) -> None:
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="PUBLIC_KEY",
-        help="the cloud's public key (PEM or 64 hex digits; repeat for several): the query must be signed "
-        "by one of them, else it is refused before an image is read or anything is charged. Without it "
-        "the query is not verified (a warning says so)",
-    )
-    p.add_argument("--revoked-key", action="append", metavar="KEY_ID", help="a key id to refuse (repeatable)")
-    p.add_argument(
-        "--accept-unsigned",
-        action="store_true",
-        help="with --trusted-key: still answer a query that carries no signature (development only)",
-    )
+    add_trust_arguments(p, "query", "an image is read or anything is charged")
     add_common(p)
     p.set_defaults(func=cmd_label_vote)
