@@ -54,7 +54,7 @@ from cloud.log import LOG, setup_logging  # noqa: E402
 from cloud.pool.dataset import ImageSet, load_image_set  # noqa: E402
 from cloud.pool.index import PoolIndex, build_index_from_items  # noqa: E402
 from cloud.sampling import PoolView, get_sampler  # noqa: E402
-from cloud.sampling.selection import combine_scores, select  # noqa: E402
+from cloud.sampling.selection import combine_scores  # noqa: E402
 from cloud.training.encoder_config import EncoderConfig  # noqa: E402
 from device_sdk.device import answer_probe  # noqa: E402
 from device_sdk.imagefolder import load_images, scan_image_folder  # noqa: E402
@@ -218,8 +218,8 @@ def run_domain(
             if regime in DOMAIN_REGIMES and "ecos-nodom" in args.methods:  # ablation: the pool's domains unused
                 nodom = get_sampler("ecos", **{**args.ecos_config, "domain_floor": 0.0})
                 picks["ecos-nodom"] = nodom.select(view, budget, scoresets["ecos"], np.random.default_rng(seed))
-            picks["random"] = select(index, "random", budget, None, seed=seed)
-            picks["kcenter"] = select(index, "kcenter", budget, None, seed=seed)
+            for baseline in ("random", "kcenter"):  # the same view: nothing of the true domains
+                picks[baseline] = get_sampler(baseline).select(view, budget, None, np.random.default_rng(seed))
             if len(own) >= budget:
                 picks["oracle"] = np.random.default_rng(seed).choice(own, size=budget, replace=False)
             plan = get_sampler("ecos", **args.ecos_config).plan(view, budget, scoresets["ecos"])
