@@ -287,7 +287,12 @@ class ClientLabellingStages:
             ):
                 continue
             if all(x.device_id != device_id for x in self.store.responses(ref.query_id)):
-                self._send_label_query(r, ref, [device_id], resend="reconnect")
+                try:
+                    self._send_label_query(r, ref, [device_id], resend="reconnect")
+                except OSError as exc:  # the round's own stage fails it at the next tick; this status goes on
+                    log_event(
+                        LOG, "label_query_unreadable", logging.ERROR, round=r.round_id, device=device_id, error=str(exc)
+                    )
 
     # ---- the devices' answers ------------------------------------------------------------------------
 

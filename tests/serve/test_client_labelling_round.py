@@ -246,3 +246,25 @@ def test_a_daemon_restarted_past_the_deadline_does_not_send_the_query_again(tmp_
     assert _sent(daemon, "label_query") == []  # the device would only refuse it (deadline)
     assert failed.state is RoundState.FAILED and failed.result["client_labelling"]["missing"] == [DEV]
     assert daemon._label_queries == {}  # nothing left in memory for a round that no longer votes
+
+
+def test_a_deleted_query_file_fails_its_round_and_leaves_status_handling_alone(tmp_path, pool_index):
+    from device_sdk.protocol import Status, device_status
+
+    daemon = _daemon(tmp_path, pool_index, collect_seconds=60.0)
+    r = daemon.submit_round([DEV], task="client", labels=LABELS)
+    assert _tick(daemon, r.round_id, RoundState.VOTING).state is RoundState.VOTING
+    other = daemon.submit_round([DEV], method="ecos")  # a compression round waiting for the same device's scores
+    assert _tick(daemon, other.round_id, RoundState.COLLECTING).state is RoundState.COLLECTING
+    daemon.tick()  # the probe goes out
+    probes = len(_sent(daemon, "probe"))
+    assert probes == 1
+    Path(daemon.store.get_round(r.round_id).result["client_labelling"]["query"]).unlink()
+    daemon.handle_message(device_status(DEV), Status(DEV, "offline").to_bytes())
+    time.sleep(1.1)  # past RECONNECT_RESEND_SECONDS
+    daemon.handle_message(device_status(DEV), Status(DEV, "online").to_bytes())  # the query cannot be read
+    assert len(_sent(daemon, "probe")) == probes + 1  # the other round's probe still went out at once
+    daemon._label_queries.clear()  # as after a restart: the stage must read the file again
+    daemon._probed.discard(r.round_id + ".labels")
+    failed = _tick(daemon, r.round_id, RoundState.FAILED, seconds=10)
+    assert failed.state is RoundState.FAILED and "internal error" in failed.error
