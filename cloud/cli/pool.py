@@ -253,15 +253,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--max-distance", type=float, default=None, help="devices vote only within this cosine distance of a centroid"
     )
-    p.add_argument(
-        "--radius-quantile",
-        type=float,
-        default=0.95,
-        metavar="Q",
-        help="coverage: each centroid's radius holds this share of its own pool points; devices count "
-        "samples outside every radius in one extra far bin, at no extra privacy cost (default 0.95; "
-        "0 = no coverage, the first version's probe)",
-    )
+    _add_radius_quantile(p)
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -270,12 +262,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default 2)")
-    p.add_argument(
-        "--signing-key",
-        metavar="PRIVATE_KEY",
-        help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
-        "devices with a trust store refuse unsigned probes",
-    )
+    _add_signing_key(p)
     add_common(p)
     p.set_defaults(func=cmd_index)
 
@@ -284,21 +271,8 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--codec", choices=("float16", "int8", "float32"), default="float16")
     p.add_argument("--max-distance", type=float, default=None)
-    p.add_argument(
-        "--radius-quantile",
-        type=float,
-        default=0.95,
-        metavar="Q",
-        help="coverage: each centroid's radius holds this share of its own pool points; devices count "
-        "samples outside every radius in one extra far bin, at no extra privacy cost (default 0.95; "
-        "0 = no coverage, the first version's probe)",
-    )
-    p.add_argument(
-        "--signing-key",
-        metavar="PRIVATE_KEY",
-        help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
-        "devices with a trust store refuse unsigned probes",
-    )
+    _add_radius_quantile(p)
+    _add_signing_key(p)
     add_common(p)
     p.set_defaults(func=cmd_probe)
 
@@ -358,3 +332,24 @@ def add_commands(sub) -> None:
     )
     add_common(p)
     p.set_defaults(func=cmd_sample)
+
+
+def _add_radius_quantile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--radius-quantile",
+        type=float,
+        default=0.95,
+        metavar="Q",
+        help="coverage: each centroid's radius holds this share of its own pool points; devices count "
+        "samples outside every radius in one extra far bin, at no extra privacy cost (default 0.95; "
+        "0 = no coverage, the first version's probe)",
+    )
+
+
+def _add_signing_key(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--signing-key",
+        metavar="PRIVATE_KEY",
+        help="sign the probe with this Ed25519 private key (e.g. <state_dir>/keys/cloud_ed25519.pem); "
+        "devices with a trust store refuse unsigned probes",
+    )

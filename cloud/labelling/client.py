@@ -99,15 +99,7 @@ def combine_votes(query: LabelQuery, answers: Sequence[LabelVotes]) -> VoteSet:
         raise MessageError("no label votes to combine")
     per_device: Dict[str, LabelVotes] = {}
     for a in answers:
-        if a.query_id != query.id:
-            raise MismatchError(f"votes of device {a.device_id} answer query {a.query_id[:12]}, not {query.id[:12]}")
-        if a.feature_space != query.feature_space or list(a.labels) != list(query.labels):
-            raise MismatchError(f"votes of device {a.device_id} are for another encoder or label list")
-        if a.votes.shape != (query.n_queries, len(query.labels)):
-            raise MismatchError(
-                f"votes of device {a.device_id} have shape {a.votes.shape}, "
-                f"the query has {query.n_queries} x {len(query.labels)}"
-            )
+        check_answers_query(query, a)
         if a.device_id in per_device:
             LOG.warning("device %s answered twice; counted once", a.device_id)
             continue
@@ -117,6 +109,19 @@ def combine_votes(query: LabelQuery, answers: Sequence[LabelVotes]) -> VoteSet:
     return VoteSet(
         np.asarray(total, dtype=np.float64), sigma, sorted(per_device), {d: a.epsilon for d, a in per_device.items()}
     )
+
+
+def check_answers_query(query: LabelQuery, votes: LabelVotes) -> None:
+    """``MismatchError`` unless ``votes`` answer ``query``: its id, feature space, labels and shape."""
+    who = f"label votes of device {votes.device_id}"
+    if votes.query_id != query.id:
+        raise MismatchError(f"{who} answer query {votes.query_id[:40]}, not {query.id[:40]}")
+    if votes.feature_space != query.feature_space or list(votes.labels) != list(query.labels):
+        raise MismatchError(f"{who} are for another feature space or label list than query {query.id[:40]}")
+    if votes.votes.shape != (query.n_queries, len(query.labels)):
+        raise MismatchError(
+            f"{who} have shape {votes.votes.shape}, the query has {query.n_queries} x {len(query.labels)}"
+        )
 
 
 def confident_labels(votes: np.ndarray, sigma: float, min_margin: float = 2.0) -> Tuple[np.ndarray, np.ndarray]:
@@ -141,14 +146,7 @@ def check_votes(query: LabelQuery, votes: LabelVotes, limits: Plausibility) -> N
     max_samples + t*sigma*sqrt(n)`` for n counts (``total``), t = ``limits.tail_sigmas``.
     """
     who = f"label votes of device {votes.device_id}"
-    if votes.query_id != query.id:
-        raise MismatchError(f"{who} answer query {votes.query_id[:40]}, not {query.id[:40]}")
-    if votes.feature_space != query.feature_space or list(votes.labels) != list(query.labels):
-        raise MismatchError(f"{who} are for another feature space or label list than query {query.id[:40]}")
-    if votes.votes.shape != (query.n_queries, len(query.labels)):
-        raise MismatchError(
-            f"{who} have shape {votes.votes.shape}, the query has {query.n_queries} x {len(query.labels)}"
-        )
+    check_answers_query(query, votes)
     sensitivity = vote_sensitivity(query.votes_per_sample)
     if not math.isclose(votes.sensitivity, sensitivity, rel_tol=1e-9):
         raise ImplausibleVotes(
