@@ -148,7 +148,9 @@ def test_device_wheel_requires_no_cloud_package(wheels):
     names = {_req_name(r) for r in w.requires}
     assert not names & CLOUD_ONLY, f"the device wheel requires {sorted(names & CLOUD_ONLY)}"
     assert {"numpy", "pillow", "paho-mqtt", "cryptography"} <= names
-    assert set(w.meta.get_all("Provides-Extra")) == {"onnx", "litert", "tflite"}
+    assert set(w.meta.get_all("Provides-Extra")) == {"onnx", "litert", "tflite", "fastjpeg"}
+    # fastjpeg is simplejpeg alone (device_sdk/preprocess.py uses it only where it gives Pillow's bytes)
+    assert {_req_name(r) for r in w.requires if 'extra == "fastjpeg"' in r} == {"simplejpeg"}
     # tflite-runtime 2.14 breaks with numpy 2 ("_ARRAY_API not found"): its extra pins numpy < 2.
     tflite = [r for r in w.requires if 'extra == "tflite"' in r]
     assert any(_req_name(r) == "numpy" and "<2" in r.replace(" ", "") for r in tflite), tflite

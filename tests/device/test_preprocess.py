@@ -10,7 +10,7 @@ from PIL import Image
 
 from device_sdk.errors import ArtifactError, InputError
 from device_sdk.imagefolder import ImageItem
-from device_sdk.preprocess import LEGACY, Preprocess
+from device_sdk.preprocess import INTERPOLATIONS, LEGACY, Preprocess
 from device_sdk.runtime.artifact import ArtifactMeta
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -143,3 +143,130 @@ def test_cloud_and_device_give_the_same_tensor_for_the_same_file(tmp_path):
         np.testing.assert_allclose(
             model.run(model.meta.preprocessing().decode_many(files)), encoder(in_memory).numpy(), atol=1e-5
         )
+
+
+# ---- the fast paths give Pillow's bytes --------------------------------------------------------
+
+
+def _jpeg_kinds(folder):
+    """JPEGs of every kind a pool may hold (and a few broken ones), with PNGs among them."""
+    from PIL import ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+
+    def picture(h, w):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
+
+    kinds = {
+        "s420.jpg": (picture(48, 48), {"subsampling": 2, "quality": 80}),
+        "s422.jpg": (picture(37, 45), {"subsampling": 1}),
+        "s444.jpg": (picture(45, 37), {"subsampling": 0}),
+        "progressive.jpg": (picture(61, 50), {"progressive": True}),
+        "grey.jpg": (picture(40, 52).convert("L"), {}),
+        "tiny.jpg": (picture(3, 5), {}),
+        "one.jpg": (picture(1, 1), {}),
+        "photo.jpg": (picture(300, 410), {"quality": 95}),  # draft 1/8 at 32x32, 1/4 at 64
+        "wide.jpg": (picture(70, 260), {}),  # draft 1/2 at 32x32
+        "cmyk.jpg": (picture(40, 40).convert("CMYK"), {}),
+    }
+    for name, (im, options) in kinds.items():
+        im.save(folder / name, "JPEG", **options)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    picture(30, 50).save(folder / "rotated.jpg", "JPEG", exif=exif)
+    picture(33, 33).save(folder / "plain.png")
+    data = (folder / "s420.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + bytes(rng.integers(0, 256, 500, dtype=np.uint8)))
+    return sorted(str(p) for p in folder.iterdir())
+
+
+@pytest.fixture
+def pillow_only(monkeypatch):
+    """A function that decodes as the device does without simplejpeg (Pillow file by file)."""
+    from device_sdk import preprocess
+
+    def run(fn):
+        monkeypatch.setenv(preprocess.DECODER_ENV, "pillow")
+        preprocess.fast_paths(refresh=True)
+        try:
+            return fn()
+        finally:
+            monkeypatch.delenv(preprocess.DECODER_ENV)
+            preprocess.fast_paths(refresh=True)
+
+    return run
+
+
+SPECS = [
+    Preprocess(size=(32, 32)),
+    Preprocess(size=(64, 64)),
+    Preprocess(size=(20, 28), resize="stretch", interpolation="bicubic"),
+    Preprocess(size=(24, 24), interpolation="lanczos", exif=False),
+    Preprocess(size=(16, 16), interpolation="nearest", draft=False),
+    Preprocess(size=(32, 32), channels=1, mean=(0.5,), std=(0.25,)),
+    Preprocess(size=(32, 32), channels=1, mean=(0.5,), std=(0.25,), draft=False),
+    Preprocess(size=(32, 32), **LEGACY),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.size}-{s.channels}-{s.resize}-{s.interpolation}-{s.draft}")
+def test_fast_decoding_gives_pillows_bytes_for_every_kind_of_file(spec, tmp_path, pillow_only):
+    pytest.importorskip("simplejpeg")
+    from device_sdk.preprocess import fast_paths
+
+    files = _jpeg_kinds(tmp_path / "p")
+    readable = [p for p in files if not p.endswith(("truncated.jpg", "garbage.jpg"))]
+    assert fast_paths().jpeg, fast_paths().reason
+    taken = [p for p in files if spec._jpeg_plan(p, fast_paths().simplejpeg) is not None]
+    plain = "s420.jpg" if spec.channels == 3 or spec.draft else "grey.jpg"  # colour -> L without draft: Pillow's
+    pillows = ("cmyk.jpg", "plain.png", "rotated.jpg" if spec.exif else "cmyk.jpg")  # never the shortcut's
+    assert any(p.endswith(plain) for p in taken) and not any(p.endswith(pillows) for p in taken)
+
+    reference = pillow_only(lambda: spec.decode_many(readable))
+    reference_batch = pillow_only(lambda: spec.decode_batch(files))
+    np.testing.assert_array_equal(spec.decode_many(readable), reference)
+    np.testing.assert_array_equal(np.stack([spec.decode(p) for p in readable]), reference)
+    images, ok, failed = spec.decode_batch(files * 3)  # three of each size: fitted together
+    rows = [i for i, p in enumerate(files * 3) if p in readable]
+    np.testing.assert_array_equal(
+        images[rows], np.concatenate([reference] * 3)[[readable.index(files[i % len(files)]) for i in rows]]
+    )
+    assert ok.sum() == len(rows) and len(failed) == 3 * 2
+    assert [(i % len(files), reason) for i, reason in failed][:2] == reference_batch[2]
+
+
+def test_fitting_a_batch_gives_the_bytes_of_fitting_each_picture():
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        size = tuple(int(v) for v in rng.integers(1, 48, 2))
+        channels = (1, 3)[trial % 2]
+        spec = Preprocess(
+            size=size,
+            channels=channels,
+            mean=(0.5,) * channels,
+            std=(0.25,) * channels,
+            resize=("stretch", "center-crop")[trial % 3 == 0],
+            interpolation=INTERPOLATIONS[trial % len(INTERPOLATIONS)],
+        )
+        for bands in {channels, 4} if channels == 3 else {1}:
+            pictures = rng.integers(0, 256, (4, h, w, bands), dtype=np.uint8)
+            one_by_one = np.stack([spec._fit_one(np.ascontiguousarray(p[..., :channels])) for p in pictures])
+            np.testing.assert_array_equal(spec._fit_many(pictures), one_by_one, err_msg=f"{h}x{w} -> {spec}")
+
+
+def test_center_crop_of_any_size_stays_inside_the_picture(tmp_path):
+    """Rounding once put the crop box a hair outside some pictures (77 wide, 79 high into 40x24), which
+    Pillow refused with a ValueError that no caller caught."""
+    Image.new("RGB", (77, 79), (10, 20, 30)).save(tmp_path / "odd.png")
+    out = Preprocess(size=(24, 40)).decode(str(tmp_path / "odd.png"))
+    assert out.shape == (24, 40, 3) and (out == (10, 20, 30)).all()
+
+
+def test_decoder_env_turns_the_shortcut_off(pillow_only):
+    from device_sdk.preprocess import fast_paths
+
+    assert pillow_only(lambda: fast_paths()).simplejpeg is None
+    assert "pillow" in pillow_only(lambda: fast_paths().reason)
