@@ -14,7 +14,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cloud.log import LOG, Progress
-from device_sdk.errors import InputError
 from device_sdk.imagefolder import ImageItem, scan_image_folder
 from device_sdk.preprocess import DEFAULTS, Preprocess
 
@@ -102,46 +101,42 @@ def decode_batches(
 ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(start, images, ok)`` per batch of ``paths``: uint8 NHWC and which rows decoded.
 
-    ``workers`` threads decode (Pillow releases the GIL while decoding and resizing); the next
-    batch is decoded while the caller works on this one. An unreadable file leaves its row zero,
-    ``ok`` False, and is recorded in ``unreadable``.
+    Each batch is cut into ``workers`` parts decoded at once by :meth:`Preprocess.decode_batch`
+    (simplejpeg and Pillow release the GIL while decoding and resizing); the next batch is decoded
+    while the caller works on this one. An unreadable file leaves its row zero, ``ok`` False, and
+    is recorded in ``unreadable``.
     """
+    workers = max(1, int(workers))
+    shape = (spec.size[0], spec.size[1], spec.channels)
 
-    def one(path: str):
-        try:
-            return spec.decode(path), None
-        except InputError as exc:
-            return None, str(exc)
-
-    def decode(start: int):
+    def submit(start: int):
         chunk = paths[start : start + batch]
-        results = list(pool.map(one, chunk)) if pool is not None else [one(p) for p in chunk]
-        images = np.zeros((len(chunk), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
-        ok = np.zeros(len(chunk), dtype=bool)
+        step = -(-len(chunk) // workers)
+        return chunk, [(s, pool.submit(spec.decode_batch, chunk[s : s + step])) for s in range(0, len(chunk), step)]
+
+    def collect(chunk, parts):
+        images = np.empty((len(chunk), *shape), dtype=np.uint8)
+        ok = np.empty(len(chunk), dtype=bool)
         failed = []
-        for i, (image, error) in enumerate(results):
-            if image is None:
-                failed.append((chunk[i], error))
-            else:
-                images[i], ok[i] = image, True
+        for s, future in parts:
+            part, part_ok, part_failed = future.result()
+            images[s : s + len(part)], ok[s : s + len(part)] = part, part_ok
+            failed += [(chunk[s + i], reason) for i, reason in part_failed]
         return images, ok, failed
 
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") if workers > 1 else None
-    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
     try:
         starts = list(range(0, len(paths), batch))
-        pending = ahead.submit(decode, starts[0]) if starts else None
+        pending = submit(starts[0]) if starts else None
         for n, start in enumerate(starts):
-            images, ok, failed = pending.result()
-            pending = ahead.submit(decode, starts[n + 1]) if n + 1 < len(starts) else None
+            images, ok, failed = collect(*pending)
+            pending = submit(starts[n + 1]) if n + 1 < len(starts) else None
             for path, error in failed:
                 if unreadable is not None:
                     unreadable.add(path, error)
             yield start, images, ok
     finally:
-        ahead.shutdown(wait=True, cancel_futures=True)
-        if pool is not None:
-            pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_image_set(

@@ -136,3 +136,24 @@ def test_changed_and_removed_files_are_pruned_and_unreadable_ones_not_retried(di
     fewer = [it for it in items if not it.path.endswith("5.png")]
     encode_pool_checked(model, fewer, cache, prune_missing=True)
     assert _entries(cache) == 12
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_decoding_in_parts_gives_the_files_bytes_and_lists_the_unreadable(digits_root, tmp_path, workers):
+    """decode_batches cuts each batch into one part per worker: rows, the ok mask and the unreadable
+    list are those of decoding file by file, whatever the batch and part sizes."""
+    from cloud.pool.dataset import Unreadable, decode_batches, default_preprocess
+
+    paths = [it.path for it in scan_image_folder(str(digits_root / "pool"))[:23]]
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff broken")
+    paths[5:5] = [str(tmp_path / "bad.jpg")]
+    paths.append(str(tmp_path / "missing.png"))
+    spec = default_preprocess((32, 32))
+    unreadable = Unreadable()
+    got = list(decode_batches(spec, paths, batch=7, workers=workers, unreadable=unreadable))
+    assert [start for start, _, _ in got] == list(range(0, len(paths), 7))
+    images = np.concatenate([im for _, im, _ in got])
+    ok = np.concatenate([k for _, _, k in got])
+    assert list(np.flatnonzero(~ok)) == [5, len(paths) - 1] and not images[~ok].any()
+    assert unreadable.count == 2 and [p for p, _ in unreadable.examples] == [paths[5], paths[-1]]
+    np.testing.assert_array_equal(images[ok], np.stack([spec.decode(p) for p, k in zip(paths, ok) if k]))
