@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.classifier import train_and_eval  # noqa: E402
-from benchmarks.eval_pools import pool_view  # noqa: E402
+from benchmarks.eval_pools import pool_view, write_report  # noqa: E402
 from cloud.log import LOG, setup_logging  # noqa: E402
 from cloud.pool.clustering import spherical_kmeans  # noqa: E402
 from cloud.pool.dataset import load_image_set  # noqa: E402
@@ -340,13 +340,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
     )
     stem = "ablate_coverage_" + os.path.basename(os.path.normpath(args.workdir))
-    out = args.out or os.path.join("benchmarks", "results", stem + ".json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    os.makedirs(args.docs, exist_ok=True)
-    with open(os.path.join(args.docs, stem + ".md"), "w") as fh:
-        fh.write(markdown(result))
+    write_report(
+        result, args.out or os.path.join("benchmarks", "results", stem + ".json"), args.docs, stem, markdown(result)
+    )
     print(markdown(result).split("## Variants")[0])
     return 0
 

@@ -417,6 +417,16 @@ def plot(result: Dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def write_report(result: Dict, out: str, docs: str, stem: str, text: str) -> None:
+    """The JSON result at ``out`` and its markdown report ``<docs>/<stem>.md`` (folders made as needed)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    os.makedirs(docs, exist_ok=True)
+    with open(os.path.join(docs, stem + ".md"), "w") as fh:
+        fh.write(text)
+
+
 def merge(args) -> int:
     """One report from several runs' JSON files (e.g. the regimes run in parallel processes)."""
     parts = []
@@ -435,11 +445,9 @@ def merge(args) -> int:
     result["config"] = dict(result["config"], regimes=[r for part in parts for r in part["config"]["regimes"]], tag="")
     result["summary"], result["per_domain"] = summarise(result["rows"]), per_domain(result["rows"])
     stem = f"eval_pools_{result['config']['source']}"
-    out = args.out or os.path.join("benchmarks", "results", stem + ".json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    with open(os.path.join(args.docs, stem + ".md"), "w") as fh:
-        fh.write(markdown(result))
+    write_report(
+        result, args.out or os.path.join("benchmarks", "results", stem + ".json"), args.docs, stem, markdown(result)
+    )
     plot(result, os.path.join(args.docs, stem + ".png"))
     print(markdown(result).split("Per device domain")[0])
     return 0
@@ -510,13 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
     )
     stem = f"eval_pools_{args.source}" + ("_quick" if args.quick else "") + args.tag
-    out = args.out or os.path.join("benchmarks", "results", stem + ".json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
-    os.makedirs(args.docs, exist_ok=True)
-    with open(os.path.join(args.docs, stem + ".md"), "w") as fh:
-        fh.write(markdown(result))
+    write_report(
+        result, args.out or os.path.join("benchmarks", "results", stem + ".json"), args.docs, stem, markdown(result)
+    )
     plot(result, os.path.join(args.docs, stem + ".png"))
     print(markdown(result).split("Per device domain")[0])
     return 0
