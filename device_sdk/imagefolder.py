@@ -36,10 +36,17 @@ class ImageItem:
 
 def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
     """List the images under ``root`` in a stable (sorted) order."""
+    items = list(iter_image_folder(root))
+    if not items:
+        raise InputError(f"no images found in {os.fspath(root)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return items
+
+
+def iter_image_folder(root: "os.PathLike[str] | str") -> Iterator[ImageItem]:
+    """The images of :func:`scan_image_folder` one at a time (none is an empty iteration, not an error)."""
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
         raise InputError(f"image folder not found: {root_s}")
-    items: List[ImageItem] = []
     for dirpath, dirnames, filenames in os.walk(root_s):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = os.path.relpath(dirpath, root_s)
@@ -49,10 +56,7 @@ def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
         for name in sorted(filenames):
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
-            items.append(ImageItem(os.path.join(dirpath, name), label, domain))
-    if not items:
-        raise InputError(f"no images found in {root_s} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return items
+            yield ImageItem(os.path.join(dirpath, name), label, domain)
 
 
 def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.ndarray:

@@ -22,7 +22,7 @@ def _pool_data(args: argparse.Namespace):
     from cloud.pool.dataset import decoded_bytes, default_preprocess, load_image_set, pool_set
     from cloud.pool.manifest import scan_pool
 
-    items = scan_pool(args.pool)
+    items = scan_pool(args.pool, compact=True)  # no Python object per file (cloud/pool/items.py)
     spec = default_preprocess((args.input_size, args.input_size), args.channels, resize=args.resize)
     size_mb = decoded_bytes(len(items), spec) / 2**20
     if args.stream == "on" or (args.stream == "auto" and size_mb > STREAM_ABOVE_MB):
@@ -42,11 +42,12 @@ def _sample_images(data, n: int, seed: int):
     import numpy as np
 
     from cloud.pool.dataset import ImageSet, decode_batches
+    from cloud.pool.items import item_paths
 
     if isinstance(data, ImageSet):
         return data.images
     pick = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
-    parts = [images[ok] for _, images, ok in decode_batches(data.preprocess, [data.items[i].path for i in pick], 256)]
+    parts = [images[ok] for _, images, ok in decode_batches(data.preprocess, item_paths(data.items, pick), 256)]
     return np.concatenate(parts)
 
 

@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cloud.log import LOG, Progress
+from cloud.pool.items import ItemList
 from device_sdk.imagefolder import ImageItem, scan_image_folder
 from device_sdk.preprocess import DEFAULTS, Preprocess
 
@@ -54,9 +55,12 @@ class Unreadable:
 
 @dataclass
 class PoolSet:
-    """Pool images as files, with integer label and domain codes (``-1`` where unknown); nothing decoded."""
+    """Pool images as files, with integer label and domain codes (``-1`` where unknown); nothing decoded.
 
-    items: List[ImageItem]
+    ``items`` is an :class:`~cloud.pool.items.ItemList` when made by :func:`pool_set`; any sequence
+    of :class:`ImageItem` works."""
+
+    items: Sequence[ImageItem]
     labels: np.ndarray
     domains: np.ndarray
     label_names: List[str]
@@ -75,23 +79,31 @@ class ImageSet(PoolSet):
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, 32, 32, 3), np.uint8))
 
 
-def _codes(values: Sequence[str], names: Sequence[str]) -> np.ndarray:
+def _item_codes(codes: np.ndarray, values: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """An :class:`ItemList`'s own codes (into ``values``) recoded into ``names`` (``-1`` where absent)."""
     index = {n: i for i, n in enumerate(names)}
-    return np.array([index.get(v, -1) for v in values], dtype=np.int64)
+    lookup = np.array([index.get(v, -1) for v in values] or [-1], dtype=np.int64)
+    return lookup[codes]
 
 
 def pool_set(
-    items: List[ImageItem], preprocess: Optional[Preprocess] = None, label_names=None, domain_names=None
+    items: Sequence[ImageItem], preprocess: Optional[Preprocess] = None, label_names=None, domain_names=None
 ) -> PoolSet:
-    """``items`` with their codes; label/domain vocabularies default to the sorted names present."""
-    label_names = list(label_names) if label_names is not None else sorted({it.label for it in items if it.label})
-    domain_names = list(domain_names) if domain_names is not None else sorted({it.domain for it in items if it.domain})
+    """``items`` with their codes; label/domain vocabularies default to the sorted names present.
+
+    The items are kept as an :class:`~cloud.pool.items.ItemList` (a few numpy arrays, not a Python
+    object per file: what streaming from a pool of millions of files needs)."""
+    items = ItemList.from_items(items)
+    if label_names is None:
+        label_names = sorted(v for v in items.label_values if v)
+    if domain_names is None:
+        domain_names = sorted(v for v in items.domain_values if v)
     return PoolSet(
-        list(items),
-        _codes([it.label for it in items], label_names),
-        _codes([it.domain for it in items], domain_names),
-        label_names,
-        domain_names,
+        items,
+        _item_codes(items.label_codes, items.label_values, label_names),
+        _item_codes(items.domain_codes, items.domain_values, domain_names),
+        list(label_names),
+        list(domain_names),
         preprocess or default_preprocess(),
     )
 
@@ -140,7 +152,7 @@ def decode_batches(
 
 
 def load_image_set(
-    items: List[ImageItem],
+    items: Sequence[ImageItem],
     size=(32, 32),
     label_names=None,
     domain_names=None,
@@ -157,14 +169,14 @@ def load_image_set(
     images = np.empty((len(items), spec.size[0], spec.size[1], spec.channels), dtype=np.uint8)
     keep = np.zeros(len(items), dtype=bool)
     progress = Progress("decoding images", len(items))
-    for start, chunk, ok in decode_batches(spec, [it.path for it in items], batch, workers, base.unreadable):
+    for start, chunk, ok in decode_batches(spec, base.items.paths(), batch, workers, base.unreadable):
         images[start : start + len(chunk)] = chunk
         keep[start : start + len(chunk)] = ok
         progress.update(len(chunk))
     base.unreadable.log("decoding images")
     if not keep.all():
         images = images[keep]
-        base.items = [it for it, k in zip(base.items, keep) if k]
+        base.items = base.items.take(keep)
         base.labels, base.domains = base.labels[keep], base.domains[keep]
     LOG.debug("loaded %d images, %d labels, %d domains", len(base.items), len(base.label_names), len(base.domain_names))
     return ImageSet(

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Sequence
 
 from cloud.log import LOG
+from cloud.pool.items import ItemListBuilder
 from device_sdk.errors import InputError
-from device_sdk.imagefolder import ImageItem, scan_image_folder
+from device_sdk.imagefolder import IMAGE_EXTENSIONS, ImageItem, iter_image_folder, scan_image_folder
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 
@@ -25,34 +26,45 @@ def is_manifest(source: str) -> bool:
     return os.path.splitext(source)[1].lower() in MANIFEST_EXTENSIONS and not os.path.isdir(source)
 
 
-def scan_pool(source: str) -> List[ImageItem]:
-    """The images of ``source``: a folder (labels from folder names) or a CSV/Parquet manifest."""
+def scan_pool(source: str, compact: bool = False) -> Sequence[ImageItem]:
+    """The images of ``source``: a folder (labels from folder names) or a CSV/Parquet manifest.
+
+    With ``compact`` the items are gathered straight into an :class:`~cloud.pool.items.ItemList`
+    (a few numpy arrays; no Python object per file is kept), else a list."""
     if not is_manifest(source):
-        return scan_image_folder(source)
+        if not compact:
+            return scan_image_folder(source)
+        folder = ItemListBuilder()
+        for it in iter_image_folder(source):
+            folder.add(it.path, it.label, it.domain)
+        if not len(folder):
+            raise InputError(f"no images found in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return folder.build()
+    builder = ItemListBuilder() if compact else None
+    items: List[ImageItem] = []
+    add = builder.add if builder is not None else lambda *fields: items.append(ImageItem(*fields))
     if not os.path.isfile(source):
         raise InputError(f"manifest not found: {source}")
     rows = _parquet_rows(source) if source.lower().endswith((".parquet", ".pq")) else _csv_rows(source)
     base = os.path.dirname(os.path.abspath(source))
-    items: List[ImageItem] = []
     empty = 0
     for row in rows:
         path = (row.get("path") or "").strip()
         if not path:
             empty += 1
             continue
-        items.append(
-            ImageItem(
-                path if os.path.isabs(path) else os.path.join(base, path),
-                (row.get("label") or "").strip(),
-                (row.get("domain") or "").strip(),
-            )
+        add(
+            path if os.path.isabs(path) else os.path.join(base, path),
+            (row.get("label") or "").strip(),
+            (row.get("domain") or "").strip(),
         )
     if empty:
         LOG.warning("%s: %d row(s) without a path skipped", source, empty)
-    if not items:
+    n = len(builder) if builder is not None else len(items)
+    if not n:
         raise InputError(f"{source}: the manifest lists no images (it needs a 'path' column)")
-    LOG.info("manifest %s: %d images", source, len(items))
-    return items
+    LOG.info("manifest %s: %d images", source, n)
+    return builder.build() if builder is not None else items
 
 
 def _csv_rows(path: str) -> Iterable[Dict[str, str]]:

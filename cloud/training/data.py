@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cloud.pool.dataset import ImageSet, PoolSet, decode_batches
+from cloud.pool.items import PathView, item_paths
 from device_sdk.preprocess import normalize
 
 
@@ -41,26 +42,24 @@ class Streaming:
 
     def __init__(self, data: PoolSet, mean: Sequence[float], std: Sequence[float], workers: int = 2):
         self.data, self.mean, self.std, self.workers = data, mean, std, workers
-        self.paths = [it.path for it in data.items]
 
     def batches(self, chunks: Sequence[torch.Tensor]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         sizes = [len(c) for c in chunks]
         if not sizes:
             return
         order = torch.cat(list(chunks)).numpy()
-        # decode_batches needs one batch size: feed it the chunks' concatenation and cut it again
+        # decode_batches needs one batch size: feed it the chunks' concatenation and cut it again;
+        # the paths are decoded from the item list a batch at a time (PathView), never listed whole
+        paths = PathView(self.data.items, order)
         for (_, images, ok), idx in zip(
-            decode_batches(
-                self.data.preprocess, [self.paths[i] for i in order], sizes[0], self.workers, self.data.unreadable
-            ),
-            chunks,
+            decode_batches(self.data.preprocess, paths, sizes[0], self.workers, self.data.unreadable), chunks
         ):
             keep = torch.from_numpy(ok)
             yield idx[keep], torch.from_numpy(normalize(images[ok], self.mean, self.std))
 
     def take(self, idx: np.ndarray) -> torch.Tensor:
         out: List[torch.Tensor] = []
-        for _, images, _ in decode_batches(self.data.preprocess, [self.paths[i] for i in idx], 256, self.workers):
+        for _, images, _ in decode_batches(self.data.preprocess, item_paths(self.data.items, idx), 256, self.workers):
             out.append(torch.from_numpy(normalize(images, self.mean, self.std)))
         return torch.cat(out) if out else torch.zeros((0, self.data.preprocess.channels) + self.data.preprocess.size)
 
@@ -77,7 +76,7 @@ def channel_stats_streaming(data: PoolSet, sample: int = 2000, seed: int = 0, wo
     pick = np.sort(rng.permutation(len(data.items))[:sample])
     c = data.preprocess.channels
     total, total_sq, n = np.zeros(c), np.zeros(c), 0
-    for _, images, ok in decode_batches(data.preprocess, [data.items[i].path for i in pick], 256, workers):
+    for _, images, ok in decode_batches(data.preprocess, item_paths(data.items, pick), 256, workers):
         x = images[ok].reshape(-1, c).astype(np.float64) / 255.0
         total, total_sq, n = total + x.sum(0), total_sq + (x**2).sum(0), n + len(x)
     mean = total / max(n, 1)
