@@ -38,8 +38,13 @@ def scan_image_folder(root: "os.PathLike[str] | str") -> List[ImageItem]:
     """List the images under ``root`` in a stable (sorted) order."""
     items = list(iter_image_folder(root))
     if not items:
-        raise InputError(f"no images found in {os.fspath(root)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise no_images_error(root)
     return items
+
+
+def no_images_error(root: "os.PathLike[str] | str") -> InputError:
+    """The error for a folder that holds no image (shared with the cloud's compact scan)."""
+    return InputError(f"no images found in {os.fspath(root)} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
 
 def iter_image_folder(root: "os.PathLike[str] | str") -> Iterator[ImageItem]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, Sequence
 
 from cloud.log import LOG
-from cloud.pool.items import ItemListBuilder
+from cloud.pool.items import ItemList, ItemListBuilder
 from device_sdk.errors import InputError
-from device_sdk.imagefolder import IMAGE_EXTENSIONS, ImageItem, iter_image_folder, scan_image_folder
+from device_sdk.imagefolder import ImageItem, iter_image_folder, no_images_error
 
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 
@@ -29,42 +29,44 @@ def is_manifest(source: str) -> bool:
 def scan_pool(source: str, compact: bool = False) -> Sequence[ImageItem]:
     """The images of ``source``: a folder (labels from folder names) or a CSV/Parquet manifest.
 
-    With ``compact`` the items are gathered straight into an :class:`~cloud.pool.items.ItemList`
-    (a few numpy arrays; no Python object per file is kept), else a list."""
-    if not is_manifest(source):
-        if not compact:
-            return scan_image_folder(source)
-        folder = ItemListBuilder()
-        for it in iter_image_folder(source):
-            folder.add(it.path, it.label, it.domain)
-        if not len(folder):
-            raise InputError(f"no images found in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return folder.build()
-    builder = ItemListBuilder() if compact else None
-    items: List[ImageItem] = []
-    add = builder.add if builder is not None else lambda *fields: items.append(ImageItem(*fields))
+    They are gathered straight into an :class:`~cloud.pool.items.ItemList` (a few numpy arrays; no
+    Python object per file is kept), returned as it with ``compact``, else as a list."""
+    items = _scan_folder(source) if not is_manifest(source) else _scan_manifest(source)
+    return items if compact else list(items)
+
+
+def _scan_folder(source: str) -> ItemList:
+    builder = ItemListBuilder()
+    for it in iter_image_folder(source):
+        builder.add(it.path, it.label, it.domain)
+    if not len(builder):
+        raise no_images_error(source)
+    return builder.build()
+
+
+def _scan_manifest(source: str) -> ItemList:
     if not os.path.isfile(source):
         raise InputError(f"manifest not found: {source}")
     rows = _parquet_rows(source) if source.lower().endswith((".parquet", ".pq")) else _csv_rows(source)
     base = os.path.dirname(os.path.abspath(source))
+    builder = ItemListBuilder()
     empty = 0
     for row in rows:
         path = (row.get("path") or "").strip()
         if not path:
             empty += 1
             continue
-        add(
+        builder.add(
             path if os.path.isabs(path) else os.path.join(base, path),
             (row.get("label") or "").strip(),
             (row.get("domain") or "").strip(),
         )
     if empty:
         LOG.warning("%s: %d row(s) without a path skipped", source, empty)
-    n = len(builder) if builder is not None else len(items)
-    if not n:
+    if not len(builder):
         raise InputError(f"{source}: the manifest lists no images (it needs a 'path' column)")
-    LOG.info("manifest %s: %d images", source, n)
-    return builder.build() if builder is not None else items
+    LOG.info("manifest %s: %d images", source, len(builder))
+    return builder.build()
 
 
 def _csv_rows(path: str) -> Iterable[Dict[str, str]]:
