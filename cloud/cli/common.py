@@ -18,11 +18,18 @@ STREAM_ABOVE_MB = 512  # --stream auto: decode into memory up to this many MB of
 
 
 def _pool_data(args: argparse.Namespace):
-    """The pool of ``args.pool`` (folder or manifest) at ``--input-size``: decoded in memory or streamed."""
+    """The pool of ``args.pool`` (folder or manifest) at ``--input-size``: decoded in memory or streamed.
+
+    The file list is scanned into files beside ``--out`` and mapped from them (cloud/pool/items.py:
+    page cache, not the process's memory, whatever the pool's size; unlinked at once, nothing stays)."""
+    import os
+
     from cloud.pool.dataset import decoded_bytes, default_preprocess, load_image_set, pool_set
     from cloud.pool.manifest import scan_pool
 
-    items = scan_pool(args.pool, compact=True)  # no Python object per file (cloud/pool/items.py)
+    out = getattr(args, "out", None)
+    folder = os.path.dirname(os.path.abspath(out)) if out else None
+    items = scan_pool(args.pool, compact=True, folder=folder)  # no Python object per file
     spec = default_preprocess((args.input_size, args.input_size), args.channels, resize=args.resize)
     size_mb = decoded_bytes(len(items), spec) / 2**20
     if args.stream == "on" or (args.stream == "auto" and size_mb > STREAM_ABOVE_MB):

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cloud.log import LOG, Progress
-from cloud.pool.items import ItemList
+from cloud.pool.items import ItemList, spill_array
 from device_sdk.imagefolder import ImageItem, scan_image_folder
 from device_sdk.preprocess import DEFAULTS, Preprocess
 
@@ -79,11 +79,19 @@ class ImageSet(PoolSet):
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, 32, 32, 3), np.uint8))
 
 
-def _item_codes(codes: np.ndarray, values: Sequence[str], names: Sequence[str]) -> np.ndarray:
-    """An :class:`ItemList`'s own codes (into ``values``) recoded into ``names`` (``-1`` where absent)."""
+def _item_codes(
+    codes: np.ndarray, values: Sequence[str], names: Sequence[str], folder: Optional[str] = None
+) -> np.ndarray:
+    """An :class:`ItemList`'s own codes (into ``values``) recoded into ``names`` (``-1`` where absent).
+
+    With ``folder`` (a mapped list's) the result is written there a chunk at a time and mapped
+    copy-on-write, like the list's own arrays (cloud/pool/items.py), instead of held in memory."""
     index = {n: i for i, n in enumerate(names)}
     lookup = np.array([index.get(v, -1) for v in values] or [-1], dtype=np.int64)
-    return lookup[codes]
+    if folder is None:
+        return lookup[codes]
+    step = 1 << 20
+    return spill_array(folder, (lookup[codes[s : s + step]] for s in range(0, len(codes), step)), np.int64, "c")
 
 
 def pool_set(
@@ -100,8 +108,8 @@ def pool_set(
         domain_names = sorted(v for v in items.domain_values if v)
     return PoolSet(
         items,
-        _item_codes(items.label_codes, items.label_values, label_names),
-        _item_codes(items.domain_codes, items.domain_values, domain_names),
+        _item_codes(items.label_codes, items.label_values, label_names, items.folder),
+        _item_codes(items.domain_codes, items.domain_values, domain_names, items.folder),
         list(label_names),
         list(domain_names),
         preprocess or default_preprocess(),

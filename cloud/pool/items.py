@@ -11,11 +11,23 @@ training itself needs. :class:`ItemList` holds the same items as
 about 30 bytes a file plus the file name, and gives back equal :class:`ImageItem` objects (same
 path string, label and domain) when indexed or iterated, so it stands in for the list. Paths are
 decoded only for the rows asked for (:meth:`ItemList.paths`, one batch at a time when streaming).
+
+Given a ``folder`` (:class:`ItemListBuilder`, :func:`cloud.pool.manifest.scan_pool`), the builder
+writes those arrays to flat files in a private folder under it as the items come (a 64K-item
+buffer), and the list maps them read-only (:func:`mapped_array`): they live in the page cache,
+file-backed memory the kernel can drop and read again, not in the process's own (anonymous)
+memory, which then holds no per-file bytes of the list at all. On POSIX each file is unlinked as
+soon as it is mapped (its blocks are freed when the mapping goes) and the private folder removed,
+so nothing is left behind, even if the process is killed; elsewhere the list stays in memory.
+The folder should be on a disk, not a tmpfs (whose pages are swap-backed, not reclaimable).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from array import array
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -31,6 +43,47 @@ def _split(path: str) -> int:
     return max(path.rfind(s) for s in _SEPARATORS) + 1
 
 
+CAN_MAP = os.name == "posix"  # a mapped file can be unlinked at once (elsewhere the list stays in memory)
+_FLUSH = 1 << 16  # items buffered before a write
+
+
+def mapped_array(path: str, dtype, mode: str = "r") -> np.ndarray:
+    """The flat binary file ``path`` mapped as a 1-D ``dtype`` array, then unlinked (see the module docstring).
+
+    ``mode`` "r" maps it read-only; "c" copy-on-write (writable: pages written become the process's
+    own, the others stay file-backed; what :func:`torch.from_numpy` needs without a warning)."""
+    if os.path.getsize(path) == 0:  # mmap cannot map an empty file
+        os.unlink(path)
+        return np.zeros(0, dtype=dtype)
+    out = np.memmap(path, dtype=dtype, mode=mode)
+    os.unlink(path)
+    return out
+
+
+class _SpillFolder:
+    """A private folder for the files of one list, removed when done (or when the owner is collected)."""
+
+    def __init__(self, parent: str):
+        os.makedirs(parent, exist_ok=True)
+        self.path = tempfile.mkdtemp(prefix=".ecos-items-", dir=parent)
+        self.remove = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def spill_array(folder: str, chunks: Iterable[np.ndarray], dtype, mode: str = "r") -> np.ndarray:
+    """The concatenation of ``chunks`` written to a file under ``folder`` and mapped (:func:`mapped_array`)."""
+    spill = _SpillFolder(folder)
+    try:
+        with open(spill.file("array"), "wb") as fh:
+            for chunk in chunks:
+                fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+        return mapped_array(spill.file("array"), dtype, mode)
+    finally:
+        spill.remove()
+
+
 class _Codes:
     """Strings to int32 codes, first come first coded."""
 
@@ -38,6 +91,7 @@ class _Codes:
         self.index: Dict[str, int] = {}
         self.names: List[str] = []
         self.codes = array("i")
+        self.total = 0  # codes added, written ones included
 
     def add(self, value: str) -> None:
         code = self.index.get(value)
@@ -45,33 +99,77 @@ class _Codes:
             code = self.index[value] = len(self.names)
             self.names.append(value)
         self.codes.append(code)
+        self.total += 1
 
 
 class ItemListBuilder:
-    """Appends items one at a time without keeping them (see :meth:`ItemList.from_items`)."""
+    """Appends items one at a time without keeping them (see :meth:`ItemList.from_items`).
 
-    def __init__(self) -> None:
+    With ``folder`` (and on POSIX) the arrays go to files under it as they fill, and :meth:`build`
+    gives a list mapped from them (see the module docstring); else they are kept in memory."""
+
+    def __init__(self, folder: Optional[str] = None) -> None:
         self._folders, self._labels, self._domains = _Codes(), _Codes(), _Codes()
         self._names = bytearray()
-        self._ends = array("q")
+        self._ends = array("q", [0])  # the offsets: 0, then each name's end
+        self._written = 0  # name bytes already written
+        self.folder = folder if CAN_MAP else None
+        self._spill = _SpillFolder(folder) if self.folder else None
+        self._files = (
+            {k: open(self._spill.file(k), "wb") for k in ("names", "offsets", "folders", "labels", "domains")}
+            if self._spill
+            else {}
+        )
 
     def add(self, path: str, label: str = "", domain: str = "") -> None:
         cut = _split(path)
         self._folders.add(path[:cut])
         self._names += path[cut:].encode("utf-8", "surrogateescape")
-        self._ends.append(len(self._names))
+        self._ends.append(self._written + len(self._names))
         self._labels.add(label)
         self._domains.add(domain)
+        if self._files and len(self._ends) >= _FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered items to the files and empty the buffers."""
+        files = self._files
+        files["names"].write(self._names)
+        files["offsets"].write(self._ends.tobytes())
+        for key, codes in (("folders", self._folders), ("labels", self._labels), ("domains", self._domains)):
+            files[key].write(codes.codes.tobytes())
+            codes.codes = array("i")
+        self._written += len(self._names)
+        self._names, self._ends = bytearray(), array("q")
 
     def __len__(self) -> int:
-        return len(self._ends)
+        return self._folders.total
 
     def build(self) -> "ItemList":
-        offsets = np.zeros(len(self._ends) + 1, dtype=np.int64)
-        offsets[1:] = np.frombuffer(self._ends, dtype=np.int64) if len(self._ends) else []
+        if self._files:
+            self._flush()
+            for fh in self._files.values():
+                fh.close()
+            f = self._spill.file
+            try:
+                out = ItemList(
+                    memoryview(mapped_array(f("names"), np.uint8)),
+                    mapped_array(f("offsets"), np.int64),
+                    mapped_array(f("folders"), np.int32),
+                    self._folders.names,
+                    mapped_array(f("labels"), np.int32),
+                    self._labels.names,
+                    mapped_array(f("domains"), np.int32),
+                    self._domains.names,
+                    folder=self.folder,
+                )
+            finally:
+                self._spill.remove()  # the files are unlinked once mapped: only the empty folder is left
+            self.__init__()
+            return out
         out = ItemList(
             bytes(self._names),
-            offsets,
+            np.frombuffer(self._ends, dtype=np.int64).copy(),
             np.frombuffer(self._folders.codes, dtype=np.int32).copy(),
             self._folders.names,
             np.frombuffer(self._labels.codes, dtype=np.int32).copy(),
@@ -81,6 +179,14 @@ class ItemListBuilder:
         )
         self.__init__()  # the builder's copies are no longer needed
         return out
+
+    def discard(self) -> None:
+        """Close and remove the files of an unfinished list."""
+        for fh in self._files.values():
+            fh.close()
+        if self._spill:
+            self._spill.remove()
+        self._files, self._spill = {}, None
 
 
 class ItemList(Sequence[ImageItem]):
@@ -96,20 +202,34 @@ class ItemList(Sequence[ImageItem]):
         labels: List[str],
         domain_codes: np.ndarray,
         domains: List[str],
+        folder: Optional[str] = None,
     ):
+        # names: the UTF-8 bytes (bytes, or a memoryview of a mapped file); folder: where the arrays
+        # were mapped from (None: in memory), where arrays made from the list go too (cloud.pool.dataset)
+        self.folder = folder
         self._names, self._offsets = names, offsets
         self._folder_codes, self._folders = folder_codes, folders
         self.label_codes, self.label_values = label_codes, labels
         self.domain_codes, self.domain_values = domain_codes, domains
 
     @classmethod
-    def from_items(cls, items: Iterable[ImageItem]) -> "ItemList":
+    def from_items(cls, items: Iterable[ImageItem], folder: Optional[str] = None) -> "ItemList":
+        """``items`` as an ItemList (itself if one already), its arrays mapped from files under ``folder`` if given."""
         if isinstance(items, ItemList):
             return items
-        builder = ItemListBuilder()
-        for it in items:
-            builder.add(it.path, it.label, it.domain)
+        builder = ItemListBuilder(folder)
+        try:
+            for it in items:
+                builder.add(it.path, it.label, it.domain)
+        except BaseException:
+            builder.discard()
+            raise
         return builder.build()
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the arrays are mapped from (unlinked) files rather than held in memory."""
+        return isinstance(self._offsets, np.memmap)
 
     def __len__(self) -> int:
         return len(self._folder_codes)
@@ -122,7 +242,7 @@ class ItemList(Sequence[ImageItem]):
         rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
         names, folders = self._names, self._folders
         return [
-            folders[c] + names[s:e].decode("utf-8", "surrogateescape")
+            folders[c] + str(names[s:e], "utf-8", "surrogateescape")
             for c, s, e in zip(
                 self._folder_codes[rows].tolist(), self._offsets[rows].tolist(), self._offsets[rows + 1].tolist()
             )
@@ -189,18 +309,42 @@ class ItemList(Sequence[ImageItem]):
 
 
 class PathView:
-    """``paths[start:stop]`` of ``items`` taken in ``order``, decoded on demand (what :func:`decode_batches` reads)."""
+    """``paths[start:stop]`` of ``items`` taken in ``order``, decoded on demand (what :func:`decode_batches` reads).
 
-    def __init__(self, items: Sequence[ImageItem], order: Union[Sequence[int], np.ndarray]):
-        self.items, self.order = items, np.asarray(order, dtype=np.int64)
+    ``order`` is one array of rows, or a list of them (the epoch's batches) read as their
+    concatenation without making it: a slice takes only the pieces it covers."""
+
+    def __init__(self, items: Sequence[ImageItem], order):
+        parts = list(order) if isinstance(order, (list, tuple)) else [order]
+        self.items, self.parts = items, [np.asarray(p).reshape(-1) for p in parts]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
-        return len(self.order)
+        return int(self.starts[-1])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The rows at positions ``start`` to ``stop`` of the (virtual) concatenation."""
+        first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
+        pieces = []
+        for k in range(first, len(self.parts)):
+            lo = self.starts[k]
+            if lo >= stop:
+                break
+            pieces.append(self.parts[k][max(start - lo, 0) : stop - lo])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return item_paths(self.items, self.order[i])
-        return item_paths(self.items, self.order[i : i + 1])[0]
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return item_paths(self.items, self.rows(start, max(start, stop)))
+        n = len(self)
+        i = int(i)
+        if i < -n or i >= n:
+            raise IndexError("PathView index out of range")
+        i %= n
+        return item_paths(self.items, self.rows(i, i + 1))[0]
 
 
 def item_paths(items: Sequence[ImageItem], rows: Union[Sequence[int], np.ndarray]) -> List[str]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 from cloud.log import LOG
-from cloud.pool.items import ItemList, ItemListBuilder
+from cloud.pool.items import ItemListBuilder
 from device_sdk.errors import InputError
 from device_sdk.imagefolder import ImageItem, iter_image_folder, no_images_error
 
@@ -26,30 +26,35 @@ def is_manifest(source: str) -> bool:
     return os.path.splitext(source)[1].lower() in MANIFEST_EXTENSIONS and not os.path.isdir(source)
 
 
-def scan_pool(source: str, compact: bool = False) -> Sequence[ImageItem]:
+def scan_pool(source: str, compact: bool = False, folder: Optional[str] = None) -> Sequence[ImageItem]:
     """The images of ``source``: a folder (labels from folder names) or a CSV/Parquet manifest.
 
     They are gathered straight into an :class:`~cloud.pool.items.ItemList` (a few numpy arrays; no
-    Python object per file is kept), returned as it with ``compact``, else as a list."""
-    items = _scan_folder(source) if not is_manifest(source) else _scan_manifest(source)
+    Python object per file is kept), returned as it with ``compact``, else as a list. With
+    ``folder`` the list's arrays are written to files under it as the scan goes and mapped from
+    them (page cache, not the process's memory; nothing is left there: cloud/pool/items.py)."""
+    builder = ItemListBuilder(folder if compact else None)
+    try:
+        _scan_folder(source, builder) if not is_manifest(source) else _scan_manifest(source, builder)
+    except BaseException:
+        builder.discard()
+        raise
+    items = builder.build()
     return items if compact else list(items)
 
 
-def _scan_folder(source: str) -> ItemList:
-    builder = ItemListBuilder()
+def _scan_folder(source: str, builder: ItemListBuilder) -> None:
     for it in iter_image_folder(source):
         builder.add(it.path, it.label, it.domain)
     if not len(builder):
         raise no_images_error(source)
-    return builder.build()
 
 
-def _scan_manifest(source: str) -> ItemList:
+def _scan_manifest(source: str, builder: ItemListBuilder) -> None:
     if not os.path.isfile(source):
         raise InputError(f"manifest not found: {source}")
     rows = _parquet_rows(source) if source.lower().endswith((".parquet", ".pq")) else _csv_rows(source)
     base = os.path.dirname(os.path.abspath(source))
-    builder = ItemListBuilder()
     empty = 0
     for row in rows:
         path = (row.get("path") or "").strip()
@@ -66,7 +71,6 @@ def _scan_manifest(source: str) -> ItemList:
     if not len(builder):
         raise InputError(f"{source}: the manifest lists no images (it needs a 'path' column)")
     LOG.info("manifest %s: %d images", source, len(builder))
-    return builder.build()
 
 
 def _csv_rows(path: str) -> Iterable[Dict[str, str]]:

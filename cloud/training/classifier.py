@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from cloud.log import LOG
 from cloud.pool.dataset import ImageSet, PoolSet, load_image_set
-from cloud.training.data import InMemory, batch_source
+from cloud.training.data import InMemory, batch_source, epoch_order
 from cloud.training.encoder import pool_stats, random_shift, shape_kwargs, split_indices, warmup_cosine
 from device_sdk.errors import ArtifactError, InputError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
@@ -315,7 +315,7 @@ def _fit(
     history, t0 = [], time.monotonic()
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+        order = epoch_order(train_idx, gen)
         total = 0.0
         chunks = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
         for idx, xb in source.batches(chunks):

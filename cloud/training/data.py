@@ -47,10 +47,10 @@ class Streaming:
         sizes = [len(c) for c in chunks]
         if not sizes:
             return
-        order = torch.cat(list(chunks)).numpy()
-        # decode_batches needs one batch size: feed it the chunks' concatenation and cut it again;
-        # the paths are decoded from the item list a batch at a time (PathView), never listed whole
-        paths = PathView(self.data.items, order)
+        # decode_batches needs one batch size: feed it the chunks' concatenation and cut it again; the
+        # concatenation is read in place (PathView), never made, and the paths are decoded from the
+        # item list a batch at a time, never listed whole
+        paths = PathView(self.data.items, list(chunks))
         for (_, images, ok), idx in zip(
             decode_batches(self.data.preprocess, paths, sizes[0], self.workers, self.data.unreadable), chunks
         ):
@@ -62,6 +62,17 @@ class Streaming:
         for _, images, _ in decode_batches(self.data.preprocess, item_paths(self.data.items, idx), 256, self.workers):
             out.append(torch.from_numpy(normalize(images, self.mean, self.std)))
         return torch.cat(out) if out else torch.zeros((0, self.data.preprocess.channels) + self.data.preprocess.size)
+
+
+def epoch_order(train_idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    """``train_idx`` in a random order drawn from ``gen``: one epoch's rows.
+
+    The permutation is drawn as int32 where the rows fit (the same draws and values as int64, half
+    the memory); ``train_idx`` is shared, not copied, and the result has its dtype."""
+    small = len(train_idx) < 2**31
+    return torch.from_numpy(train_idx)[
+        torch.randperm(len(train_idx), generator=gen, dtype=torch.int32 if small else torch.int64)
+    ]
 
 
 def batch_source(data: PoolSet, mean: Sequence[float], std: Sequence[float], workers: int = 2):

@@ -111,3 +111,84 @@ def test_compact_parquet_scan_equals_the_list(tmp_path):
     compact = scan_pool(str(tmp_path / "pool.parquet"), compact=True)
     assert compact == listed and len(listed) == 3 and compact[1] == ImageItem("/abs/2.png", "", "")
     assert pool_set(compact).domain_names == ["x"] and pool_set(compact).domains.tolist() == [0, -1, 0]
+
+
+def test_a_mapped_list_gives_the_same_items_and_leaves_no_file(tmp_path, monkeypatch):
+    import cloud.pool.items as items_mod
+
+    monkeypatch.setattr(items_mod, "_FLUSH", 4)  # several writes per file
+    many = ITEMS * 5
+    plain = ItemList.from_items(many)
+    mapped = ItemList.from_items(many, folder=str(tmp_path / "work"))
+    assert os.listdir(tmp_path / "work") == []  # the files are unlinked once mapped, their folder removed
+    if not items_mod.CAN_MAP:
+        pytest.skip("lists stay in memory where a mapped file cannot be unlinked")
+    assert mapped.mapped and not plain.mapped and mapped.folder == str(tmp_path / "work")
+    assert mapped == plain and list(mapped) == many and mapped.paths() == plain.paths()
+    assert mapped.labels() == plain.labels() and mapped.domains() == plain.domains()
+    assert mapped.paths(np.array([29, 2, 3])) == [many[29].path, many[2].path, many[3].path]
+    assert list(mapped.take([3, 2])) == [many[3], many[2]] and mapped[-1] == many[-1]
+    assert mapped.nbytes() == plain.nbytes()
+    assert not mapped.label_codes.flags.writeable  # read-only: what is mapped stays as written
+    data, ref = pool_set(mapped), pool_set(plain)
+    assert isinstance(data.labels, np.memmap) and data.labels.dtype == ref.labels.dtype == np.int64
+    assert data.labels.tolist() == ref.labels.tolist() and data.domains.tolist() == ref.domains.tolist()
+    assert data.label_names == ref.label_names and os.listdir(tmp_path / "work") == []
+    empty = ItemList.from_items([], folder=str(tmp_path / "work"))
+    assert len(empty) == 0 and empty.paths() == [] and os.listdir(tmp_path / "work") == []
+
+
+def test_a_failed_scan_leaves_no_file(tmp_path):
+    (tmp_path / "pool.csv").write_text('path,label\na.jpg,x\n"b.jpg,y\n')
+    (tmp_path / "work").mkdir()
+    try:
+        scan_pool(str(tmp_path / "pool.csv"), compact=True, folder=str(tmp_path / "work"))
+    except InputError:
+        pass
+    (tmp_path / "bad.csv").write_text("nopath\nx\n")
+    with pytest.raises(InputError, match="not a pool manifest"):
+        scan_pool(str(tmp_path / "bad.csv"), compact=True, folder=str(tmp_path / "work"))
+    assert os.listdir(tmp_path / "work") == []
+
+
+def test_mapped_scans_equal_the_lists(digits_root, tmp_path):
+    folder = str(digits_root / "pool")
+    mapped = scan_pool(folder, compact=True, folder=str(tmp_path / "work"))
+    assert mapped == scan_image_folder(folder) and os.listdir(tmp_path / "work") == []
+    assert isinstance(scan_pool(folder, folder=str(tmp_path / "work")), list)
+
+
+def test_path_views_read_a_list_of_batches_as_their_concatenation():
+    import torch
+
+    items = ItemList.from_items(ITEMS)
+    chunks = [torch.tensor([5, 2], dtype=torch.int32), torch.tensor([0, 4]), np.array([1, 3, 3])]
+    view, whole = PathView(items, chunks), PathView(items, np.array([5, 2, 0, 4, 1, 3, 3]))
+    assert len(view) == len(whole) == 7
+    for start in range(8):
+        for stop in range(start, 9):
+            assert view[start:stop] == whole[start:stop] == [ITEMS[i].path for i in [5, 2, 0, 4, 1, 3, 3][start:stop]]
+    assert [view[i] for i in range(-7, 7)] == [whole[i] for i in range(-7, 7)] and view[::3] == whole[::3]
+    assert len(PathView(items, [])) == 0 and PathView(items, [])[0:4] == []
+
+
+def test_int32_split_and_epoch_order_draw_what_int64_drew():
+    import torch
+
+    from cloud.training.data import epoch_order
+    from cloud.training.encoder import split_indices
+
+    for n in (0, 1, 7, 1000, 65537):
+        train, val = split_indices(n, 0.1, 3)
+        perm = np.random.default_rng(3).permutation(n)  # as drawn before: int64
+        n_val = int(round(n * 0.1))
+        assert (
+            train.dtype == np.int32
+            and train.tolist() == perm[n_val:].tolist()
+            and val.tolist() == perm[:n_val].tolist()
+        )
+        gen, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        order = epoch_order(train, gen)
+        assert order.dtype == torch.int32
+        assert order.tolist() == torch.from_numpy(perm[n_val:])[torch.randperm(len(train), generator=ref)].tolist()
+        assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=ref))  # the generators stay in step
