@@ -90,7 +90,7 @@ def _item_codes(
     lookup = np.array([index.get(v, -1) for v in values] or [-1], dtype=np.int64)
     if folder is None:
         return lookup[codes]
-    step = 1 << 20
+    step = 1 << 16  # small temporaries: the allocator gives them back
     return spill_array(folder, (lookup[codes[s : s + step]] for s in range(0, len(codes), step)), np.int64, "c")
 
 

@@ -315,8 +315,10 @@ class PathView:
     concatenation without making it: a slice takes only the pieces it covers."""
 
     def __init__(self, items: Sequence[ImageItem], order):
-        parts = list(order) if isinstance(order, (list, tuple)) else [order]
-        self.items, self.parts = items, [np.asarray(p).reshape(-1) for p in parts]
+        # the parts stay as given (arrays or tensors) and are read as arrays a slice at a time: an array
+        # object per batch of an epoch would cost more than the rows themselves
+        self.items = items
+        self.parts = list(order) if isinstance(order, (list, tuple)) else [np.asarray(order).reshape(-1)]
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
@@ -330,7 +332,7 @@ class PathView:
             lo = self.starts[k]
             if lo >= stop:
                 break
-            pieces.append(self.parts[k][max(start - lo, 0) : stop - lo])
+            pieces.append(np.asarray(self.parts[k][max(start - lo, 0) : stop - lo]).reshape(-1))
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
     def __getitem__(self, i):

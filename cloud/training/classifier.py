@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from cloud.log import LOG
 from cloud.pool.dataset import ImageSet, PoolSet, load_image_set
-from cloud.training.data import InMemory, batch_source, epoch_order
+from cloud.training.data import Batches, InMemory, batch_source, epoch_order
 from cloud.training.encoder import pool_stats, random_shift, shape_kwargs, split_indices, warmup_cosine
 from device_sdk.errors import ArtifactError, InputError, MismatchError, UsageError
 from device_sdk.fsutil import atomic_write_bytes
@@ -317,7 +317,7 @@ def _fit(
         model.train()
         order = epoch_order(train_idx, gen)
         total = 0.0
-        chunks = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+        chunks = Batches(order, cfg.batch_size)
         for idx, xb in source.batches(chunks):
             if not len(idx):
                 continue

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from cloud.log import LOG
 from cloud.pool.dataset import ImageSet, PoolSet
-from cloud.training.data import batch_source, channel_stats_streaming, epoch_order
+from cloud.training.data import Batches, batch_source, channel_stats_streaming, epoch_order
 from cloud.training.encoder_config import EncoderConfig
 from cloud.training.pixels import with_pixel_branch
 from device_sdk.errors import InputError
@@ -240,8 +240,7 @@ def train_encoder(
         encoder.train()
         order = epoch_order(train_idx, gen)
         total, batches = 0.0, 0
-        chunks = [order[start : start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
-        chunks = chunks[: steps - done]  # --max-steps: the last epoch may be cut short
+        chunks = Batches(order, cfg.batch_size, steps - done)  # --max-steps: the last epoch may be cut short
         for idx, xb in source.batches(chunks):
             if len(idx) < 2:
                 continue

@@ -192,3 +192,25 @@ def test_int32_split_and_epoch_order_draw_what_int64_drew():
         assert order.dtype == torch.int32
         assert order.tolist() == torch.from_numpy(perm[n_val:])[torch.randperm(len(train), generator=ref)].tolist()
         assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=ref))  # the generators stay in step
+
+
+def test_batches_are_the_list_of_slices_made_on_demand(digits_root):
+    import torch
+
+    from cloud.training.data import Batches, Streaming
+
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    listed = [order[s : s + 16] for s in range(0, 50, 16)]
+    for count in (None, 2, 4, 9, 0):
+        got = Batches(order, 16, count)
+        want = listed[:count] if count is not None else listed
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+        assert [len(b) for b in got[::-1]] == [len(b) for b in want[::-1]]
+    assert torch.equal(Batches(order, 16)[-1], listed[-1])
+    with pytest.raises(IndexError):
+        Batches(order, 16)[4]
+    items = scan_image_folder(str(digits_root / "pool"))[:50]
+    source = Streaming(pool_set(items, default_preprocess((40, 40))), (0.5,) * 3, (0.25,) * 3, 2)
+    lazy, plain = list(source.batches(Batches(order, 16, 3))), list(source.batches(listed[:3]))
+    assert len(lazy) == len(plain) == 3
+    assert all(torch.equal(ia, ib) and torch.equal(xa, xb) for (ia, xa), (ib, xb) in zip(lazy, plain))
