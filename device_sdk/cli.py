@@ -30,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from device_sdk import __version__  # noqa: E402
 from device_sdk.clikit import add_common, add_trust_arguments, run_cli, setup_logging  # noqa: E402
 from device_sdk.device import answer_probe, check_probe_conflict  # noqa: E402
+from device_sdk.errors import InputError  # noqa: E402
 from device_sdk.fsutil import atomic_write_bytes  # noqa: E402
 from device_sdk.imagefolder import scan_image_folder  # noqa: E402
 from device_sdk.labelling_cli import add_command as add_label_vote_command  # noqa: E402
@@ -39,7 +40,7 @@ from device_sdk.protocol import check_probe  # noqa: E402
 from device_sdk.protocol.envelope import read_file  # noqa: E402
 from device_sdk.protocol.round import Probe  # noqa: E402
 from device_sdk.runtime import load_model  # noqa: E402
-from device_sdk.scoring import check_compatible, encode_items  # noqa: E402
+from device_sdk.scoring import check_compatible, encode_items, log_unreadable  # noqa: E402
 from device_sdk.trust import DeviceTrust, read_key_update, trust_from_settings, verify_probe  # noqa: E402
 
 LOG = logging.getLogger("ecos.device")
@@ -78,7 +79,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             last[0] = time.monotonic()
             LOG.info("encoding local images: %d/%d", done, total)
 
-    features = encode_items(model, items, args.batch_size, progress)
+    unreadable: list = []
+    features = encode_items(model, items, args.batch_size, progress, unreadable)
+    log_unreadable(LOG, args.folder, unreadable)
+    if len(features) == 0:
+        raise InputError(
+            f"{args.folder}: none of its {len(items)} image file(s) is readable; first: {unreadable[0][1]}"
+        )
     scores, result = answer_probe(
         probe,
         model,
@@ -94,7 +101,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     verb = "replayed earlier answer to" if result.repeated else "answered"
     print(
         f"{verb} probe {probe.probe_id[:12]} with {scores.k} noisy scores (sigma={scores.sigma:.3f}) "
-        f"from {len(items)} images in {time.monotonic() - t0:.1f}s -> {args.out}"
+        f"from {len(features)} images"
+        + (f" ({len(unreadable)} unreadable skipped)" if unreadable else "")
+        + f" in {time.monotonic() - t0:.1f}s -> {args.out}"
     )
     print(
         f"privacy: charged epsilon {result.charged_epsilon:.4f}; spent {result.spent_epsilon:.4f} of {budget_eps:g} "

@@ -19,16 +19,19 @@ scores keep sensitivity 1 and the ledger charges the same.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
-from typing import Any, Callable, Hashable, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from device_sdk.errors import InputError
 from device_sdk.imagefolder import scan_image_folder
 from device_sdk.preprocess import Preprocess
+
+LOG = logging.getLogger("ecos.device")
 
 __all__ = ["DataSource", "FolderSource", "CallableSource", "FrameBuffer", "fit_frames"]
 
@@ -66,9 +69,18 @@ class FolderSource(DataSource):
         return ("folder", tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items))
 
     def batches(self, spec: Preprocess, batch: int) -> Iterator[np.ndarray]:
+        """The readable images; unreadable files (damaged, empty, still being written) are skipped with a warning."""
+        from device_sdk.scoring import log_unreadable
+
         items = scan_image_folder(self.folder)
+        unreadable: List[Tuple[str, str]] = []
         for start in range(0, len(items), batch):
-            yield spec.decode_many([it.path for it in items[start : start + batch]])
+            paths = [it.path for it in items[start : start + batch]]
+            images, ok, failed = spec.decode_batch(paths)
+            unreadable.extend((paths[i], reason) for i, reason in sorted(failed))
+            if ok.any():
+                yield images if ok.all() else images[ok]
+        log_unreadable(LOG, self.folder, unreadable)
 
     def __repr__(self) -> str:
         return f"FolderSource({self.folder!r})"

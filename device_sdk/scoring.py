@@ -9,7 +9,8 @@ one: L2 sensitivity 1, whatever K is, with or without the far bin.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -75,14 +76,43 @@ def check_compatible(probe: Probe, model: Model) -> None:
 
 
 def encode_items(
-    model: Model, items: Sequence[ImageItem], batch: int = 256, progress: Optional[Callable[[int, int], None]] = None
+    model: Model,
+    items: Sequence[ImageItem],
+    batch: int = 256,
+    progress: Optional[Callable[[int, int], None]] = None,
+    unreadable: Optional[List[Tuple[str, str]]] = None,
 ) -> np.ndarray:
-    """Decode (as the artifact says) and encode images in batches (bounded memory); ``progress(done, total)``."""
+    """Decode (as the artifact says) and encode images in batches (bounded memory); ``progress(done, total)``.
+
+    The first unreadable file is an ``InputError``; with an ``unreadable`` list it is skipped instead
+    (no row in the result) and ``(path, reason)`` appended to the list.
+    """
     spec = model.meta.preprocessing()
     outs: List[np.ndarray] = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
-        outs.append(model.run(spec.decode_many([it.path for it in chunk])))
+        paths = [it.path for it in chunk]
+        if unreadable is None:
+            images = spec.decode_many(paths)
+        else:
+            images, ok, failed = spec.decode_batch(paths)
+            unreadable.extend((paths[i], reason) for i, reason in sorted(failed))
+            images = images[ok]
+        if len(images):
+            outs.append(model.run(images))
         if progress is not None:
             progress(start + len(chunk), len(items))
     return np.concatenate(outs) if outs else np.zeros((0, model.meta.feature_dim or 0), np.float32)
+
+
+def log_unreadable(log: logging.Logger, what: str, unreadable: Sequence[Tuple[str, str]]) -> None:
+    """One warning: how many files were skipped, and the first three with the reason (all at debug level)."""
+    if unreadable:
+        log.warning(
+            "%s: %d unreadable image(s) skipped; first: %s",
+            what,
+            len(unreadable),
+            "; ".join(reason for _, reason in unreadable[:3]),
+        )
+        for _, reason in unreadable[3:]:
+            log.debug("%s: skipped %s", what, reason)

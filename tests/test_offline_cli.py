@@ -161,12 +161,30 @@ def test_bad_device_inputs(round_files, encoder_path, digits_root, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_fails(_score(empty, encoder_path, probe, out, ledger), "input", 3, out)
-    broken = tmp_path / "broken"
-    shutil.copytree(local, broken)
-    (broken / "3" / "zz.png").write_bytes(b"definitely not a png")
-    assert_fails(_score(broken, encoder_path, probe, out, ledger), "input", 3, out)
+    junk = tmp_path / "junk"  # image names, nothing readable: nothing to count
+    junk.mkdir()
+    (junk / "zz.png").write_bytes(b"definitely not a png")
+    (junk / "empty.jpg").write_bytes(b"")
+    assert_fails(_score(junk, encoder_path, probe, out, ledger), "input", 3, out)
     assert_fails(_score(local, encoder_path, probe, out, ledger, eps="5"), "privacy_budget", 6, out)
     assert not ledger.exists() or PrivacyLedger(ledger).releases() == []
+
+
+def test_unreadable_device_images_are_counted_listed_and_skipped(round_files, encoder_path, digits_root, tmp_path):
+    _, _, probe, _ = round_files
+    local = digits_root / "devices" / "street" / "local"
+    broken = tmp_path / "broken"
+    shutil.copytree(local, broken)
+    readable = len(list(broken.rglob("*.png")))
+    (broken / "3" / "zz.png").write_bytes(b"definitely not a png")
+    (broken / "empty.jpg").write_bytes(b"")
+    (broken / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out, ledger = tmp_path / "out.scores", tmp_path / "ledger.json"
+    proc = _score(broken, encoder_path, probe, out, ledger)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"from {readable} images (3 unreadable skipped)" in proc.stdout
+    assert "3 unreadable image(s) skipped" in proc.stderr and "zz.png: not a readable image" in proc.stderr
+    assert out.exists() and len(PrivacyLedger(ledger).releases()) == 1
 
 
 def test_bad_cloud_inputs(round_files, tmp_path):

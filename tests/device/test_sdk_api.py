@@ -86,6 +86,37 @@ def test_frames_and_files_of_one_picture_give_the_same_input(encoder_path, digit
     np.testing.assert_array_equal(from_frames, from_files)
 
 
+def test_a_folder_source_skips_unreadable_files(tmp_path, caplog):
+    from device_sdk.datasource import FolderSource, encode_source
+    from device_sdk.preprocess import Preprocess
+
+    spec = Preprocess(size=(16, 16))
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "half.png").write_bytes((tmp_path / "0.png").read_bytes()[:30])  # e.g. still being written
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        batches = list(FolderSource(tmp_path).batches(spec, 2))
+    assert sorted(int(image[0, 0, 0]) for batch in batches for image in batch) == [0, 40, 80]
+    assert "2 unreadable image(s) skipped" in caplog.text and "half.png" in caplog.text
+
+    class Identity:
+        class meta:
+            feature_dim = 3
+
+            @staticmethod
+            def preprocessing():
+                return spec
+
+        @staticmethod
+        def run(images):
+            return images[:, 0, 0, :].astype(np.float32)
+
+    for f in ("0.png", "1.png", "2.png"):
+        (tmp_path / f).unlink()
+    assert encode_source(Identity, FolderSource(tmp_path)).shape == (0, 3)  # the agent: "no local images"
+
+
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     """A small classifier (untrained weights: the test is about the API, not accuracy) exported to ONNX."""
