@@ -208,7 +208,8 @@ class Preprocess:
                     h, w = self.size if orientation < 5 else self.size[::-1]
                     im.draft(mode if im.mode in ("RGB", "L") else None, (w, h))
                 im.load()
-                out = im if im.mode == mode else im.convert(mode)
+                src = _eight_bit(im) if im.mode.startswith("I;16") else im
+                out = src if src.mode == mode else src.convert(mode)
         except InputError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -405,6 +406,15 @@ def _check_strict(path: str, im, size: Tuple[int, int], mode: str) -> None:
         raise InputError(f"{path}: image is {im.width}x{im.height}, model expects {size[1]}x{size[0]}")
     if im.mode != mode:
         raise InputError(f"{path}: image mode is {im.mode}, model expects {mode}")
+
+
+def _eight_bit(im):
+    """A 16-bit grey picture (``I;16``, ``I;16B``, ...) as 8-bit ``L``, scaled by 257 (Pillow's own
+    conversion clips at 255, which turns almost every pixel white)."""
+    from PIL import Image
+
+    wide = np.asarray(im).astype(np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def _orientation(im) -> int:

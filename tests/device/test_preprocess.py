@@ -270,3 +270,16 @@ def test_decoder_env_turns_the_shortcut_off(pillow_only):
 
     assert pillow_only(lambda: fast_paths()).simplejpeg is None
     assert "pillow" in pillow_only(lambda: fast_paths().reason)
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "grey16.tif"])
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path, name):
+    """A 16-bit grey picture (mode I;16) is the 8-bit one scaled by 257, not every value above 255 made white."""
+    grey = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (40, 1))
+    Image.fromarray(grey).save(tmp_path / "grey8.png")
+    wide = grey.astype("<u2") * 257
+    Image.frombytes("I;16", (48, 40), wide.tobytes()).save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode.startswith("I;16")
+    for channels in (1, 3):
+        spec = Preprocess(size=(32, 32), channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
+        np.testing.assert_array_equal(spec.decode(str(tmp_path / name)), spec.decode(str(tmp_path / "grey8.png")))
