@@ -5,8 +5,9 @@ its preprocessing), so pool features and device features come from the same grap
 decoding. Decoding runs in ``workers`` threads, one batch ahead of inference.
 
 The cache is a folder per encoder (``features-<sha256[:16]>/``) of shards ``shard-NNNNNN.npz``, each
-written atomically as soon as ``shard_size`` new features exist: an interrupted run loses at most
-one shard's work, and a restart encodes only what no shard holds. An entry is keyed by the file's
+written atomically as soon as ``shard_size`` new features exist: a crashed run loses at most one
+shard's work, Ctrl-C (``KeyboardInterrupt``) none (the unfinished shard is written before it stops),
+and a restart encodes only what no shard holds. An entry is keyed by the file's
 absolute path and stamped with its size and mtime (64-bit hashes of each): a file whose size or
 mtime changed is encoded again and its old entry pruned; with ``prune_missing`` (a run over the
 whole pool) entries of files that are no longer in the pool are pruned too. Files that cannot be
@@ -169,15 +170,22 @@ def encode_pool_checked(
     spec = model.meta.preprocessing()
     progress = Progress("encoding pool", len(todo))
     pending: List[np.ndarray] = []
-    for start, images, ok in decode_batches(spec, [paths[i] for i in todo], batch, workers, unreadable):
-        rows = todo[start : start + len(images)]
-        if ok.any():
-            out[rows[ok]] = model.run(images[ok])
-        if cache is not None:
-            pending.append(rows)
-            if sum(len(r) for r in pending) >= shard_size:
-                _flush(cache, keys, stamps, out, pending)
-        progress.update(len(rows))
+    try:
+        for start, images, ok in decode_batches(spec, [paths[i] for i in todo], batch, workers, unreadable):
+            rows = todo[start : start + len(images)]
+            if ok.any():
+                out[rows[ok]] = model.run(images[ok])
+            if cache is not None:
+                pending.append(rows)
+                if sum(len(r) for r in pending) >= shard_size:
+                    _flush(cache, keys, stamps, out, pending)
+            progress.update(len(rows))
+    except KeyboardInterrupt:  # Ctrl-C: the finished batches of the unfinished shard are kept, not encoded again
+        if cache is not None and pending:
+            kept = sum(len(r) for r in pending)
+            _flush(cache, keys, stamps, out, pending)
+            LOG.warning("interrupted: %d more encoded files kept in %s; run again to resume", kept, cache.folder)
+        raise
     if cache is not None:
         _flush(cache, keys, stamps, out, pending)
     kept_mask = ~np.isnan(out[:, 0]) if dim else np.ones(len(paths), dtype=bool)

@@ -115,6 +115,30 @@ def test_interrupted_indexing_resumes_without_recomputing(digits_root, encoder_p
     np.testing.assert_array_equal(again.features, resumed.features)
 
 
+def test_ctrl_c_keeps_what_was_encoded_for_the_next_run(digits_root, encoder_path, tmp_path):
+    """Ctrl-C (KeyboardInterrupt) writes the encoded part of the unfinished shard before it stops:
+    a pool smaller than one shard resumes too, instead of starting over."""
+    items = scan_image_folder(str(digits_root / "pool"))[:30]
+    cache = str(tmp_path / "cache")
+    model = load_model(str(encoder_path))
+
+    class CtrlC(_Counting):
+        def run(self, images):
+            if self.batches >= self.stop_after:
+                raise KeyboardInterrupt
+            return super().run(images)
+
+    first = CtrlC(model, stop_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        encode_pool_checked(first, items, cache, batch=4, shard_size=1000)
+    assert first.images == 12 and _entries(cache) == 12
+
+    second = _Counting(model)
+    resumed = encode_pool_checked(second, items, cache, batch=4, shard_size=1000)
+    assert second.images == 30 - 12 and resumed.cached == 12
+    np.testing.assert_allclose(resumed.features, encode_pool_checked(model, items).features, atol=1e-6)
+
+
 def test_changed_and_removed_files_are_pruned_and_unreadable_ones_not_retried(digits_root, encoder_path, tmp_path):
     import shutil
 
