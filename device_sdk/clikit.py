@@ -49,10 +49,21 @@ def run_cli(
         return INTERRUPTED
 
 
+OWN_LOGGERS = ("ecos", "cloud", "device_sdk", "models")
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    """Our INFO lines, other libraries' warnings: their INFO chatter (the TFLite converter's, torch's) only with -v."""
+    return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] in OWN_LOGGERS
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if not verbose:
+        handler.addFilter(_own_or_warning)
     logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=level, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
 
 

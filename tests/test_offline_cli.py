@@ -236,6 +236,26 @@ def test_scores_for_another_probe_are_refused(round_files, pool_index, tmp_path,
     )
 
 
+def test_other_libraries_info_logs_stay_out_of_the_commands_output():
+    """The commands log their own INFO lines; a library's INFO chatter (e.g. the TFLite converter's
+    'Use JAX lowering' lines on the root logger) only with -v, its warnings always."""
+    code = (
+        "import logging, sys\n"
+        "from device_sdk.clikit import setup_logging\n"
+        "setup_logging(verbose=sys.argv[1] == 'v')\n"
+        "logging.getLogger().info('root chatter')\n"
+        "logging.getLogger('jax._src.xla_bridge').info('library chatter')\n"
+        "logging.getLogger('torch').warning('library warning')\n"
+        "logging.getLogger('ecos.device').info('our line')\n"
+        "logging.getLogger('cloud.sampling.ecos').info('our module line')\n"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code, "-"], capture_output=True, text=True, timeout=60).stderr
+    assert "chatter" not in quiet
+    assert "library warning" in quiet and "our line" in quiet and "our module line" in quiet
+    verbose = subprocess.run([sys.executable, "-c", code, "v"], capture_output=True, text=True, timeout=60).stderr
+    assert "root chatter" in verbose and "library chatter" in verbose
+
+
 def test_help_lists_every_command():
     cloud = run("ecos-cloud", "--help").stdout
     device = run("ecos-device", "--help").stdout
