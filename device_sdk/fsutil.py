@@ -38,7 +38,8 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not UTF-8 (Python holds its bytes escaped) is written as its own bytes."""
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

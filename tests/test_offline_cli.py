@@ -187,6 +187,29 @@ def test_unreadable_device_images_are_counted_listed_and_skipped(round_files, en
     assert out.exists() and len(PrivacyLedger(ledger).releases()) == 1
 
 
+def test_file_names_that_are_not_utf8_go_through_index_sample_and_the_selection(encoder_path, digits_root, tmp_path):
+    """Scraped pools unpacked from old archives hold names in Latin-1 or cp1252: indexed, listed as
+    unreadable, written to the selection CSV and read back from it by their own bytes, no traceback."""
+    from cloud.training.classifier import _read_selection_rows
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, src in enumerate(sorted((digits_root / "devices" / "street" / "local").rglob("*.png"))[:6]):
+        shutil.copy(src, pool / f"{i}.png")
+    shutil.copy(pool / "0.png", os.fsencode(pool) + b"/caf\xe9.png")
+    Path(os.fsdecode(os.fsencode(pool) + b"/bad\xff.png")).write_bytes(b"not a png")
+    index, probe, sel = tmp_path / "pool.index.npz", tmp_path / "round.probe", tmp_path / "sel.csv"
+    proc = run("ecos-cloud", "index", pool, "--encoder", encoder_path, "--out", index, "--probe", probe, "--k", 2)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    listing = (tmp_path / "pool.index.npz.unreadable.txt").read_bytes()
+    assert b"bad\xff.png: not a readable image" in listing
+    proc = run("ecos-cloud", "sample", "--index", index, "--method", "random", "--budget", 7, "--out", sel)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = _read_selection_rows(str(sel))
+    assert len(rows) == 7 and all(os.path.isfile(r.path) for r in rows)
+    assert os.fsencode(pool) + b"/caf\xe9.png" in {os.fsencode(r.path) for r in rows}
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"

@@ -77,7 +77,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     index.save(args.out)
     if index.unreadable.count:
         listing = args.out + ".unreadable.txt"
-        atomic_write_bytes(listing, "".join(f"{reason}\n" for _, reason in index.unreadable.examples).encode())
+        atomic_write_bytes(
+            listing,
+            "".join(f"{reason}\n" for _, reason in index.unreadable.examples).encode("utf-8", "surrogateescape"),
+        )
         print(
             f"{index.unreadable.count} unreadable file(s) left out; the first {len(index.unreadable.examples)} "
             f"-> {listing}"

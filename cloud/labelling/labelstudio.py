@@ -71,7 +71,7 @@ class SelectionRow:
 
 def read_selection(csv_path: str) -> List[SelectionRow]:
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # paths: any bytes
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read selection {csv_path}: {getattr(exc, 'strerror', None) or exc}") from None

@@ -154,7 +154,7 @@ def load_selection(
 
 def _read_selection_rows(csv_path: str) -> List[ImageItem]:
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:  # paths: any bytes
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise InputError(f"cannot read selection {csv_path}: {exc.strerror}") from None
