@@ -80,15 +80,35 @@ def _csv_rows(path: str) -> Iterable[Dict[str, str]]:
         raise InputError(f"cannot read manifest {path}: {exc.strerror}") from None
     with fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
+        try:
+            fields = reader.fieldnames
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        if not fields or "path" not in [f.strip() for f in fields]:
             raise InputError(
                 f"{path}: not a pool manifest (needs a header row with a 'path' column; optional 'label' and 'domain')"
             )
         try:
             for row in reader:
                 yield {(k or "").strip(): v for k, v in row.items() if isinstance(v, str)}
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        except csv.Error as exc:
             raise InputError(f"{path}: unreadable CSV near line {reader.line_num} ({exc})") from None
+
+
+def _not_utf8(path: str) -> InputError:
+    """The error for a CSV in another encoding (Excel's 'CSV' is often cp1252), naming the first bad line."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = f"byte 0x{line[exc.start]:02x} on line {number}"
+                break
+        else:
+            bad = "an incomplete character at the end"
+    return InputError(f"{path}: not UTF-8 ({bad}); save it as UTF-8 (CSV UTF-8 in Excel)")
 
 
 def _parquet_rows(path: str) -> Iterable[Dict[str, str]]:

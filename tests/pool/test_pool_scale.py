@@ -74,6 +74,16 @@ def test_manifest_without_a_path_column_is_an_input_error(tmp_path):
         scan_pool(str(tmp_path / "absent.csv"))
 
 
+@pytest.mark.parametrize("where", ["header", "row"])
+def test_a_manifest_that_is_not_utf8_is_an_input_error_that_says_so(tmp_path, where):
+    """Excel's 'CSV' is often cp1252: a clear error naming the line, not a UnicodeDecodeError traceback."""
+    text = "p\xe4th,label\na.png,1\n" if where == "header" else "path,label\na.png,caf\xe9\n"
+    (tmp_path / "m.csv").write_bytes(text.encode("cp1252"))
+    line = "line 1" if where == "header" else "line 2"
+    with pytest.raises(InputError, match=f"m.csv: not UTF-8 .*{line}.*save it as UTF-8"):
+        scan_pool(str(tmp_path / "m.csv"))
+
+
 class _Interrupted(Exception):
     pass
 
