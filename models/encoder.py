@@ -13,6 +13,13 @@ from torch.nn import functional as F
 from .registry import register_model
 
 
+def input_size_problem(input_size: int) -> str:
+    """Why ``conv_encoder`` cannot take this input size ("" when it can)."""
+    if input_size % 32 or not 32 <= input_size <= 512:
+        return f"input_size must be a multiple of 32 in [32, 512]; got {input_size}"
+    return ""
+
+
 def _conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -47,8 +54,9 @@ class ConvEncoder(nn.Module):
         self.stage1 = nn.Sequential(_conv(in_channels, w), nn.MaxPool2d(2))
         self.stage2 = nn.Sequential(_conv(w, 2 * w), nn.MaxPool2d(2))
         self.stage3 = nn.Sequential(_conv(2 * w, 4 * w), nn.MaxPool2d(2))
-        if input_size % 32 or not 32 <= input_size <= 512:
-            raise ValueError(f"input_size must be a multiple of 32 in [32, 512]; got {input_size}")
+        problem = input_size_problem(input_size)
+        if problem:
+            raise ValueError(problem)
         content_dim = feature_dim - style_dim
         # larger inputs: the last map (input_size / 8) is averaged down to the 4x4 of a 32-pixel input, so the
         # projection (and the layout cues it keeps) is the same size whatever the input size

@@ -210,6 +210,14 @@ def test_file_names_that_are_not_utf8_go_through_index_sample_and_the_selection(
     assert os.fsencode(pool) + b"/caf\xe9.png" in {os.fsencode(r.path) for r in rows}
 
 
+@pytest.mark.parametrize("size", ["8", "48", "1024"])
+def test_an_input_size_the_encoder_cannot_take_is_a_usage_error(digits_root, tmp_path, size):
+    out = tmp_path / "enc.onnx"
+    proc = run("ecos-cloud", "train-encoder", digits_root / "pool", "--out", out, "--input-size", size, "--epochs", 1)
+    assert_fails(proc, "usage", 2, out)
+    assert "multiple of 32" in proc.stderr and "decoding" not in proc.stderr  # said before the pool is read
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"

@@ -18,7 +18,12 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
     from cloud.export.formats import export_onnx
     from cloud.tools.pipeline import encoder_meta
     from cloud.training.encoder import train_encoder
+    from device_sdk.errors import UsageError
+    from models.encoder import input_size_problem
 
+    problem = input_size_problem(args.input_size)
+    if problem:  # before the pool is read, not after it is decoded
+        raise UsageError(f"--input-size: the encoder's {problem}")
     _threads(args)
     cfg = EncoderConfig(
         feature_dim=args.feature_dim,
