@@ -51,6 +51,8 @@ def iter_image_folder(root: "os.PathLike[str] | str") -> Iterator[ImageItem]:
     """The images of :func:`scan_image_folder` one at a time (none is an empty iteration, not an error)."""
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
+        if os.path.exists(root_s):
+            raise InputError(f"{root_s} is a file, not an image folder (give the folder that holds the images)")
         raise InputError(f"image folder not found: {root_s}")
     for dirpath, dirnames, filenames in os.walk(root_s):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

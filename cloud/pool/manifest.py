@@ -44,6 +44,10 @@ def scan_pool(source: str, compact: bool = False, folder: Optional[str] = None) 
 
 
 def _scan_folder(source: str, builder: ItemListBuilder) -> None:
+    if os.path.isfile(source):
+        raise InputError(
+            f"{source} is a file: a pool is an image folder or a manifest ({', '.join(MANIFEST_EXTENSIONS)})"
+        )
     for it in iter_image_folder(source):
         builder.add(it.path, it.label, it.domain)
     if not len(builder):

@@ -31,6 +31,9 @@ def test_empty_and_missing_folders(tmp_path):
         scan_image_folder(tmp_path)
     with pytest.raises(InputError, match="not found"):
         scan_image_folder(tmp_path / "nope")
+    (tmp_path / "one.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match="one.jpg is a file, not an image folder"):
+        scan_image_folder(tmp_path / "one.jpg")
 
 
 def test_unreadable_image_names_the_file(tmp_path):
