@@ -1,20 +1,24 @@
 """Coverage rule ablations: can the far bin tell an absent domain, and what does each variant cost?
 
 Runs on a work folder that ``benchmarks/eval_pools.py`` has filled (data, the ``flat`` and the
-``lodo/<domain>`` encoders and indexes; nothing is retrained here), each device domain in turn:
+``lodo/<domain>`` encoders and indexes, and ``domains`` / ``lodo_domains/<domain>`` for pools with
+domain folders; nothing is retrained here), each device domain in turn:
 
 1. **Signals** (noise-free, from the device's 300 local images): the share of its samples outside
    their nearest centroid's radius at the radius quantiles 0.5 / 0.75 / 0.9 / 0.95, and at 0.95
    with finer cells (each cluster split into up to 4 sub-clusters, every sub-cluster with its own
    radius; the votes would still go to the parent cluster, so the privacy cost would not change).
-   ``flat``: the device's domain is in the pool; ``lodo``: it is not.
+   ``flat`` (``domains``): the device's domain is in the pool; ``lodo`` (``lodo_domains``): it is not.
 2. **Variants** of the sampler on the same noisy answers (epsilon 0.58, the noise seeds of
    eval_pools): ``ecos`` (the default), ``ecos@radius_quantile=Q`` (the far bin at another radius
    quantile; the slack ``f0 = 2 (1 - Q)`` follows it, capped at 0.5), ``ecos@uncovered_far_share=F``
-   (``f1``), ``ecos@pick=uniform`` (inside a cluster, uniform picks instead of near-centroid ones) and
+   (``f1``), ``ecos@misfit_diversity=M`` (pools with domain folders: votes that fit no domain send up
+   to M of the budget to diversity), ``ecos@pick=uniform`` (inside a cluster, uniform picks instead of
+   near-centroid ones) and
    ``random`` (``random@draw=N``: another random draw for the same seed, to see how far two random
-   selections differ). ``lodo``: accuracy of the small CNN of eval_pools trained on the selection; ``flat``:
-   the share of the selection from the device's domain (accuracy too with ``--flat-accuracy``).
+   selections differ). ``lodo``, ``lodo_domains``: accuracy of the small CNN of eval_pools trained on the
+   selection; ``flat``, ``domains``: the share of the selection from the device's domain (accuracy too
+   with ``--flat-accuracy``).
 
     python benchmarks/eval_pools.py --source generated --workdir runs/pools-gen   # first
     python benchmarks/ablate_coverage.py --workdir runs/pools-gen
@@ -111,6 +115,12 @@ def noisy_scores(index: PoolIndex, model, features: np.ndarray, seed: int, quant
     return combine_scores(index, [scores], quantile)
 
 
+def effective_clusters(scores: np.ndarray, kept: np.ndarray) -> float:
+    """How many clusters the kept votes spread over: ``(sum s)^2 / sum s^2`` (1 = all in one)."""
+    s = np.clip(scores, 0.0, None) * kept
+    return float(s.sum() ** 2 / max((s**2).sum(), 1e-12))
+
+
 def far_shares(index: PoolIndex, features: np.ndarray, sub_cells: int) -> Dict[str, float]:
     """Noise-free share of the device's samples outside their nearest cell's radius."""
     sims = features @ index.centroids.T
@@ -157,19 +167,20 @@ def run(args) -> Dict:
         for d_i, domain in enumerate(domains):
             if args.domains and domain not in args.domains:
                 continue
-            folder = os.path.join(wd, regime) if regime == "flat" else os.path.join(wd, regime, domain)
+            absent = regime in ("lodo", "lodo_domains")
+            folder = os.path.join(wd, regime, domain) if absent else os.path.join(wd, regime)
             if not os.path.exists(os.path.join(folder, "pool.index.npz")):
                 raise SystemExit(f"{folder} has no index: run benchmarks/eval_pools.py --regimes {regime} first")
             index = PoolIndex.load(os.path.join(folder, "pool.index.npz"))
             model = load_model(os.path.join(folder, "encoder.onnx"), threads=args.threads)
-            keep = np.flatnonzero(pool_domains != domain) if regime == "lodo" else np.arange(len(pool_items))
+            keep = np.flatnonzero(pool_domains != domain) if absent else np.arange(len(pool_items))
             images = pool.images[keep]
             local = scan_image_folder(os.path.join(data_root, "devices", domain, "local"))
             test = scan_image_folder(os.path.join(data_root, "devices", domain, "test"))
             features = encode_items(model, local)
             signals.append(dict(regime=regime, domain=domain, **far_shares(index, features, args.sub_cells)))
             LOG.info("%s %s signals %s", regime, domain, signals[-1])
-            with_accuracy = regime == "lodo" or args.flat_accuracy
+            with_accuracy = absent or args.flat_accuracy
             test_x = load_images([t.path for t in test], (32, 32)) if with_accuracy else None
             test_y = np.array([labels.index(t.label) for t in test])
             view = pool_view(index, regime)
@@ -179,7 +190,7 @@ def run(args) -> Dict:
                     for spec in args.variants:
                         name, quantile, settings = parse_variant(spec)
                         rng = np.random.default_rng(seed)
-                        uncovered = None
+                        uncovered = fit = spread = None
                         if name == "ecos":
                             if quantile not in answers:  # the same noise seed as eval_pools
                                 answers[quantile] = noisy_scores(
@@ -191,7 +202,9 @@ def run(args) -> Dict:
                             else:
                                 sampler = get_sampler("ecos", **settings)
                             picks = sampler.select(view, budget, answers[quantile], rng)
-                            uncovered = sampler.plan(view, budget, answers[quantile]).uncovered
+                            plan = sampler.plan(view, budget, answers[quantile])
+                            uncovered, fit = plan.uncovered, plan.domain_fit
+                            spread = effective_clusters(answers[quantile].scores, plan.kept)
                         else:
                             if "draw" in settings:  # another draw of the baseline, same classifier seed
                                 rng = np.random.default_rng([seed, settings["draw"]])
@@ -219,6 +232,8 @@ def run(args) -> Dict:
                                 share=share,
                                 accuracy=accuracy,
                                 uncovered=uncovered,
+                                domain_fit=fit,
+                                effective_clusters=spread,
                             )
                         )
                         LOG.info(
@@ -246,6 +261,8 @@ def summary(rows: List[Dict]) -> List[Dict]:
             share=float(np.mean([r["share"] for r in rs])),
             accuracy=float(np.mean(accs)) if accs else None,
             uncovered=float(np.mean(unc)) if unc else None,
+            domain_fit=_mean([r.get("domain_fit") for r in rs]),
+            effective_clusters=_mean([r.get("effective_clusters") for r in rs]),
         )
     out = []
     for (regime, domain, budget, variant), m in means.items():
@@ -253,6 +270,11 @@ def summary(rows: List[Dict]) -> List[Dict]:
         gap = None if m["accuracy"] is None or rand is None else m["accuracy"] - rand
         out.append(dict(regime=regime, domain=domain, budget=budget, variant=variant, vs_random=gap, **m))
     return out
+
+
+def _mean(values: List[Optional[float]]) -> Optional[float]:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def markdown(result: Dict) -> str:
@@ -283,10 +305,12 @@ def markdown(result: Dict) -> str:
         "## Variants",
         "",
         "Mean over seeds per device domain; `vs random` = accuracy minus random's (points x 100 below "
-        "-2 break the issue's per-domain bound); `uncovered` = the share ECOS sent to the diversity term.",
+        "-2 break the issue's per-domain bound); `uncovered` = the share ECOS sent to the diversity term; "
+        "`fit` = the cosine of the votes to the chosen pool domains' spread (pools with domain folders); "
+        "`spread` = the effective number of kept clusters, (sum s)^2 / sum s^2 of the kept noisy votes.",
         "",
-        "| pool | domain | B | variant | share | accuracy | vs random | uncovered |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pool | domain | B | variant | share | accuracy | vs random | uncovered | fit | spread |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(result["summary"], key=lambda r: (r["regime"], r["domain"], r["budget"])):
 
@@ -295,7 +319,8 @@ def markdown(result: Dict) -> str:
 
         lines.append(
             f"| {r['regime']} | {r['domain']} | {r['budget']} | {r['variant']} | {r['share']:.3f} | "
-            f"{f(r['accuracy'])} | {f(r['vs_random'], '{:+.3f}')} | {f(r['uncovered'], '{:.2f}')} |"
+            f"{f(r['accuracy'])} | {f(r['vs_random'], '{:+.3f}')} | {f(r['uncovered'], '{:.2f}')} | "
+            f"{f(r.get('domain_fit'), '{:.2f}')} | {f(r.get('effective_clusters'), '{:.1f}')} |"
         )
     lines += ["", "Mean over device domains:", "", "| pool | B | variant | share | accuracy |", "|---|---|---|---|---|"]
     groups: Dict = {}
@@ -311,7 +336,9 @@ def markdown(result: Dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a work folder of benchmarks/eval_pools.py (flat and lodo done)")
-    p.add_argument("--regimes", nargs="+", choices=("flat", "lodo"), default=["flat", "lodo"])
+    p.add_argument(
+        "--regimes", nargs="+", choices=("flat", "lodo", "domains", "lodo_domains"), default=["flat", "lodo"]
+    )
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="ecos[@key=value...], random, kcenter")
     p.add_argument("--domains", nargs="+", default=None, help="only these device domains (default: all)")
     p.add_argument("--budgets", type=int, nargs="+", default=[500, 1000])
@@ -319,7 +346,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--epsilon", type=float, default=0.58)
     p.add_argument("--epochs", type=int, default=15, help="epochs of the evaluation classifier")
     p.add_argument("--sub-cells", type=int, default=4, help="sub-cells per cluster for the finer far share")
-    p.add_argument("--flat-accuracy", action="store_true", help="also train on the flat pool's selections")
+    p.add_argument(
+        "--flat-accuracy", action="store_true", help="also train on the selections of pools holding the device domain"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--docs", default="docs/results")

@@ -71,6 +71,7 @@ class EcosSampler(Sampler):
     purity_power: float = 2.0  # 0: budget in proportion to score (the first version)
     domain_floor: float = 0.2  # pool with domain folders: keep domains with >= floor x the top domain's share
     domain_fit: float = 0.7  # ... only if the votes look like those domains' own spread over the clusters
+    misfit_diversity: float = 0.0  # votes that fit no pool domain: up to this share of the budget to diversity
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):
@@ -85,6 +86,8 @@ class EcosSampler(Sampler):
             raise UsageError(f"domain_floor must lie in [0, 1] (0: ignore the domains); got {self.domain_floor!r}")
         if not -1.0 <= self.domain_fit <= 1.0:
             raise UsageError(f"domain_fit must lie in [-1, 1]; got {self.domain_fit!r}")
+        if not 0.0 <= self.misfit_diversity <= 1.0:
+            raise UsageError(f"misfit_diversity must lie in [0, 1]; got {self.misfit_diversity!r}")
 
     def plan(self, pool: PoolView, budget: int, scores: Optional[ScoreSet]) -> SamplingPlan:
         """The per-cluster quotas :meth:`select` would draw, without drawing them."""
@@ -122,8 +125,10 @@ class EcosSampler(Sampler):
         sizes = pool.cluster_sizes()
         kept, threshold, fallback = self._filter(scores, sizes, budget)
         uncovered = self.uncovered(scores, kept, self.far_slack, self.uncovered_far_share) if self.coverage else 0.0
-        n_diverse = int(round(uncovered * budget))
         mix, relevant, fit = self._domains(pool, scores, kept)
+        if relevant is None and fit is not None and self.coverage:
+            uncovered = max(uncovered, self.misfit(fit))
+        n_diverse = int(round(uncovered * budget))
         eligible = sizes if relevant is None else np.bincount(pool.assign[relevant], minlength=pool.n_clusters)
         # the purity reference over the kept clusters with points to draw: one without (all another domain's,
         # kept on noise) would count its score per max(0, 1) point and inflate the reference
@@ -193,6 +198,18 @@ class EcosSampler(Sampler):
         relevant = ~known
         relevant[known] = chosen[code]
         return mix, relevant, fit
+
+    def misfit(self, fit: float, floor: float = 0.4) -> float:
+        """Share of the budget for the diversity term when the votes fit no domain of the pool.
+
+        The votes of a device whose domain the pool has follow that domain's spread over the
+        clusters (cosine ``fit`` >= ``domain_fit``); lower, the device's domain is most likely
+        absent and its nearest domain a doubtful proxy: ``misfit_diversity`` times
+        ``clip((domain_fit - fit) / (domain_fit - floor), 0, 1)``.
+        """
+        if self.misfit_diversity <= 0.0 or fit >= self.domain_fit:
+            return 0.0
+        return float(self.misfit_diversity * min(1.0, (self.domain_fit - fit) / max(self.domain_fit - floor, 1e-6)))
 
     @staticmethod
     def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0, uncovered_far_share: float = 1.0) -> float:

@@ -127,6 +127,32 @@ def test_votes_unlike_the_domains_own_spread_leave_the_rule_off():
     assert np.all(groups[select("ecos", pool, 300, scores, domain_fit=0.5)] == 0)  # a looser fit: the rule applies
 
 
+def test_votes_that_fit_no_domain_send_part_of_the_budget_to_diversity():
+    """The same absent-domain votes: with ``misfit_diversity`` the sampler hedges in proportion to
+    how far the fit falls below ``domain_fit`` (docs/sampling.md); it costs nothing where the votes fit."""
+    pool = make_pool(sizes=(200, 200, 200, 200, 200, 200))
+    groups = np.zeros(pool.size, dtype=np.int64)
+    groups[750:] = 1
+    pool = dataclasses.replace(pool, groups=groups)
+    scores = votes(100.0, 0.0, 0.0, 50.0, 0.0, 0.0)
+    fit = 27500 / (np.hypot(100, 50) * np.sqrt(3 * 200**2 + 150**2))
+    sampler = get_sampler("ecos", misfit_diversity=0.8)
+    plan = sampler.plan(pool, 300, scores)
+    assert plan.uncovered == pytest.approx(0.8 * (0.7 - fit) / (0.7 - 0.4))
+    assert plan.diverse.sum() == round(plan.uncovered * 300) > 0 and plan.quotas.sum() == 300
+    picks = sampler.select(pool, 300, scores, np.random.default_rng(0))
+    assert len(set(picks.tolist())) == 300
+    assert np.sum(pool.assign[picks] == 1) > 0  # cluster 1 got no votes: only the diversity term draws there
+    off = get_sampler("ecos", misfit_diversity=0.0).plan(pool, 300, scores)
+    assert off.diverse is None and off.uncovered == 0.0
+    fitting = sampler.plan(domain_pool(), 500, votes(100.0, 100.0, 50.0, 0.0))  # a device of domain A
+    assert fitting.domain_fit >= 0.7 and fitting.diverse is None
+    flat = sampler.plan(dataclasses.replace(pool, groups=None), 300, scores)  # no domains: no fit, no hedge
+    assert flat.domain_fit is None and flat.diverse is None
+    with pytest.raises(UsageError, match="misfit_diversity"):
+        get_sampler("ecos", misfit_diversity=1.5)
+
+
 def test_ecos_cloud_sample_ignore_domains(tmp_path):
     import csv
 
