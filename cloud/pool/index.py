@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,9 +20,10 @@ from cloud.pool.clustering import spherical_kmeans
 from cloud.pool.dataset import Unreadable
 from cloud.pool.features import encode_pool_checked
 from cloud.pool.index_file import read_index_file
-from cloud.pool.manifest import scan_pool
+from cloud.pool.manifest import is_manifest, scan_pool
 from device_sdk.errors import InputError
 from device_sdk.fsutil import atomic_write_bytes
+from device_sdk.imagefolder import ImageItem
 from device_sdk.protocol.round import Probe, new_id, utc_now
 from device_sdk.runtime import load_model
 
@@ -130,9 +132,11 @@ def build_index(
 ) -> PoolIndex:
     """Scan (a folder or a CSV/Parquet manifest), encode (cached) and cluster the pool; a fresh probe id.
 
-    The cache is pruned of files no longer in the pool (this is the whole pool)."""
+    The cache is pruned of files no longer in the pool (this is the whole pool). A path a manifest
+    lists more than once is indexed once (its first row), so that no selection holds a file twice."""
+    items = scan_pool(pool_root)
     return build_index_from_items(
-        scan_pool(pool_root),
+        _first_of_each_path(items, pool_root) if is_manifest(pool_root) else items,
         encoder_path,
         k,
         iters,
@@ -144,6 +148,25 @@ def build_index(
         workers=workers,
         prune_missing=True,
     )
+
+
+def _first_of_each_path(items: Sequence[ImageItem], where: str) -> Sequence[ImageItem]:
+    """``items`` without the rows whose (normalised) path an earlier row has (checked by hash first: no set
+    of a million paths is built unless there is a repeat)."""
+    hashes = np.fromiter((hash(os.path.normpath(it.path)) for it in items), dtype=np.int64, count=len(items))
+    if len(np.unique(hashes)) == len(items):
+        return items
+    seen: set = set()
+    kept = []
+    for it in items:
+        key = os.path.normpath(it.path)
+        if key not in seen:
+            seen.add(key)
+            kept.append(it)
+    LOG.warning(
+        "%s: %d duplicate row(s) skipped (a path listed again; its first row is kept)", where, len(items) - len(kept)
+    )
+    return kept
 
 
 def build_index_from_items(

@@ -38,6 +38,19 @@ def test_csv_manifest_with_relative_paths_extra_columns_and_bad_rows(digits_root
     assert list(index.labels) == [it.label for it in items]
 
 
+def test_a_path_listed_twice_in_a_manifest_is_indexed_once(digits_root, encoder_path, tmp_path, caplog):
+    """Scraped manifests repeat rows (the same file found twice): the index, and so every selection,
+    holds each file once (its first row), with a warning."""
+    items = scan_image_folder(str(digits_root / "pool"))[:12]
+    rows = ["path,label"] + [f"{it.path},{it.label}" for it in items]
+    rows += [f"{items[0].path},other", f"{os.path.dirname(items[1].path)}/./{os.path.basename(items[1].path)},"]
+    (tmp_path / "pool.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        index = build_index(str(tmp_path / "pool.csv"), str(encoder_path), k=2, iters=3, threads=1)
+    assert sorted(index.paths) == sorted(it.path for it in items) and index.labels[0] == items[0].label
+    assert "2 duplicate row(s)" in caplog.text
+
+
 def test_parquet_manifest_with_nulls_extra_columns_and_a_damaged_file(digits_root, encoder_path, tmp_path):
     pa = pytest.importorskip("pyarrow")  # the parquet extra; scripts/setup.sh installs it
     import pyarrow.parquet as pq
