@@ -218,6 +218,22 @@ def test_an_input_size_the_encoder_cannot_take_is_a_usage_error(digits_root, tmp
     assert "multiple of 32" in proc.stderr and "decoding" not in proc.stderr  # said before the pool is read
 
 
+def test_streamed_training_says_which_files_it_skipped(digits_root, tmp_path):
+    """--stream on decodes each batch as it goes: the unreadable files it drops are reported once at the
+    end (as the in-memory path reports them when it decodes), not counted again every epoch."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, src in enumerate(sorted((digits_root / "pool").rglob("*.png"))[:40]):
+        shutil.copy(src, pool / f"{i}.png")
+    (pool / "empty.jpg").write_bytes(b"")
+    (pool / "text.png").write_text("not a picture")
+    out = tmp_path / "enc.onnx"
+    args = ["--out", out, "--stream", "on", "--epochs", 3, "--batch-size", 8, "--no-tflite", "--threads", 1]
+    proc = run("ecos-cloud", "train-encoder", pool, *args)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 unreadable file(s) skipped" in proc.stderr and "empty.jpg: not a readable image" in proc.stderr
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"

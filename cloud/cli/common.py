@@ -44,6 +44,24 @@ def _pool_data(args: argparse.Namespace):
     return load_image_set(items, preprocess=spec, workers=args.workers)
 
 
+def _log_streamed_unreadable(data) -> None:
+    """Streamed training drops unreadable files from their batches, every epoch: say once which ones
+    (the in-memory path says so when it decodes the pool)."""
+    from cloud.pool.dataset import ImageSet
+
+    unreadable = getattr(data, "unreadable", None)
+    if isinstance(data, ImageSet) or unreadable is None or not unreadable.count:
+        return
+    reasons = dict(unreadable.examples)  # path -> reason: each file once, however many epochs met it
+    more = "+" if len(unreadable.examples) >= unreadable.keep else ""
+    LOG.warning(
+        "streaming: %d%s unreadable file(s) skipped; first: %s",
+        len(reasons),
+        more,
+        "; ".join(list(reasons.values())[:3]),
+    )
+
+
 def _sample_images(data, n: int, seed: int):
     """Up to ``n`` decoded pool images drawn at random (from memory, or decoded from disk when streaming)."""
     import numpy as np

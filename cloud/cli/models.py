@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cloud.cli.common import _add_input_options, _pool_data, _threads
+from cloud.cli.common import _add_input_options, _log_streamed_unreadable, _pool_data, _threads
 from cloud.log import LOG
 from device_sdk.clikit import add_common
 
@@ -26,6 +26,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     data = _pool_data(args)
     LOG.info("training teacher %s on %d images, %d labels", cfg.arch, len(data), len(data.label_names))
     teacher = train_teacher(data, cfg, workers=args.workers)
+    _log_streamed_unreadable(data)
     save_checkpoint(teacher, args.out)
     print(f"teacher {cfg.arch} -> {args.out}; held-out accuracy {teacher.report.get('val_acc', float('nan')):.3f}")
     return 0

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Optional
 
-from cloud.cli.common import _add_input_options, _pool_data, _sample_images, _threads
+from cloud.cli.common import _add_input_options, _log_streamed_unreadable, _pool_data, _sample_images, _threads
 from cloud.log import LOG
 from cloud.training.encoder_config import EncoderConfig
 from device_sdk.clikit import add_common
@@ -43,6 +43,7 @@ def cmd_train_encoder(args: argparse.Namespace) -> int:
         "training encoder on %d images: %d labels, %d domains", len(data), len(data.label_names), len(data.domain_names)
     )
     encoder, report = train_encoder(data, cfg, workers=args.workers)
+    _log_streamed_unreadable(data)
     meta = encoder_meta(cfg, data, report)
     digest = export_onnx(encoder, meta, args.out, output_name="features")
     print(
