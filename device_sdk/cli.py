@@ -197,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode FOLDER with the encoder, count votes per probe centroid, add Gaussian noise "
         "calibrated to --epsilon (or --sigma), charge the privacy ledger, write the scores message.",
     )
-    p.add_argument("folder", help="local image folder (any layout; labels are not used)")
+    p.add_argument(
+        "folder",
+        help="local image folder (any layout; labels are not used; unreadable files are skipped with a warning)",
+    )
     p.add_argument(
         "--encoder", required=True, help="encoder artifact, .onnx or .tflite (one the probe accepts: it names them)"
     )

@@ -185,6 +185,8 @@ def test_unreadable_device_images_are_counted_listed_and_skipped(round_files, en
     assert f"from {readable} images (3 unreadable skipped)" in proc.stdout
     assert "3 unreadable image(s) skipped" in proc.stderr and "zz.png: not a readable image" in proc.stderr
     assert out.exists() and len(PrivacyLedger(ledger).releases()) == 1
+    usage = " ".join(run("ecos-device", "score", "--help").stdout.split())
+    assert "unreadable files are skipped with a warning" in usage
 
 
 def test_file_names_that_are_not_utf8_go_through_index_sample_and_the_selection(encoder_path, digits_root, tmp_path):
