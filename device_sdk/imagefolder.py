@@ -22,7 +22,9 @@ import numpy as np
 from device_sdk.errors import InputError
 from device_sdk.preprocess import LEGACY, Preprocess, normalize  # noqa: F401  (normalize: re-exported)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,20 @@ def test_modes_are_converted_and_sizes_resized_unless_strict(tmp_path):
     assert load_image(str(tmp_path / "a.png"), (32, 32)).dtype == np.uint8
     with pytest.raises(InputError, match="40x20"):
         load_image(str(tmp_path / "g.png"), (32, 32), strict=True)
+
+
+def test_web_and_phone_extensions_are_scanned(tmp_path):
+    """Browsers save JPEGs as .jfif, some tools as .jpe; AVIF is common on the web (Pillow reads it)."""
+    from PIL import features
+
+    picture = Image.fromarray(np.full((12, 16, 3), 90, np.uint8))
+    picture.save(tmp_path / "saved.jfif", "JPEG")
+    picture.save(tmp_path / "old.JPE", "JPEG")
+    names = {"saved.jfif", "old.JPE"}
+    if features.check("avif"):
+        picture.save(tmp_path / "web.avif", "AVIF")
+        names.add("web.avif")
+    items = scan_image_folder(tmp_path)
+    assert {it.path.rsplit("/", 1)[-1] for it in items} == names
+    for it in items:
+        assert abs(int(load_image(it.path, (8, 8)).mean()) - 90) <= 3
