@@ -66,7 +66,7 @@ class FolderSource(DataSource):
 
     def key(self) -> Hashable:
         items = scan_image_folder(self.folder)
-        return ("folder", tuple((it.path, os.stat(it.path).st_mtime_ns) for it in items))
+        return ("folder", tuple((it.path, _mtime(it.path)) for it in items))
 
     def batches(self, spec: Preprocess, batch: int) -> Iterator[np.ndarray]:
         """The readable images; unreadable files (damaged, empty, still being written) are skipped with a warning."""
@@ -84,6 +84,14 @@ class FolderSource(DataSource):
 
     def __repr__(self) -> str:
         return f"FolderSource({self.folder!r})"
+
+
+def _mtime(path: str) -> Optional[int]:
+    """A file's modification time; None for one that cannot be read (a broken link, a file just removed)."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 class CallableSource(DataSource):

@@ -112,7 +112,11 @@ def test_a_folder_source_skips_unreadable_files(tmp_path, caplog):
         def run(images):
             return images[:, 0, 0, :].astype(np.float32)
 
-    for f in ("0.png", "1.png", "2.png"):
+    (tmp_path / "link.png").symlink_to(tmp_path / "later.png")  # a broken link: no stat, yet a key
+    key = FolderSource(tmp_path).key()
+    (tmp_path / "later.png").write_bytes((tmp_path / "0.png").read_bytes())
+    assert FolderSource(tmp_path).key() != key  # the link now points at a file: features are computed again
+    for f in ("0.png", "1.png", "2.png", "later.png"):
         (tmp_path / f).unlink()
     assert encode_source(Identity, FolderSource(tmp_path)).shape == (0, 3)  # the agent: "no local images"
 
