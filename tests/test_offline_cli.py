@@ -236,6 +236,21 @@ def test_streamed_training_says_which_files_it_skipped(digits_root, tmp_path):
     assert "2 unreadable file(s) skipped" in proc.stderr and "empty.jpg: not a readable image" in proc.stderr
 
 
+def test_the_unreadable_list_of_an_earlier_run_does_not_outlive_the_fix(encoder_path, digits_root, tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, src in enumerate(sorted((digits_root / "pool").rglob("*.png"))[:8]):
+        shutil.copy(src, pool / f"{i}.png")
+    (pool / "bad.png").write_text("not a picture")
+    index, probe = tmp_path / "pool.index.npz", tmp_path / "round.probe"
+    listing = tmp_path / "pool.index.npz.unreadable.txt"
+    args = ["index", pool, "--encoder", encoder_path, "--out", index, "--probe", probe, "--k", 2]
+    assert run("ecos-cloud", *args).returncode == 0 and listing.exists()
+    (pool / "bad.png").unlink()
+    proc = run("ecos-cloud", *args)
+    assert proc.returncode == 0 and "unreadable file(s)" not in proc.stdout and not listing.exists()
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"

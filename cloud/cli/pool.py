@@ -81,8 +81,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     index.save(args.out)
+    listing = args.out + ".unreadable.txt"
+    if not index.unreadable.count and os.path.exists(listing):
+        os.remove(listing)  # an earlier run's list: those files are readable, or gone from the pool, now
     if index.unreadable.count:
-        listing = args.out + ".unreadable.txt"
         atomic_write_bytes(
             listing,
             "".join(f"{reason}\n" for _, reason in index.unreadable.examples).encode("utf-8", "surrogateescape"),
