@@ -207,6 +207,7 @@ def test_file_names_that_are_not_utf8_go_through_index_sample_and_the_selection(
     assert b"bad\xff.png: not a readable image" in listing
     proc = run("ecos-cloud", "sample", "--index", index, "--method", "random", "--budget", 7, "--out", sel)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "by domain" not in proc.stdout  # a pool without domain folders: no '{"": 7}' line
     rows = _read_selection_rows(str(sel))
     assert len(rows) == 7 and all(os.path.isfile(r.path) for r in rows)
     assert os.fsencode(pool) + b"/caf\xe9.png" in {os.fsencode(r.path) for r in rows}

@@ -163,7 +163,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     write_selection_csv(index, picks, args.out)
     mix = composition(index, picks)
     print(f"{args.method}: selected {len(picks)} of {len(index.paths)} pool images -> {args.out}")
-    print("by domain: " + json.dumps(mix))
+    if set(mix) != {""}:  # a pool without domain folders has nothing to break down
+        print("by domain: " + json.dumps(mix))
     return 0
 
 
