@@ -277,7 +277,9 @@ def test_bad_cloud_inputs(round_files, tmp_path):
         4,
         out,
     )
-    assert_fails(run("ecos-cloud", "sample", "--index", index_path, "--budget", 10, "--out", out), "usage", 2, out)
+    no_scores = run("ecos-cloud", "sample", "--index", index_path, "--budget", 10, "--out", out)
+    assert_fails(no_scores, "usage", 2, out)
+    assert "--scores" in no_scores.stderr and "ScoreSet" not in no_scores.stderr  # the option, not the API type
 
 
 def test_scores_for_another_probe_are_refused(round_files, pool_index, tmp_path, encoder_path, digits_root):

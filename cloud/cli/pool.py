@@ -143,6 +143,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         write_selection_csv,
     )
 
+    if args.method == "ecos" and not args.scores:
+        from device_sdk.errors import UsageError
+
+        raise UsageError("--method ecos needs --scores: the scores files the devices wrote (random and kcenter do not)")
     index = PoolIndex.load(args.index)
     limits = Plausibility.for_round(args.max_epsilon, args.delta, args.max_samples)
     scores = combine_scores(
