@@ -279,7 +279,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("give image files or --folder DIR, not both and not neither")
     predictor = Predictor.open(args.model, runtime=args.runtime, threads=args.threads, expected_sha256=args.sha256)
     items = scan_image_folder(args.folder) if args.folder else [ImageItem(p, "", "") for p in args.images]
-    predictions = predictor.predict_items(items, strict=args.strict, batch=args.batch_size)
+    unreadable: Optional[list] = [] if args.folder else None  # files asked for by name must be readable
+    predictions = predictor.predict_items(items, strict=args.strict, batch=args.batch_size, unreadable=unreadable)
+    log_unreadable(LOG, args.folder, unreadable or [])
+    if not predictions:
+        raise InputError(f"{args.folder}: none of its {len(items)} image file(s) is readable")
     result = evaluate(predictions, predictor.labels)
     if args.json:
         print(
@@ -319,7 +323,9 @@ def _add_predict_command(sub) -> None:
     )
     p.add_argument("model", help="classifier artifact (.onnx or .tflite) exported by ecos-cloud")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
-    p.add_argument("--folder", help="image folder (labels = parent folder names)")
+    p.add_argument(
+        "--folder", help="image folder (labels = parent folder names; unreadable files are skipped with a warning)"
+    )
     p.add_argument(
         "--runtime",
         choices=RUNTIMES,

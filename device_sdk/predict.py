@@ -10,7 +10,7 @@ loops over a batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,16 +71,27 @@ class Predictor:
         strict: bool = False,
         batch: int = 256,
         progress: Optional[Callable[[int, int], None]] = None,
+        unreadable: Optional[List[Tuple[str, str]]] = None,
     ) -> List[Prediction]:
-        """Predict image files; ``strict`` refuses an image of the wrong size instead of resizing it."""
+        """Predict image files; ``strict`` refuses an image of the wrong size instead of resizing it.
+
+        An unreadable file is an ``InputError``; with an ``unreadable`` list (and not ``strict``) it is
+        skipped (no prediction) and ``(path, reason)`` appended to the list."""
         spec = self.model.meta.preprocessing()
         out: List[Prediction] = []
         for start, chunk in batched(items, batch):
-            probs = self.probabilities(spec.decode_many([it.path for it in chunk], strict=strict))
+            kept = chunk
+            if unreadable is None or strict:
+                probs = self.probabilities(spec.decode_many([it.path for it in chunk], strict=strict))
+            else:
+                images, ok, failed = spec.decode_batch([it.path for it in chunk])
+                unreadable.extend((chunk[i].path, reason) for i, reason in sorted(failed))
+                kept = [it for it, good in zip(chunk, ok) if good]
+                probs = self.probabilities(images[ok]) if kept else np.zeros((0, len(self.labels)))
             best = probs.argmax(axis=1)
             out.extend(
                 Prediction(it.path, self.labels[k], float(probs[i, k]), it.label)
-                for i, (it, k) in enumerate(zip(chunk, best))
+                for i, (it, k) in enumerate(zip(kept, best))
             )
             if progress is not None:
                 progress(start + len(chunk), len(items))

@@ -147,6 +147,25 @@ def classifier(tmp_path_factory):
     return path
 
 
+def test_predict_on_a_folder_skips_unreadable_files(classifier, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)).save(folder / f"{i}.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    tool = Path(sys.executable).parent / "ecos-device"
+    done = subprocess.run(
+        [str(tool), "predict", str(classifier), "--folder", str(folder)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 3 and "2 unreadable image(s) skipped" in done.stderr
+    one = subprocess.run(
+        [str(tool), "predict", str(classifier), str(folder / "empty.jpg")], capture_output=True, text=True
+    )
+    assert one.returncode == 3 and "error[input]: " in one.stderr  # a file asked for by name stays an error
+
+
 def _config(tmp_path: Path, device_id: str, broker, encoder_path, public_hex: str) -> str:
     (tmp_path / "cloud.pub").write_text(public_hex)
     path = tmp_path / "device.toml"
