@@ -87,7 +87,7 @@ from device_sdk.protocol import (
 )
 from device_sdk.protocol.round import Probe
 from device_sdk.runtime import Model, load_model
-from device_sdk.scoring import check_compatible, encode_items
+from device_sdk.scoring import check_compatible, encode_items, log_unreadable
 from device_sdk.transport import MqttTransport
 from device_sdk.trust import trust_from_settings, verify_label_query, verify_probe
 
@@ -576,14 +576,17 @@ class DeviceAgent:
         folder = self.config.data.eval
         if installed.kind != CLASSIFIER or folder is None:
             return None, 0
+        skipped: List[Tuple[str, str]] = []  # unreadable files cost themselves, not the whole report
         try:
             predictor = self.predictor()
+            items = scan_image_folder(folder)
             result = evaluate(
-                predictor.predict_items(scan_image_folder(folder), batch=self.config.data.batch_size), predictor.labels
+                predictor.predict_items(items, batch=self.config.data.batch_size, unreadable=skipped), predictor.labels
             )
         except (EcosError, OSError) as err:
             LOG.warning("could not evaluate %s on %s: %s", installed.artifact_id, folder, err)
             return None, 0
+        log_unreadable(LOG, folder, skipped)
         return (result.accuracy if result.labelled else None), result.labelled
 
     # ---- sending -----------------------------------------------------------------------------------

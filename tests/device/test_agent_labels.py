@@ -250,3 +250,41 @@ def test_a_query_id_comes_back_with_other_content_is_refused_the_same_content_is
     deliver(agent, dataclasses.replace(query, deadline=time.time() + 120).to_bytes(signer=CLOUD))
     assert agent.transport.sent[-1] == first and len(agent.ledger.releases()) == 1
     assert events[-1].kind == EventKind.LABEL_QUERY_ANSWERED and events[-1].detail["repeated"]
+
+
+def test_an_installed_classifier_is_evaluated_on_the_readable_images_of_the_eval_folder(tmp_path, digits_root, caplog):
+    """A damaged file in ``[data] eval`` costs that file, not the whole accuracy report of an install."""
+    import shutil
+
+    from device_sdk.delivery.install import InstalledModel
+    from device_sdk.predict import Predictor
+    from device_sdk.preprocess import Preprocess
+
+    agent, _ = make_agent(tmp_path, digits_root)
+    folder = tmp_path / "eval"
+    for label in ("3", "7"):
+        (folder / label).mkdir(parents=True)
+        for src in sorted((digits_root / "devices" / "printed" / "test" / label).glob("*.png"))[:2]:
+            shutil.copy(src, folder / label / src.name)
+    (folder / "7" / "half.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    agent.config = dataclasses.replace(agent.config, data=dataclasses.replace(agent.config.data, eval=str(folder)))
+
+    class Says7:
+        path = "says7.onnx"
+
+        class meta:
+            kind, labels = "classifier", LABELS
+
+            @staticmethod
+            def preprocessing():
+                return Preprocess(size=(32, 32))
+
+        @staticmethod
+        def run(images):
+            return np.tile(np.eye(10, dtype=np.float32)[7], (len(images), 1))
+
+    agent.predictor = lambda: Predictor(Says7)
+    installed = InstalledModel("classifier", "a1", "student", 1, "0" * 64, "onnx", "says7.onnx", "now")
+    with caplog.at_level("WARNING"):
+        accuracy, judged = agent._evaluate(installed)
+    assert (accuracy, judged) == (0.5, 4) and "1 unreadable image(s) skipped" in caplog.text
