@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from device_sdk.errors import EcosError
+from device_sdk.errors import EcosError, InputError
 
 INTERRUPTED = 130
 
@@ -44,6 +44,11 @@ def run_cli(
     except EcosError as err:
         print(f"error[{err.code}]: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a path the command cannot read or write (a file where a folder goes, no room, ...)
+        logging.getLogger("ecos").debug("traceback of the OS error", exc_info=True)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error[{InputError.code}]: {err.strerror or err}{where}", file=sys.stderr)
+        return InputError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -252,6 +252,23 @@ def test_the_unreadable_list_of_an_earlier_run_does_not_outlive_the_fix(encoder_
     assert proc.returncode == 0 and "unreadable file(s)" not in proc.stdout and not listing.exists()
 
 
+def test_paths_the_command_cannot_use_are_one_error_line(round_files, encoder_path, digits_root, tmp_path):
+    """A --cache-dir that is a file, an --out under a file: the OS's reason and the path, no traceback."""
+    _, index_path, _, _ = round_files
+    pool = digits_root / "devices" / "street" / "local"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out, probe = tmp_path / "pool.index.npz", tmp_path / "round.probe"
+    args = ["index", pool, "--encoder", encoder_path, "--out", out, "--probe", probe, "--k", 2]
+    proc = run("ecos-cloud", *args, "--cache-dir", blocker)
+    assert_fails(proc, "input", 3, out, probe)
+    assert "Not a directory" in proc.stderr and "a-file" in proc.stderr
+    sel = blocker / "sel.csv"
+    proc = run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 3, "--out", sel)
+    assert_fails(proc, "input", 3)
+    assert "a-file" in proc.stderr
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"
