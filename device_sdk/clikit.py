@@ -46,7 +46,8 @@ def run_cli(
         return err.exit_code
     except OSError as err:  # a path the command cannot read or write (a file where a folder goes, no room, ...)
         logging.getLogger("ecos").debug("traceback of the OS error", exc_info=True)
-        where = f": {err.filename}" if err.filename else ""
+        path = err.filename2 or err.filename  # os.replace(tmp, out): the path given, not the temporary file
+        where = f": {path}" if path else ""
         print(f"error[{InputError.code}]: {err.strerror or err}{where}", file=sys.stderr)
         return InputError.exit_code
     except KeyboardInterrupt:

@@ -267,6 +267,11 @@ def test_paths_the_command_cannot_use_are_one_error_line(round_files, encoder_pa
     proc = run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 3, "--out", sel)
     assert_fails(proc, "input", 3)
     assert "a-file" in proc.stderr
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    proc = run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 3, "--out", folder)
+    assert_fails(proc, "input", 3)
+    assert proc.stderr.rstrip().endswith(f"Is a directory: {folder}")  # the path given, not a temporary file
 
 
 def test_bad_cloud_inputs(round_files, tmp_path):
