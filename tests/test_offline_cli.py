@@ -274,6 +274,23 @@ def test_paths_the_command_cannot_use_are_one_error_line(round_files, encoder_pa
     assert proc.stderr.rstrip().endswith(f"Is a directory: {folder}")  # the path given, not a temporary file
 
 
+@pytest.mark.parametrize(
+    "command, option, value",
+    [
+        ("train-encoder", "--batch-size", "0"),
+        ("train-encoder", "--width", "0"),
+        ("train-encoder", "--lr", "-1"),
+        ("train-teacher", "--batch-size", "0"),
+        ("train-teacher", "--lr", "nan"),
+    ],
+)
+def test_training_numbers_out_of_range_are_usage_errors(digits_root, tmp_path, command, option, value):
+    out = tmp_path / "model.out"
+    proc = run("ecos-cloud", command, digits_root / "pool", "--out", out, option, value, "--epochs", 1)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"argument {option}: must be" in proc.stderr and not out.exists()
+
+
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"

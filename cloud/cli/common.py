@@ -7,6 +7,30 @@ import argparse
 from cloud.log import LOG
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a batch size, a width), else a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (a learning rate), else a usage error."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def _threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", 0):
         import torch

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from cloud.cli.common import _add_input_options, _log_streamed_unreadable, _pool_data, _threads
+from cloud.cli.common import (
+    _add_input_options,
+    _log_streamed_unreadable,
+    _pool_data,
+    _threads,
+    positive_float,
+    positive_int,
+)
 from cloud.log import LOG
 from device_sdk.clikit import add_common
 
@@ -134,7 +141,7 @@ def _add_model_commands(sub) -> None:
         default="resnet8",
         help="registered teacher architecture (default resnet8; resnet18_narrow for 64-224 pixel photos)",
     )
-    p.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
+    p.add_argument("--width", type=positive_int, default=16, help="channels of the first stage (default 16)")
     _add_input_options(p)
     _add_fit_options(p, epochs=8, batch_size=128, lr=3e-3)
     p.set_defaults(func=cmd_train_teacher)
@@ -154,7 +161,7 @@ def _add_model_commands(sub) -> None:
         help="registered student architecture (default small_cnn; mobilenet_v3_small for 64-224 pixels); "
         "the input size and preprocessing are the teacher's",
     )
-    p.add_argument("--width", type=int, default=16, help="channels of the first stage (default 16)")
+    p.add_argument("--width", type=positive_int, default=16, help="channels of the first stage (default 16)")
     p.add_argument(
         "--temperature", type=float, default=4.0, help="softmax temperature T of the soft targets (default 4)"
     )
@@ -185,8 +192,8 @@ def _add_model_commands(sub) -> None:
 
 def _add_fit_options(p: argparse.ArgumentParser, epochs: int, batch_size: int, lr: float) -> None:
     p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"(default {batch_size})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"(default {batch_size})")
+    p.add_argument("--lr", type=positive_float, default=lr, help=f"peak learning rate (default {lr:g})")
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="held out for the per-epoch validation log (default 0.1)"
     )

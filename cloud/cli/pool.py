@@ -7,7 +7,15 @@ import json
 import os
 from typing import Optional
 
-from cloud.cli.common import _add_input_options, _log_streamed_unreadable, _pool_data, _sample_images, _threads
+from cloud.cli.common import (
+    _add_input_options,
+    _log_streamed_unreadable,
+    _pool_data,
+    _sample_images,
+    _threads,
+    positive_float,
+    positive_int,
+)
 from cloud.log import LOG
 from cloud.training.encoder_config import EncoderConfig
 from device_sdk.clikit import add_common
@@ -201,7 +209,7 @@ def add_commands(sub) -> None:
         "--feature-dim", type=int, default=enc.feature_dim, help=f"feature dimension d (default {enc.feature_dim})"
     )
     p.add_argument(
-        "--width", type=int, default=enc.width, help=f"channels of the first conv stage (default {enc.width})"
+        "--width", type=positive_int, default=enc.width, help=f"channels of the first conv stage (default {enc.width})"
     )
     p.add_argument("--epochs", type=int, default=enc.epochs, help=f"training epochs (default {enc.epochs})")
     p.add_argument(
@@ -210,8 +218,8 @@ def add_commands(sub) -> None:
         default=0,
         help="stop after this many training batches in all, even mid-epoch (default 0: every epoch in full)",
     )
-    p.add_argument("--batch-size", type=int, default=enc.batch_size)
-    p.add_argument("--lr", type=float, default=enc.lr)
+    p.add_argument("--batch-size", type=positive_int, default=enc.batch_size)
+    p.add_argument("--lr", type=positive_float, default=enc.lr)
     p.add_argument(
         "--objective",
         choices=("auto", "contrastive", "supervised"),
