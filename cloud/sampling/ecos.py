@@ -13,7 +13,9 @@ coverage (u = 0) this is plain ECOS; with no coverage at all (u = 1) it is rando
 
 Domains (docs/sampling.md): when the pool has domain folders, the votes spread over each
 cluster's domains say which domains the devices' data comes from; where the votes fit those
-domains, the proximity term draws from their points only (:meth:`EcosSampler._domains`).
+domains, the proximity term draws from their points only (:meth:`EcosSampler._domains`); where
+they fit none, the device's domain is most likely absent and part of the budget goes to the
+diversity term (:meth:`EcosSampler.misfit`).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class EcosSampler(Sampler):
     purity_power: float = 2.0  # 0: budget in proportion to score (the first version)
     domain_floor: float = 0.2  # pool with domain folders: keep domains with >= floor x the top domain's share
     domain_fit: float = 0.7  # ... only if the votes look like those domains' own spread over the clusters
-    misfit_diversity: float = 0.0  # votes that fit no pool domain: up to this share of the budget to diversity
+    misfit_diversity: float = 0.5  # votes that fit no pool domain: up to this share of the budget to diversity
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.threshold_sigmas) and self.threshold_sigmas >= 0):

@@ -122,7 +122,7 @@ def test_votes_unlike_the_domains_own_spread_leave_the_rule_off():
     assert plan.domain_fit == pytest.approx(27500 / (np.hypot(100, 50) * np.sqrt(3 * 200**2 + 150**2)))
     assert plan.relevant is None and plan.domain_mix[0] > 0.9
     blind = select("ecos", dataclasses.replace(pool, groups=None), 300, scores)
-    assert select("ecos", pool, 300, scores).tolist() == blind.tolist()
+    assert select("ecos", pool, 300, scores, misfit_diversity=0.0).tolist() == blind.tolist()  # the hedge: below
     assert np.any(groups[blind] == 1)
     assert np.all(groups[select("ecos", pool, 300, scores, domain_fit=0.5)] == 0)  # a looser fit: the rule applies
 
@@ -143,6 +143,8 @@ def test_votes_that_fit_no_domain_send_part_of_the_budget_to_diversity():
     picks = sampler.select(pool, 300, scores, np.random.default_rng(0))
     assert len(set(picks.tolist())) == 300
     assert np.sum(pool.assign[picks] == 1) > 0  # cluster 1 got no votes: only the diversity term draws there
+    default = get_sampler("ecos").plan(pool, 300, scores)  # misfit_diversity 0.5 by default
+    assert default.uncovered == pytest.approx(0.5 * (0.7 - fit) / (0.7 - 0.4))
     off = get_sampler("ecos", misfit_diversity=0.0).plan(pool, 300, scores)
     assert off.diverse is None and off.uncovered == 0.0
     fitting = sampler.plan(domain_pool(), 500, votes(100.0, 100.0, 50.0, 0.0))  # a device of domain A
