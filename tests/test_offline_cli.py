@@ -282,6 +282,7 @@ def test_paths_the_command_cannot_use_are_one_error_line(round_files, encoder_pa
         ("train-encoder", "--lr", "-1"),
         ("train-teacher", "--batch-size", "0"),
         ("train-teacher", "--lr", "nan"),
+        ("train-encoder", "--seed", "-1"),
     ],
 )
 def test_training_numbers_out_of_range_are_usage_errors(digits_root, tmp_path, command, option, value):
@@ -294,6 +295,10 @@ def test_training_numbers_out_of_range_are_usage_errors(digits_root, tmp_path, c
 def test_bad_cloud_inputs(round_files, tmp_path):
     _, index_path, _, scores = round_files
     out = tmp_path / "sel.csv"
+    proc = run(
+        "ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 3, "--out", out, "--seed", -1
+    )
+    assert proc.returncode == 2 and "argument --seed: must be at least 0" in proc.stderr and not out.exists()
     assert_fails(
         run("ecos-cloud", "sample", "--index", index_path, "--method", "random", "--budget", 10**6, "--out", out),
         "budget",

@@ -12,6 +12,7 @@ from cloud.cli.common import (
     _threads,
     positive_float,
     positive_int,
+    seed,
 )
 from cloud.log import LOG
 from device_sdk.clikit import add_common
@@ -197,7 +198,7 @@ def _add_fit_options(p: argparse.ArgumentParser, epochs: int, batch_size: int, l
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="held out for the per-epoch validation log (default 0.1)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     add_common(p)
 

@@ -15,6 +15,7 @@ from cloud.cli.common import (
     _threads,
     positive_float,
     positive_int,
+    seed,
 )
 from cloud.log import LOG
 from cloud.training.encoder_config import EncoderConfig
@@ -249,7 +250,7 @@ def add_commands(sub) -> None:
         help=f"weight in the cosine of a fixed raw-pixel branch (a PCA of the pool's pixels, half of the feature "
         f"dimensions; default {enc.pixel_weight}; 0 = the learned features alone, see docs/sampling.md)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     _add_input_options(p)
     add_common(p)
@@ -267,7 +268,7 @@ def add_commands(sub) -> None:
     p.add_argument("--probe", required=True, help="output probe message")
     p.add_argument("--k", type=int, default=64, help="number of centroids K (default 64)")
     p.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--codec",
         choices=("float16", "int8", "float32"),
@@ -311,7 +312,7 @@ def add_commands(sub) -> None:
     p.add_argument("--method", default="ecos", help="ecos | random | kcenter (default ecos)")
     p.add_argument("--budget", type=int, required=True, help="number of images to select")
     p.add_argument("--out", required=True, help="output CSV")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--threshold-sigmas", type=float, default=2.0, help="ecos: keep clusters scoring above this many noise sigmas"
     )
