@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from device_sdk import __version__  # noqa: E402
-from device_sdk.clikit import add_common, add_trust_arguments, run_cli, setup_logging  # noqa: E402
+from device_sdk.clikit import add_common, add_trust_arguments, positive_int, run_cli, setup_logging  # noqa: E402
 from device_sdk.device import answer_probe, check_probe_conflict  # noqa: E402
 from device_sdk.errors import InputError  # noqa: E402
 from device_sdk.fsutil import atomic_write_bytes  # noqa: E402
@@ -83,9 +83,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     features = encode_items(model, items, args.batch_size, progress, unreadable)
     log_unreadable(LOG, args.folder, unreadable)
     if len(features) == 0:
-        raise InputError(
-            f"{args.folder}: none of its {len(items)} image file(s) is readable; first: {unreadable[0][1]}"
-        )
+        first = f"; first: {unreadable[0][1]}" if unreadable else ""
+        raise InputError(f"{args.folder}: none of its {len(items)} image file(s) is readable{first}")
     scores, result = answer_probe(
         probe,
         model,
@@ -218,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=32,
         help="images decoded and encoded per batch (default 32: as fast as larger batches, less memory)",
     )
@@ -338,7 +337,7 @@ def _add_predict_command(sub) -> None:
     )
     p.add_argument("--sha256", help="refuse the model unless its sha256 is this")
     p.add_argument("--threads", type=int, default=1, help="inference threads (default 1)")
-    p.add_argument("--batch-size", type=int, default=256, help="images decoded per batch (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images decoded per batch (default 256)")
     p.add_argument("--show", action="store_true", help="print every prediction on a labelled folder too")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_common(p)

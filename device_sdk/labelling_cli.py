@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from device_sdk.clikit import add_trust_arguments
+from device_sdk.clikit import add_trust_arguments, positive_int
 from device_sdk.privacy.accounting import DEFAULT_BUDGET_DELTA, DEFAULT_BUDGET_EPSILON
 
 LOG = logging.getLogger("ecos.device")
@@ -102,7 +102,7 @@ def add_command(sub, add_common) -> None:
     )
     p.add_argument("--budget-delta", type=float, help=f"delta of a new ledger (default {DEFAULT_BUDGET_DELTA})")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     add_trust_arguments(p, "query", "an image is read or anything is charged")
     add_common(p)
     p.set_defaults(func=cmd_label_vote)

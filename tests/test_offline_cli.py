@@ -144,6 +144,11 @@ def test_bad_device_inputs(round_files, encoder_path, digits_root, tmp_path):
     _, _, probe, _ = round_files
     local = digits_root / "devices" / "street" / "local"
     out, ledger = tmp_path / "out.scores", tmp_path / "ledger.json"
+    for size in ("0", "-3"):
+        args = ["score", local, "--encoder", encoder_path, "--probe", probe, "--out", out, "--ledger", ledger]
+        proc = run("ecos-device", *args, "--epsilon", 1, "--batch-size", size)
+        assert proc.returncode == 2 and "argument --batch-size: must be at least 1" in proc.stderr, proc.stderr
+        assert not out.exists()
     data = probe.read_bytes()
     corrupt = tmp_path / "corrupt.probe"
     corrupt.write_bytes(data[:-5] + bytes(5))

@@ -5,17 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cloud.log import LOG
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a batch size, a width), else a usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from device_sdk.clikit import positive_int  # noqa: F401  (the cloud's commands take it from here too)
 
 
 def seed(text: str) -> int:
