@@ -73,7 +73,7 @@ def _scan_manifest(source: str, builder: ItemListBuilder) -> None:
     if empty:
         LOG.warning("%s: %d row(s) without a path skipped", source, empty)
     if not len(builder):
-        raise InputError(f"{source}: the manifest lists no images (it needs a 'path' column)")
+        raise InputError(f"{source}: no row has a path ({empty} row(s) without one)")
     LOG.info("manifest %s: %d images", source, len(builder))
 
 
