@@ -86,7 +86,7 @@ def test_manifest_without_a_path_column_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not found"):
         scan_pool(str(tmp_path / "absent.csv"))
     (tmp_path / "empty.csv").write_text("path,label\n,cat\n")
-    with pytest.raises(InputError, match=r"empty.csv: no row has a path \(1 row without one\)"):
+    with pytest.raises(InputError, match=r"empty.csv: no row has a path \(1 row\(s\) without one\)"):
         scan_pool(str(tmp_path / "empty.csv"))
     (tmp_path / "pool.tsv").write_text("path\ta.png\n")
     with pytest.raises(InputError, match=r"pool.tsv is a file: a pool is an image folder or a manifest \(.csv"):
