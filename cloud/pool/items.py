@@ -18,7 +18,8 @@ buffer), and the list maps them read-only (:func:`mapped_array`): they live in t
 file-backed memory the kernel can drop and read again, not in the process's own (anonymous)
 memory, which then holds no per-file bytes of the list at all. On POSIX each file is unlinked as
 soon as it is mapped (its blocks are freed when the mapping goes) and the private folder removed,
-so nothing is left behind, even if the process is killed; elsewhere the list stays in memory.
+so nothing is left behind once the scan is done, even if the process is later killed (a scan
+killed midway leaves its ``.ecos-items-*`` folder); elsewhere the list stays in memory.
 The folder should be on a disk, not a tmpfs (whose pages are swap-backed, not reclaimable).
 """
 
