@@ -35,6 +35,8 @@ def run_cli(
 ) -> int:
     """Parse ``argv``, run ``args.func(args)``; ``EcosError`` -> ``error[code]: message``."""
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 is printed as its bytes, as ls does
+        sys.stdout.reconfigure(errors="surrogateescape")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

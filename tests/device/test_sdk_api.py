@@ -166,6 +166,23 @@ def test_predict_on_a_folder_skips_unreadable_files(classifier, tmp_path):
     assert one.returncode == 3 and "error[input]: " in one.stderr  # a file asked for by name stays an error
 
 
+def test_file_names_that_are_not_utf8_are_printed_as_their_bytes(classifier, tmp_path):
+    """A UTF-8 terminal (stdout strict, as under en_US.UTF-8) and a Latin-1 file name: printed, no traceback."""
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 30, 3), 80, np.uint8)).save(os.fsencode(folder) + b"/caf\xe9.jpg")
+    tool = Path(sys.executable).parent / "ecos-device"
+    done = subprocess.run(
+        [str(tool), "predict", str(classifier), "--folder", str(folder)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(os.fsencode(folder) + b"/caf\xe9.jpg\t")
+
+
 def _config(tmp_path: Path, device_id: str, broker, encoder_path, public_hex: str) -> str:
     (tmp_path / "cloud.pub").write_text(public_hex)
     path = tmp_path / "device.toml"
