@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -46,6 +48,14 @@ def run_cli(
     except EcosError as err:
         print(f"error[{err.code}]: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+    except ConnectionError as err:  # a broker or peer that refused or dropped us: not the user's input
+        logging.getLogger("ecos").debug("traceback of the connection error", exc_info=True)
+        print(f"error[connection]: {err.strerror or err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a path the command cannot read or write (a file where a folder goes, no room, ...)
         logging.getLogger("ecos").debug("traceback of the OS error", exc_info=True)
         path = err.filename2 or err.filename  # os.replace(tmp, out): the path given, not the temporary file
@@ -65,15 +75,22 @@ def _own_or_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] in OWN_LOGGERS
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1 (a batch size), else a usage error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``, else a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1)  # a batch size, a count
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:

@@ -480,3 +480,28 @@ def test_a_key_rotation_on_the_command_line(tmp_path):
 
     info = json.loads(shown.stdout[shown.stdout.index("{") :])
     assert info["trusted"] == [_key(keys).key_id] and info["revoked"] == [old]
+
+
+@pytest.mark.parametrize(
+    "raised, code, exit_code",
+    [
+        (FileNotFoundError(2, "No such file or directory", "/nowhere/x"), "error[input]: No such file", 3),
+        (ConnectionRefusedError(111, "Connection refused"), "error[connection]: Connection refused", 1),
+        (BrokenPipeError(32, "Broken pipe"), None, 1),
+    ],
+)
+def test_os_errors_are_told_apart(raised, code, exit_code, capsys, monkeypatch):
+    """A path problem is the user's input (exit 3); a refused connection is not; a closed pipe (| head) is quiet."""
+    import argparse
+
+    from device_sdk.clikit import run_cli
+
+    def fail(args):
+        raise raised
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=fail)
+    monkeypatch.setattr(os, "dup2", lambda *a: None)  # keep pytest's stdout: the pipe case would point it at devnull
+    assert run_cli(parser, [], lambda args: None) == exit_code
+    err = capsys.readouterr().err
+    assert (code in err) if code else err == ""

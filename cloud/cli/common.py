@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 
 from cloud.log import LOG
-from device_sdk.clikit import positive_int  # noqa: F401  (the cloud's commands take it from here too)
+from device_sdk.clikit import positive_int, whole_number  # noqa: F401  (the cloud's commands take them from here)
+
+seed = whole_number(0)  # an argparse type: a random seed (numpy refuses negative ones)
 
 
-def seed(text: str) -> int:
-    """An argparse type: a random seed, a whole number of at least 0 (numpy refuses negative ones)."""
+def unit_interval(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (a share), else a usage error."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
 
 

@@ -16,8 +16,10 @@ from cloud.cli.common import (
     positive_float,
     positive_int,
     seed,
+    unit_interval,
 )
 from cloud.log import LOG
+from cloud.sampling.ecos import EcosSampler
 from cloud.training.encoder_config import EncoderConfig
 from device_sdk.clikit import add_common
 from device_sdk.fsutil import atomic_write_bytes
@@ -166,6 +168,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "threshold_sigmas": args.threshold_sigmas,
             "oversample": args.oversample,
             "coverage": bool(args.radius_quantile),
+            "misfit_diversity": args.misfit_diversity,
         }
         if args.method == "ecos"
         else {}
@@ -318,6 +321,15 @@ def add_commands(sub) -> None:
     )
     p.add_argument(
         "--oversample", type=float, default=2.0, help="ecos: candidate pool per cluster, as a multiple of its quota"
+    )
+    p.add_argument(
+        "--misfit-diversity",
+        type=unit_interval,
+        default=EcosSampler.misfit_diversity,
+        metavar="M",
+        help=f"ecos, pools with domain folders: when the votes fit none of the pool's domains (the device's "
+        f"domain is most likely absent), up to this share of the budget goes to a uniform draw "
+        f"(default {EcosSampler.misfit_diversity}; 0 = off; docs/sampling.md)",
     )
     p.add_argument(
         "--ignore-domains",

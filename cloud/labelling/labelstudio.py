@@ -121,7 +121,7 @@ def image_url(path: str, document_root: Optional[str], url_prefix: str) -> str:
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(document_root)) if document_root else path
     if document_root and rel.startswith(".."):
         raise UsageError(f"image {path} is not under --document-root {document_root}")
-    return url_prefix + quote(rel.replace(os.sep, "/"), safe="/")
+    return url_prefix + quote(rel.replace(os.sep, "/"), safe="/", errors="surrogateescape")  # a non-UTF-8 byte: %XX
 
 
 def label_config(labels: Sequence[str]) -> str:

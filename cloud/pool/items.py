@@ -148,9 +148,11 @@ class ItemListBuilder:
 
     def build(self) -> "ItemList":
         if self._files:
-            self._flush()
-            for fh in self._files.values():
-                fh.close()
+            try:
+                self._flush()
+            finally:  # closed even when the last write fails (no room): discard() then removes the files
+                for fh in self._files.values():
+                    fh.close()
             f = self._spill.file
             try:
                 out = ItemList(

@@ -36,10 +36,10 @@ def scan_pool(source: str, compact: bool = False, folder: Optional[str] = None) 
     builder = ItemListBuilder(folder if compact else None)
     try:
         _scan_folder(source, builder) if not is_manifest(source) else _scan_manifest(source, builder)
+        items = builder.build()
     except BaseException:
         builder.discard()
         raise
-    items = builder.build()
     return items if compact else list(items)
 
 

@@ -128,7 +128,7 @@ class EcosSampler(Sampler):
         kept, threshold, fallback = self._filter(scores, sizes, budget)
         uncovered = self.uncovered(scores, kept, self.far_slack, self.uncovered_far_share) if self.coverage else 0.0
         mix, relevant, fit = self._domains(pool, scores, kept)
-        if relevant is None and fit is not None and self.coverage:
+        if relevant is None and fit is not None:  # needs no far count: the votes' fit says it
             uncovered = max(uncovered, self.misfit(fit))
         n_diverse = int(round(uncovered * budget))
         eligible = sizes if relevant is None else np.bincount(pool.assign[relevant], minlength=pool.n_clusters)
@@ -201,17 +201,19 @@ class EcosSampler(Sampler):
         relevant[known] = chosen[code]
         return mix, relevant, fit
 
-    def misfit(self, fit: float, floor: float = 0.4) -> float:
+    def misfit(self, fit: float) -> float:
         """Share of the budget for the diversity term when the votes fit no domain of the pool.
 
         The votes of a device whose domain the pool has follow that domain's spread over the
         clusters (cosine ``fit`` >= ``domain_fit``); lower, the device's domain is most likely
         absent and its nearest domain a doubtful proxy: ``misfit_diversity`` times
-        ``clip((domain_fit - fit) / (domain_fit - floor), 0, 1)``.
+        ``clip((domain_fit - fit) / width, 0, 1)``, full at 0.4 for the default ``domain_fit`` 0.7
+        (``width = max(0.3, domain_fit - 0.4)``: a ramp, never a step, whatever ``domain_fit``).
         """
         if self.misfit_diversity <= 0.0 or fit >= self.domain_fit:
             return 0.0
-        return float(self.misfit_diversity * min(1.0, (self.domain_fit - fit) / max(self.domain_fit - floor, 1e-6)))
+        width = max(0.3, self.domain_fit - 0.4)
+        return float(self.misfit_diversity * min(1.0, (self.domain_fit - fit) / width))
 
     @staticmethod
     def uncovered(scores: ScoreSet, kept: np.ndarray, slack: float = 2.0, uncovered_far_share: float = 1.0) -> float:

@@ -200,3 +200,12 @@ def test_simulated_labeller_error_rate_and_junk():
     }
     with pytest.raises(InputError):
         simulate_labels(["/nope.png"], truth, LABELS)
+
+
+def test_a_file_name_that_is_not_utf8_becomes_a_percent_escaped_url(tmp_path):
+    """A selection CSV keeps such a name as its own bytes (surrogate-escaped); its URL quotes each byte."""
+    from cloud.labelling.labelstudio import image_url
+
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")
+    url = image_url(str(tmp_path / "pool" / name), str(tmp_path), "/data/local-files/?d=")
+    assert url == "/data/local-files/?d=pool/caf%E9.png"

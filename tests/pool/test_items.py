@@ -138,13 +138,27 @@ def test_a_mapped_list_gives_the_same_items_and_leaves_no_file(tmp_path, monkeyp
     assert len(empty) == 0 and empty.paths() == [] and os.listdir(tmp_path / "work") == []
 
 
-def test_a_failed_scan_leaves_no_file(tmp_path):
-    (tmp_path / "pool.csv").write_text('path,label\na.jpg,x\n"b.jpg,y\n')
+def test_a_failed_scan_leaves_no_file(tmp_path, monkeypatch):
+    import cloud.pool.items as items_module
+
     (tmp_path / "work").mkdir()
-    try:
+    # a manifest that fails partway, after some items were written out (flushes every 2 items here)
+    monkeypatch.setattr(items_module, "_FLUSH", 2)
+    (tmp_path / "pool.csv").write_bytes(b"path,label\na.jpg,x\nb.jpg,y\nc.jpg,z\n\xe9.jpg,w\n")
+    with pytest.raises(InputError, match="UTF-8"):
         scan_pool(str(tmp_path / "pool.csv"), compact=True, folder=str(tmp_path / "work"))
-    except InputError:
-        pass
+    assert os.listdir(tmp_path / "work") == []
+
+    def no_room(self):  # the last write of build() fails (a full disk)
+        raise OSError(28, "No space left on device")
+
+    (tmp_path / "ok.csv").write_text("path,label\na.jpg,x\n")
+    monkeypatch.setattr(items_module.ItemListBuilder, "_flush", no_room)
+    if items_module.CAN_MAP:
+        with pytest.raises(OSError, match="No space"):
+            scan_pool(str(tmp_path / "ok.csv"), compact=True, folder=str(tmp_path / "work"))
+    assert os.listdir(tmp_path / "work") == []
+    monkeypatch.undo()
     (tmp_path / "bad.csv").write_text("nopath\nx\n")
     with pytest.raises(InputError, match="not a pool manifest"):
         scan_pool(str(tmp_path / "bad.csv"), compact=True, folder=str(tmp_path / "work"))

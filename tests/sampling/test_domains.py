@@ -151,6 +151,12 @@ def test_votes_that_fit_no_domain_send_part_of_the_budget_to_diversity():
     assert fitting.domain_fit >= 0.7 and fitting.diverse is None
     flat = sampler.plan(dataclasses.replace(pool, groups=None), 300, scores)  # no domains: no fit, no hedge
     assert flat.domain_fit is None and flat.diverse is None
+    assert (
+        sampler.plan(pool, 300, scores).uncovered
+        == get_sampler("ecos", misfit_diversity=0.8, coverage=False).plan(pool, 300, scores).uncovered
+    )  # no far count needed
+    loose = get_sampler("ecos", domain_fit=0.3)  # a looser fit check still ramps: no jump at its own threshold
+    assert loose.misfit(0.3) == 0.0 and 0.0 < loose.misfit(0.299) < 0.01 and loose.misfit(0.0) == 0.5
     with pytest.raises(UsageError, match="misfit_diversity"):
         get_sampler("ecos", misfit_diversity=1.5)
 
