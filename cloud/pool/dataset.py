@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -32,15 +32,19 @@ def default_preprocess(size: Tuple[int, int] = (32, 32), channels: int = 3, **po
 
 @dataclass
 class Unreadable:
-    """Files that could not be decoded: how many, and the first ``keep`` of them with the reason."""
+    """Files that could not be decoded: how many times one was met (``count``), and the first ``keep``
+    different ones with the reason (a file met again, as streamed training does every epoch, is
+    listed once)."""
 
     count: int = 0
     examples: List[Tuple[str, str]] = field(default_factory=list)
     keep: int = 100
+    listed: Set[str] = field(default_factory=set, repr=False)
 
     def add(self, path: str, reason: str) -> None:
         self.count += 1
-        if len(self.examples) < self.keep:
+        if len(self.examples) < self.keep and path not in self.listed:
+            self.listed.add(path)
             self.examples.append((path, reason))
 
     def log(self, what: str) -> None:

@@ -210,3 +210,30 @@ def test_decoding_in_parts_gives_the_files_bytes_and_lists_the_unreadable(digits
     assert list(np.flatnonzero(~ok)) == [5, len(paths) - 1] and not images[~ok].any()
     assert unreadable.count == 2 and [p for p, _ in unreadable.examples] == [paths[5], paths[-1]]
     np.testing.assert_array_equal(images[ok], np.stack([spec.decode(p) for p, k in zip(paths, ok) if k]))
+
+
+def test_a_file_met_every_epoch_is_listed_once(caplog):
+    """Streamed training meets an unreadable file once an epoch: it counts every meeting but lists
+    (and reports) each file once, without a '+' while fewer than ``keep`` different files failed."""
+    import logging
+
+    from cloud.cli.common import _log_streamed_unreadable
+    from cloud.pool.dataset import PoolSet, Unreadable
+
+    bad = Unreadable(keep=3)
+    for _ in range(8):  # 8 epochs, the same 2 files
+        bad.add("a.jpg", "a.jpg: not a readable image")
+        bad.add("b.jpg", "b.jpg: not a readable image")
+    assert bad.count == 16 and [p for p, _ in bad.examples] == ["a.jpg", "b.jpg"]
+    data = PoolSet.__new__(PoolSet)
+    data.unreadable = bad
+    with caplog.at_level(logging.WARNING):
+        _log_streamed_unreadable(data)
+    assert "streaming: 2 unreadable file(s)" in caplog.text
+    for name in ("c.jpg", "d.jpg"):
+        bad.add(name, f"{name}: not a readable image")
+    assert len(bad.examples) == 3  # keep: 3 different files listed, the rest only counted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _log_streamed_unreadable(data)
+    assert "streaming: 3+ unreadable file(s)" in caplog.text
