@@ -83,6 +83,9 @@ class RoundConfig:
     # ECOS on a pool with domain folders: draw from the devices' domains where the votes fit them (docs/sampling.md);
     # false for pools whose folder levels above the label are not domains (batches, dates, sources)
     use_domains: bool = True
+    # ... and where the votes fit none of its domains (the devices' domain most likely absent), up to this share
+    # of the budget goes to a uniform draw (docs/sampling.md, "Votes that fit no domain"); 0 = off
+    misfit_diversity: float = 0.5
     seed: int = 0
     # Plausibility of answers (docs/security.md): scores noisier than (max_epsilon, delta)-DP needs, from at most
     # max_samples samples per device; anything else is refused on arrival, and one device moves a sum by <= max_samples
@@ -197,6 +200,10 @@ def validate(cfg: CloudConfig) -> None:
     _need(
         0.0 <= r.radius_quantile <= 1.0,
         f"[rounds] radius_quantile must lie in [0, 1] (0 = no coverage), got {r.radius_quantile!r}",
+    )
+    _need(
+        0.0 <= r.misfit_diversity <= 1.0,
+        f"[rounds] misfit_diversity must lie in [0, 1] (0 = off), got {r.misfit_diversity!r}",
     )
     _need(r.probe_resend_seconds > 0, f"[rounds] probe_resend_seconds must be > 0, got {r.probe_resend_seconds}")
     _need(r.label_groups >= 0, f"[rounds] label_groups must be >= 0 (0: one group per image), got {r.label_groups}")

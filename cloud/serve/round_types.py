@@ -55,6 +55,7 @@ class RoundParams:
     label_seconds: float = 120.0
     min_margin: float = 2.0
     use_domains: bool = False  # ECOS's domain rule; rounds stored before it existed ran without it
+    misfit_diversity: float = 0.0  # ECOS's misfit rule (docs/sampling.md); 0 for rounds stored before it
 
     @property
     def coverage_quantile(self) -> Optional[float]:

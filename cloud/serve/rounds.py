@@ -325,7 +325,13 @@ class RoundStages(DeliveryStages, ClientLabellingStages):
             else None
         )
         config = (
-            {"threshold_sigmas": p.threshold_sigmas, "coverage": quantile is not None} if p.method == "ecos" else {}
+            {
+                "threshold_sigmas": p.threshold_sigmas,
+                "coverage": quantile is not None,
+                "misfit_diversity": p.misfit_diversity,
+            }
+            if p.method == "ecos"
+            else {}
         )
         picks = select(index, p.method, p.budget, scores, seed=p.seed, use_domains=p.use_domains, **config)
         path = self._round_dir(r) / "selection.csv"

@@ -74,6 +74,7 @@ def test_environment_overrides_the_file(tmp_path):
         ("[delivery]\nack_timeout = 50\ndeadline_seconds = 10\n", "ack_timeout < deadline_seconds"),
         ("[rounds]\nbudget = 0\n", "[rounds] budget must be >= 1"),
         ('[rounds]\ncodec = "jpeg"\n', "codec must be one of"),
+        ("[rounds]\nmisfit_diversity = 1.5\n", "[rounds] misfit_diversity must lie in [0, 1]"),
         ("[rounds]\nbudjet = 10\n", "unknown key(s) budjet at [rounds]; valid: method, budget"),
         ("[brokers]\n", "unknown key(s) brokers at top level"),
         ('log_format = "xml"\n', "log_format must be one of kv, json"),

@@ -203,22 +203,24 @@ def test_create_round_checks_its_arguments(tmp_path, pool_index, cache):
     assert (r.params["min_responses"], r.params["budget"], r.params["ask_devices"]) == (2, 7, True)
 
 
-@pytest.mark.parametrize("use_domains", [True, False])
-def test_the_round_selects_with_its_use_domains_setting(tmp_path, pool_index, cache, monkeypatch, use_domains):
+@pytest.mark.parametrize("use_domains, misfit", [(True, 0.5), (False, 0.0)])
+def test_the_round_selects_with_its_domain_settings(tmp_path, pool_index, cache, monkeypatch, use_domains, misfit):
     import cloud.serve.rounds as rounds
 
     seen = []
 
     def recording_select(*args, **kwargs):
-        seen.append(kwargs["use_domains"])
+        seen.append((kwargs["use_domains"], kwargs["misfit_diversity"]))
         return select(*args, **kwargs)
 
     select = rounds.select
     monkeypatch.setattr(rounds, "select", recording_select)
-    daemon = make_daemon(tmp_path, pool_index, cache, use_domains=use_domains)
+    daemon = make_daemon(tmp_path, pool_index, cache, use_domains=use_domains, misfit_diversity=misfit)
     r = daemon.submit_round(["a"])
     tick_until(daemon, r.round_id, RoundState.COLLECTING)
     daemon.handle_message(outbox("a"), scores_of(daemon, r.round_id, "a"))
     assert tick_until(daemon, r.round_id, RoundState.TRAINING).state is RoundState.TRAINING
-    assert seen == [use_domains] and daemon.store.get_round(r.round_id).params["use_domains"] is use_domains
+    params = daemon.store.get_round(r.round_id).params
+    assert seen == [(use_domains, misfit)] and params["use_domains"] is use_domains
+    assert params["misfit_diversity"] == misfit
     tick_until(daemon, r.round_id, RoundState.DELIVERING)

@@ -47,6 +47,7 @@ def test_params_of_a_round_from_an_older_version_read_with_what_it_ran_with():
     assert RoundParams.from_json({**old, "radius_quantile": 0.9}).coverage_quantile == 0.9
     assert p.use_domains is False  # it ran before ECOS's domain rule; new rounds get [rounds] use_domains (true)
     assert round_params(CloudConfig()).use_domains is True
+    assert p.misfit_diversity == 0.0 and round_params(CloudConfig()).misfit_diversity == 0.5  # the same: misfit rule
     damaged = {k: v for k, v in old.items() if k != "budget"}
     with pytest.raises(StoreError, match="budget"):
         RoundParams.from_json(damaged)
