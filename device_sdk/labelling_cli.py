@@ -14,11 +14,13 @@ LOG = logging.getLogger("ecos.device")
 def cmd_label_vote(args: argparse.Namespace) -> int:
     from device_sdk.errors import InputError, MismatchError, UsageError
     from device_sdk.fsutil import atomic_write_bytes
-    from device_sdk.imagefolder import load_images, scan_image_folder
+    from device_sdk.imagefolder import scan_image_folder
     from device_sdk.labelling import THUMB16, THUMB_SIZE, answer_label_query, check_query_conflict, thumbnail_features
+    from device_sdk.preprocess import LEGACY, Preprocess
     from device_sdk.privacy.ledger import PrivacyLedger
     from device_sdk.protocol.envelope import read_file
     from device_sdk.protocol.labels import LabelQuery
+    from device_sdk.scoring import log_unreadable
     from device_sdk.trust import DeviceTrust, verify_label_query
 
     query = LabelQuery.from_envelope(read_file(args.query, "label_query"), args.query)
@@ -37,8 +39,12 @@ def cmd_label_vote(args: argparse.Namespace) -> int:
     items = [it for it in scan_image_folder(args.folder) if it.label]
     if not items:
         raise InputError(f"{args.folder}: no labelled images (labels are the names of the images' parent folders)")
+    unreadable: list = []  # (path, reason) of files that cannot be decoded: skipped, as score does
     if query.feature_space == THUMB16:
-        features = thumbnail_features(load_images([it.path for it in items], THUMB_SIZE))
+        thumbs = Preprocess(size=THUMB_SIZE, channels=3, **LEGACY)  # as load_images decodes them
+        images, ok, failed = thumbs.decode_batch([it.path for it in items])
+        unreadable.extend((items[i].path, reason) for i, reason in sorted(failed))
+        features = thumbnail_features(images[ok]) if ok.any() else None  # none readable: the error below
     else:
         if not args.encoder:
             raise UsageError(f"the query is in encoder {query.feature_space[:12]}...'s feature space: give --encoder")
@@ -51,7 +57,13 @@ def cmd_label_vote(args: argparse.Namespace) -> int:
                 f"the query was made for encoder {query.feature_space[:12]}..., "
                 f"{args.encoder} is {model.sha256[:12]}..."
             )
-        features = encode_items(model, items, args.batch_size)
+        features = encode_items(model, items, args.batch_size, unreadable=unreadable)
+    if unreadable:
+        log_unreadable(LOG, args.folder, unreadable)
+        skipped = {path for path, _ in unreadable}
+        items = [it for it in items if it.path not in skipped]
+        if not items:
+            raise InputError(f"{args.folder}: no readable labelled image ({len(unreadable)} unreadable)")
     labels = [it.label for it in items]
     unknown = sorted(set(labels) - set(query.labels))
     if unknown:
@@ -88,7 +100,10 @@ def add_command(sub, add_common) -> None:
         "sqrt(m)) is added to every count and the release is charged to the ledger, like "
         "a probe's scores (docs/tasks.md).",
     )
-    p.add_argument("folder", help="local labelled image folder (labels = parent folder names)")
+    p.add_argument(
+        "folder",
+        help="local labelled image folder (labels = parent folder names; unreadable files are skipped with a warning)",
+    )
     p.add_argument("--query", required=True, help="label query from 'ecos-cloud label-query'")
     p.add_argument("--out", required=True, help="where to write the votes message")
     p.add_argument("--ledger", required=True, help="this device's privacy ledger (JSON; created on first use)")

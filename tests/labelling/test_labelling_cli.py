@@ -216,3 +216,28 @@ def test_offline_label_queries_are_signed_and_checked_like_probes(digits_root, t
     assert proc.returncode == 10 and "error[unknown_key]" in proc.stderr
     proc = run("ecos-device", *vote, "--accept-unsigned", "--query", unsigned, "--out", tmp_path / "u.votes")
     assert proc.returncode == 0 and "unsigned and accepted" in proc.stderr
+
+
+def test_label_vote_skips_unreadable_images_as_score_does(digits_root, tmp_path):
+    """A half-written or junk file in the labelled folder is skipped with a warning (count and reason);
+    the vote is made from the readable images; a folder with none readable is still an error."""
+    import shutil
+
+    sel = _selection(digits_root, tmp_path / "sel.csv")
+    query = tmp_path / "round.labelquery"
+    assert run("ecos-cloud", "label-query", "--selection", sel, "--labels", LABELS, "--out", query).returncode == 0
+    local = tmp_path / "local"
+    shutil.copytree(digits_root / "devices" / "printed" / "local", local)
+    readable = sum(1 for p in local.rglob("*.png"))
+    (local / "3" / "junk.png").write_text("not a picture")
+    (local / "7" / "empty.jpg").write_bytes(b"")
+    args = ("--query", query, "--ledger", tmp_path / "ledger.json", "--epsilon", "2")
+    proc = run("ecos-device", "label-vote", local, *args, "--out", tmp_path / "votes")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 unreadable image(s) skipped" in proc.stderr and "junk.png" in proc.stderr
+    assert f"from {readable} labelled images" in proc.stdout
+    bad = tmp_path / "bad"
+    (bad / "1").mkdir(parents=True)
+    (bad / "1" / "junk.png").write_text("not a picture")
+    proc = run("ecos-device", "label-vote", bad, *args, "--out", tmp_path / "votes2")
+    assert proc.returncode == 3 and "no readable labelled image" in proc.stderr and not (tmp_path / "votes2").exists()
