@@ -88,13 +88,13 @@ def _csv_rows(path: str) -> Iterable[Dict[str, str]]:
             fields = reader.fieldnames
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
-        if not fields or "path" not in [f.strip() for f in fields]:
+        if not fields or "path" not in [f.strip().lower() for f in fields]:
             raise InputError(
                 f"{path}: not a pool manifest (needs a header row with a 'path' column; optional 'label' and 'domain')"
             )
         try:
-            for row in reader:
-                yield {(k or "").strip(): v for k, v in row.items() if isinstance(v, str)}
+            for row in reader:  # column names in any case: Path, LABEL, ...
+                yield {(k or "").strip().lower(): v for k, v in row.items() if isinstance(v, str)}
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
         except csv.Error as exc:
@@ -124,11 +124,13 @@ def _parquet_rows(path: str) -> Iterable[Dict[str, str]]:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for damaged files
         raise InputError(f"{path}: not a readable Parquet file ({exc.__class__.__name__}: {exc})") from None
-    names = parquet.schema_arrow.names
-    if "path" not in names:
+    named = {}  # column names in any case (Path, LABEL, ...): the first of each
+    for name in parquet.schema_arrow.names:
+        named.setdefault(name.strip().lower(), name)
+    if "path" not in named:
         raise InputError(f"{path}: not a pool manifest (needs a 'path' column; optional 'label' and 'domain')")
-    columns = [c for c in ("path", "label", "domain") if c in names]
-    for batch in parquet.iter_batches(columns=columns, batch_size=65536):
+    columns = {c: named[c] for c in ("path", "label", "domain") if c in named}
+    for batch in parquet.iter_batches(columns=list(columns.values()), batch_size=65536):
         data = batch.to_pydict()
         for i in range(batch.num_rows):
-            yield {c: "" if data[c][i] is None else str(data[c][i]) for c in columns}
+            yield {c: "" if data[n][i] is None else str(data[n][i]) for c, n in columns.items()}

@@ -79,6 +79,19 @@ def test_parquet_manifest_with_nulls_extra_columns_and_a_damaged_file(digits_roo
         scan_pool(str(tmp_path / "nopath.parquet"))
 
 
+def test_manifest_column_names_in_any_case(tmp_path):
+    """Scrapers and spreadsheets write Path, LABEL, Domain: the same columns."""
+    (tmp_path / "m.csv").write_text("Path, LABEL ,Domain,Source\na.png,cat,web,x\n")
+    (item,) = scan_pool(str(tmp_path / "m.csv"))
+    assert (os.path.basename(item.path), item.label, item.domain) == ("a.png", "cat", "web")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"PATH": ["b.png"], "Label": ["dog"]}), tmp_path / "m.parquet")
+    (item,) = scan_pool(str(tmp_path / "m.parquet"))
+    assert (os.path.basename(item.path), item.label, item.domain) == ("b.png", "dog", "")
+
+
 def test_manifest_without_a_path_column_is_an_input_error(tmp_path):
     (tmp_path / "m.csv").write_text("file,label\na.png,1\n")
     with pytest.raises(InputError, match="'path' column"):
