@@ -505,3 +505,19 @@ def test_os_errors_are_told_apart(raised, code, exit_code, capsys, monkeypatch):
     assert run_cli(parser, [], lambda args: None) == exit_code
     err = capsys.readouterr().err
     assert (code in err) if code else err == ""
+
+
+def test_a_folder_given_by_a_relative_path_gives_absolute_selection_paths(encoder_path, digits_root, tmp_path):
+    """`ecos-cloud index pool` from one directory, distill from another: the selection's paths still open."""
+    from cloud.training.classifier import _read_selection_rows
+
+    work = tmp_path / "work"
+    shutil.copytree(digits_root / "devices" / "street" / "local", work / "pool")
+    index, probe, sel = tmp_path / "pool.index.npz", tmp_path / "round.probe", tmp_path / "sel.csv"
+    cmd = [str(BIN / "ecos-cloud"), "index", "pool", "--encoder", str(encoder_path), "--out", str(index)]
+    proc = subprocess.run([*cmd, "--probe", str(probe), "--k", "2"], cwd=work, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = run("ecos-cloud", "sample", "--index", index, "--method", "random", "--budget", 5, "--out", sel)
+    assert proc.returncode == 0, proc.stderr
+    rows = _read_selection_rows(str(sel))
+    assert len(rows) == 5 and all(os.path.isabs(r.path) and os.path.isfile(r.path) for r in rows)

@@ -82,7 +82,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from cloud.pool.index import build_index
 
     index = build_index(
-        args.pool,
+        os.path.abspath(args.pool),  # absolute paths in the index and its selections: distill runs from anywhere
         args.encoder,
         k=args.k,
         iters=args.iters,
