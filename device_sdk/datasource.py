@@ -76,10 +76,9 @@ class FolderSource(DataSource):
         unreadable: List[Tuple[str, str]] = []
         for start in range(0, len(items), batch):
             paths = [it.path for it in items[start : start + batch]]
-            images, ok, failed = spec.decode_batch(paths)
-            unreadable.extend((paths[i], reason) for i, reason in sorted(failed))
-            if ok.any():
-                yield images if ok.all() else images[ok]
+            images, _ = spec.decode_readable(paths, unreadable)
+            if len(images):
+                yield images
         log_unreadable(LOG, self.folder, unreadable)
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -78,8 +78,13 @@ def load_image(path: str, size: Tuple[int, int], strict: bool = False) -> np.nda
     return _legacy(size).decode(path, strict=strict)
 
 
-def load_images(paths: Sequence[str], size: Tuple[int, int], strict: bool = False) -> np.ndarray:
-    """Decode many images into one ``N x H x W x 3`` uint8 array (as :func:`load_image`)."""
+def load_images(
+    paths: Sequence[str], size: Tuple[int, int], strict: bool = False, unreadable: Optional[list] = None
+) -> np.ndarray:
+    """Decode many images into one ``N x H x W x 3`` uint8 array (as :func:`load_image`); the first
+    unreadable file raises, or, with an ``unreadable`` list, is skipped and ``(path, reason)`` appended."""
+    if unreadable is not None and not strict:
+        return _legacy(size).decode_readable(paths, unreadable)[0]
     return _legacy(size).decode_many(paths, strict=strict)
 
 

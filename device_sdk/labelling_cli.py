@@ -14,9 +14,8 @@ LOG = logging.getLogger("ecos.device")
 def cmd_label_vote(args: argparse.Namespace) -> int:
     from device_sdk.errors import InputError, MismatchError, UsageError
     from device_sdk.fsutil import atomic_write_bytes
-    from device_sdk.imagefolder import scan_image_folder
+    from device_sdk.imagefolder import load_images, scan_image_folder
     from device_sdk.labelling import THUMB16, THUMB_SIZE, answer_label_query, check_query_conflict, thumbnail_features
-    from device_sdk.preprocess import LEGACY, Preprocess
     from device_sdk.privacy.ledger import PrivacyLedger
     from device_sdk.protocol.envelope import read_file
     from device_sdk.protocol.labels import LabelQuery
@@ -41,10 +40,8 @@ def cmd_label_vote(args: argparse.Namespace) -> int:
         raise InputError(f"{args.folder}: no labelled images (labels are the names of the images' parent folders)")
     unreadable: list = []  # (path, reason) of files that cannot be decoded: skipped, as score does
     if query.feature_space == THUMB16:
-        thumbs = Preprocess(size=THUMB_SIZE, channels=3, **LEGACY)  # as load_images decodes them
-        images, ok, failed = thumbs.decode_batch([it.path for it in items])
-        unreadable.extend((items[i].path, reason) for i, reason in sorted(failed))
-        features = thumbnail_features(images[ok]) if ok.any() else None  # none readable: the error below
+        images = load_images([it.path for it in items], THUMB_SIZE, unreadable=unreadable)
+        features = thumbnail_features(images) if len(images) else None  # none readable: the error below
     else:
         if not args.encoder:
             raise UsageError(f"the query is in encoder {query.feature_space[:12]}...'s feature space: give --encoder")

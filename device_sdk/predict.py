@@ -84,10 +84,9 @@ class Predictor:
             if unreadable is None or strict:
                 probs = self.probabilities(spec.decode_many([it.path for it in chunk], strict=strict))
             else:
-                images, ok, failed = spec.decode_batch([it.path for it in chunk])
-                unreadable.extend((chunk[i].path, reason) for i, reason in sorted(failed))
+                images, ok = spec.decode_readable([it.path for it in chunk], unreadable)
                 kept = [it for it, good in zip(chunk, ok) if good]
-                probs = self.probabilities(images[ok]) if kept else np.zeros((0, len(self.labels)))
+                probs = self.probabilities(images) if kept else np.zeros((0, len(self.labels)))
             best = probs.argmax(axis=1)
             out.extend(
                 Prediction(it.path, self.labels[k], float(probs[i, k]), it.label)

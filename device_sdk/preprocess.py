@@ -134,6 +134,13 @@ class Preprocess:
             raise InputError(failed[0][1])
         return images
 
+    def decode_readable(self, paths: Sequence[str], unreadable: List[Tuple[str, str]]) -> Tuple[np.ndarray, np.ndarray]:
+        """Many files -> ``(images, ok)``: the readable files' images only, and which of ``paths`` they
+        are; each unreadable file is skipped and its ``(path, reason)`` appended to ``unreadable``."""
+        images, ok, failed = self.decode_batch(paths)
+        unreadable.extend((paths[i], reason) for i, reason in sorted(failed))
+        return (images if ok.all() else images[ok]), ok
+
     def decode_batch(self, paths: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, str]]]:
         """Many files -> ``(images, ok, failed)``: ``N x H x W x C`` uint8, which rows decoded, and
         ``(row, reason)`` of each unreadable file (its row stays zero). Never raises for a bad file.

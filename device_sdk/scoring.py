@@ -95,9 +95,7 @@ def encode_items(
         if unreadable is None:
             images = spec.decode_many(paths)
         else:
-            images, ok, failed = spec.decode_batch(paths)
-            unreadable.extend((paths[i], reason) for i, reason in sorted(failed))
-            images = images[ok]
+            images, _ = spec.decode_readable(paths, unreadable)
         if len(images):
             outs.append(model.run(images))
         if progress is not None:
